@@ -1,0 +1,37 @@
+# One-command entry points (see README). VENV can be overridden: make test VENV=/path/to/venv
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup run test test-fast bench ui clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## run: set up, then run the whole DVC pipeline (synthetic data, local SQLite MLflow, CPU)
+run: $(STAMP)
+	test -d .git || git init --quiet
+	test -d .dvc || $(VENV)/bin/dvc init --quiet
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro
+
+## test: set up, then run the test suite
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --timeout 600
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_preprocess.py
+	$(PY) benchmarks/bench_models.py
+
+## ui: browse runs and registered models at http://127.0.0.1:5000
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

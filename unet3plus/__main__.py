@@ -1,0 +1,5 @@
+import sys
+
+from unet3plus.cli import main
+
+sys.exit(main())

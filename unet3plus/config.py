@@ -1,0 +1,343 @@
+"""Configuration: one dataclass per ``params.yaml`` section, loaded and validated in one place.
+
+Only entry points (CLI, DVC stages, Kubeflow components) read YAML; library functions take these
+dataclasses. Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming
+the offending ``section.key``, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unet3plus.errors import ConfigError
+
+LAYOUTS = ("lits", "msd-spleen")
+DATASET_OF_LAYOUT = {"lits": "liver", "msd-spleen": "spleen"}
+
+
+@dataclass
+class DataConfig:
+    """Synthesis, validation and preprocessing of the raw CT volumes."""
+
+    size: int = 320  # output in-plane size of every sample (paper: 320)
+    hu_window: tuple[float, float] = (-200.0, 250.0)  # HU range mapped to [0, 1]
+    resize_mode: str = "resize"  # "resize" (bilinear image, nearest mask) or "crop" (centre crop/pad)
+    val_fraction: float = 0.15  # share of training cases held out for validation
+    test_fraction: float = 0.2  # share of cases used for test when the layout has no fixed split
+    split_seed: int = 0
+    workers: int = 2  # parallel processes over volumes
+    synth_cases: int = 10
+    synth_seed: int = 0
+    synth_size: int = 128  # in-plane voxels of synthetic volumes
+    synth_slices: int = 48  # slices of synthetic volumes (before spacing)
+
+    def validate(self) -> None:
+        _check(self.size >= 16, "data.size", self.size, "an integer >= 16")
+        _check(self.hu_window[0] < self.hu_window[1], "data.hu_window", self.hu_window, "[low, high] with low < high")
+        _check(self.resize_mode in ("resize", "crop"), "data.resize_mode", self.resize_mode, "'resize' or 'crop'")
+        for name in ("val_fraction", "test_fraction"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"data.{name}", getattr(self, name), "a number in [0, 1)")
+        _check(self.workers >= 1, "data.workers", self.workers, "an integer >= 1")
+        _check(self.synth_cases >= 1, "data.synth_cases", self.synth_cases, "an integer >= 1")
+        _check(self.synth_size >= 32, "data.synth_size", self.synth_size, "an integer >= 32")
+        _check(self.synth_slices >= 8, "data.synth_slices", self.synth_slices, "an integer >= 8")
+
+
+@dataclass
+class ModelConfig:
+    """Arguments of :func:`unet3plus.create_model` (field names match its keywords)."""
+
+    arch: str = "unet3plus"  # unet | unet2plus | unet3plus
+    encoder: str = "unet"  # unet | vgg16 | resnet101
+    encoder_weights: str | None = None  # local torchvision state dict; nothing is downloaded
+    deep_supervision: bool = True
+    cgm: bool = True
+    in_channels: int = 3
+    num_classes: int = 1
+    width: int = 64  # channels of the first stage; 64 is the paper
+
+    def validate(self) -> None:
+        _check(self.arch in ("unet", "unet2plus", "unet3plus"), "model.arch", self.arch, "'unet', 'unet2plus' or 'unet3plus'")
+        _check(self.encoder in ("unet", "vgg16", "resnet101"), "model.encoder", self.encoder, "'unet', 'vgg16' or 'resnet101'")
+        _check(self.width >= 1, "model.width", self.width, "an integer >= 1")
+        _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "an integer >= 1")
+        _check(self.num_classes >= 1, "model.num_classes", self.num_classes, "an integer >= 1")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the hybrid loss parts (focal + MS-SSIM + IoU) and of the CGM's BCE term."""
+
+    focal_weight: float = 1.0
+    ms_ssim_weight: float = 1.0
+    iou_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    cgm_weight: float = 1.0
+
+    def validate(self) -> None:
+        for name in ("focal_weight", "ms_ssim_weight", "iou_weight", "cgm_weight", "focal_gamma"):
+            _check(getattr(self, name) >= 0, f"loss.{name}", getattr(self, name), "a number >= 0")
+        _check(0.0 <= self.focal_alpha <= 1.0 or self.focal_alpha < 0, "loss.focal_alpha", self.focal_alpha, "a number in [0, 1], or negative to disable")
+        _check(self.focal_weight + self.ms_ssim_weight + self.iou_weight > 0, "loss", "all weights 0", "at least one positive segmentation loss weight")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the training loop."""
+
+    epochs: int = 20
+    batch_size: int = 8
+    optimizer: str = "sgd"  # sgd (the paper's, with momentum) | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "poly"  # poly | cosine | constant
+    poly_power: float = 0.9
+    seed: int = 0
+    num_workers: int = 2  # DataLoader workers
+    augment: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    mixed_precision: bool = True  # bf16 autocast + channels_last on CUDA; ignored on CPU
+    max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole training split
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.optimizer in ("sgd", "adamw"), "train.optimizer", self.optimizer, "'sgd' or 'adamw'")
+        _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _check(self.schedule in ("poly", "cosine", "constant"), "train.schedule", self.schedule, "'poly', 'cosine' or 'constant'")
+        _check(self.num_workers >= 0, "train.num_workers", self.num_workers, "an integer >= 0")
+        _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "train.max_steps_per_epoch", self.max_steps_per_epoch, "null or an integer >= 1")
+
+
+@dataclass
+class EvaluateConfig:
+    """Per-volume scoring on the test split."""
+
+    threshold: float = 0.5  # probability above which a voxel is organ
+    batch_size: int = 8
+    overlays: int = 1  # how many best and worst cases get an overlay PNG
+    device: str = "auto"
+
+    def validate(self) -> None:
+        _check(0.0 < self.threshold < 1.0, "evaluate.threshold", self.threshold, "a number in (0, 1)")
+        _check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.overlays >= 0, "evaluate.overlays", self.overlays, "an integer >= 0")
+
+
+@dataclass
+class RegisterConfig:
+    """MLflow Model Registry: the model is registered as ``<name_prefix>-<dataset>``."""
+
+    name_prefix: str = "unet3plus"
+    alias: str = "champion"
+    metric: str = "dice"  # test metric that decides whether the alias moves (higher is better)
+
+    def validate(self) -> None:
+        _check(bool(self.name_prefix), "register.name_prefix", self.name_prefix, "a non-empty string")
+        _check(bool(self.alias), "register.alias", self.alias, "a non-empty string")
+
+
+@dataclass
+class MlflowConfig:
+    """Tracking. ``MLFLOW_TRACKING_URI`` in the environment wins over ``tracking_uri``."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "unet3plus"
+    system_metrics: bool = True
+
+    def resolved_tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+
+    def validate(self) -> None:
+        _check(bool(self.experiment), "mlflow.experiment", self.experiment, "a non-empty string")
+
+
+@dataclass
+class AblationConfig:
+    """One ablation: a name and ``section.key: value`` overrides applied to the base config."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    ablations: list[AblationConfig] = field(default_factory=list)
+
+    def validate(self) -> Config:
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        names = [a.name for a in self.ablations]
+        _check(len(names) == len(set(names)), "ablations", names, "unique names")
+        for ablation in self.ablations:
+            apply_overrides(self, [f"{key}={_yaml_scalar(value)}" for key, value in ablation.overrides.items()])
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}`` for every scalar knob (MLflow params), ablations excluded."""
+        return {f"{s}.{k}": v for s in SECTIONS for k, v in dataclasses.asdict(getattr(self, s)).items()}
+
+
+SECTIONS = ("data", "model", "loss", "train", "evaluate", "register", "mlflow")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: expected {allowed}")
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation, converting where YAML is looser (int -> float)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(annotation)}")
+    if origin is tuple:
+        items = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a list of {len(items)} numbers")
+        return tuple(_coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, items)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a mapping")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise AssertionError(f"unsupported annotation {annotation!r} for {key}")
+    raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(annotation)}")
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _build_section(cls: type, section: str, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section {section!r} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"unknown key {section}.{unknown[0]}; allowed keys in {section!r}: {', '.join(sorted(fields))}")
+    return cls(**{k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in raw.items()})
+
+
+def config_from_dict(raw: dict[str, Any] | None) -> Config:
+    """Build and validate a :class:`Config` from a ``params.yaml``-shaped mapping.
+
+    Sections other than the known ones are refused; a missing section takes its defaults.
+
+    Raises:
+        ConfigError: unknown section or key, wrong type, or invalid value.
+    """
+    raw = dict(raw or {})
+    allowed = (*SECTIONS, "ablations")
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r}; allowed sections: {', '.join(allowed)}")
+    hints = typing.get_type_hints(Config)
+    sections = {s: _build_section(hints[s], s, raw.get(s)) for s in SECTIONS}
+    ablations_raw = raw.get("ablations") or []
+    if not isinstance(ablations_raw, list):
+        raise ConfigError("section 'ablations' must be a list of {name, overrides} mappings")
+    ablations = [_build_section(AblationConfig, f"ablations[{i}]", a) for i, a in enumerate(ablations_raw)]
+    return Config(**sections, ablations=ablations).validate()
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Return a copy of ``config`` with ``section.key=value`` overrides applied (values are YAML).
+
+    Raises:
+        ConfigError: malformed override, unknown key, wrong type or invalid value.
+    """
+    raw = config.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.epochs=5)")
+        if section not in SECTIONS:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; allowed sections: {', '.join(SECTIONS)}")
+        try:
+            raw[section][name] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+        if name not in raw[section]:
+            raise ConfigError(f"override {item!r}: unknown key")
+    return config_from_dict(raw)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``params.yaml`` (or defaults when ``path`` is None), apply overrides, validate.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or any knob is invalid (the message names
+            the file and the key).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: parameters file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        config = config_from_dict(raw)
+        return apply_overrides(config, overrides) if overrides else config
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'defaults'}: {err}") from err
+
+
+def ablation_config(config: Config, ablation: AblationConfig) -> Config:
+    """The base ``config`` with one ablation's overrides applied."""
+    return apply_overrides(config, [f"{k}={_yaml_scalar(v)}" for k, v in ablation.overrides.items()])
