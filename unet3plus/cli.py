@@ -87,7 +87,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_register(args: argparse.Namespace) -> None:
     from unet3plus.register import register
 
-    register(_config(args), checkpoint=args.checkpoint, metrics_path=args.metrics)
+    from unet3plus.utils import write_json_atomic
+
+    result = register(_config(args), checkpoint=args.checkpoint, metrics_path=args.metrics)
+    logger.info("registered %s version %s%s", result["name"], result["version"], " (champion)" if result["champion"] else "")
+    if args.output:
+        write_json_atomic(args.output, result)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -168,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
              "unet3plus-<dataset> and move the 'champion' alias only when its test Dice beats the current champion's.")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to register")
     p.add_argument("--metrics", type=Path, required=True, help="metrics.json written by `evaluate`")
+    p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write the registered name, version and champion flag here")
 
     p = verb("predict", cmd_predict, "segment one CT volume (NIfTI in, NIfTI mask out)",
              "Segment a whole CT volume with a registered model (models:/unet3plus-liver@champion) or a checkpoint "

@@ -1,0 +1,95 @@
+"""params.yaml loading: defaults, overrides, and clear errors for bad keys, types and values."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unet3plus.config import Config, ConfigError, ablation_config, config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("params", ["params.yaml", "configs/paper.yaml"])
+def test_shipped_params_files_load(params):
+    config = load_config(ROOT / params)
+    assert isinstance(config, Config)
+    raw = yaml.safe_load((ROOT / params).read_text())
+    for section, values in raw.items():
+        if section == "ablations":
+            continue
+        for key, value in values.items():
+            loaded = getattr(getattr(config, section), key)
+            assert loaded == (tuple(value) if isinstance(value, list) else value), f"{section}.{key}"
+
+
+def test_paper_config_is_the_papers_setup():
+    config = load_config(ROOT / "configs/paper.yaml")
+    assert (config.data.size, config.model.width, config.model.encoder) == (320, 64, "resnet101")
+    assert config.model.deep_supervision and config.model.cgm
+    assert min(config.loss.focal_weight, config.loss.ms_ssim_weight, config.loss.iou_weight) > 0
+    assert config.train.optimizer == "sgd"
+
+
+def test_overrides_parse_yaml_values_and_coerce_ints_to_floats():
+    config = load_config(None, ["train.epochs=3", "train.lr=1", "model.cgm=false", "data.hu_window=[-100, 200]"])
+    assert config.train.epochs == 3
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.model.cgm is False
+    assert config.data.hu_window == (-100.0, 200.0)
+
+
+def test_flat_has_one_entry_per_knob():
+    flat = Config().flat()
+    assert flat["model.arch"] == "unet3plus"
+    assert flat["loss.focal_gamma"] == 2.0
+    assert not any(key.startswith("ablations") for key in flat)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"train": {"epoch": 3}}, "unknown key train.epoch"),
+        ({"trainer": {}}, "unknown section 'trainer'"),
+        ({"train": {"epochs": "ten"}}, "train.epochs = 'ten' has the wrong type"),
+        ({"train": {"epochs": 2.5}}, "train.epochs = 2.5 has the wrong type"),
+        ({"model": {"cgm": "yes"}}, "model.cgm = 'yes' has the wrong type"),
+        ({"model": {"arch": "segformer"}}, "'unet', 'unet2plus' or 'unet3plus'"),
+        ({"data": {"hu_window": [250, -200]}}, "data.hu_window"),
+        ({"data": {"hu_window": [1, 2, 3]}}, "list of 2 numbers"),
+        ({"train": {"optimizer": "adam"}}, "'sgd' or 'adamw'"),
+        ({"loss": {"focal_weight": 0, "ms_ssim_weight": 0, "iou_weight": 0}}, "at least one positive"),
+        ({"train": []}, "section 'train' must be a mapping"),
+        ({"ablations": [{"name": "a", "overrides": {"model.archh": "unet"}}]}, "unknown key"),
+        ({"ablations": [{"name": "a"}, {"name": "a"}]}, "unique names"),
+    ],
+)
+def test_bad_params_raise_config_error_naming_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        config_from_dict(raw)
+
+
+@pytest.mark.parametrize("override", ["train.epochs", "epochs=3", "nosuch.key=1", "train.nosuch=1", "train.epochs=[1"])
+def test_malformed_overrides_are_refused(override):
+    with pytest.raises(ConfigError):
+        load_config(None, [override])
+
+
+def test_params_file_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml: parameters file not found"):
+        load_config(missing)
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  epochs: [\n")
+    with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: unknown key train.epochz"):
+        load_config(bad)
+
+
+def test_ablation_config_applies_its_overrides():
+    base = config_from_dict({"ablations": [{"name": "unet-focal", "overrides": {"model.arch": "unet", "loss.iou_weight": 0}}]})
+    variant = ablation_config(base, base.ablations[0])
+    assert variant.model.arch == "unet" and variant.loss.iou_weight == 0.0
+    assert base.model.arch == "unet3plus"
