@@ -1,0 +1,337 @@
+"""The executable spec of unet3plus.models: one shared tester over arch x encoder x options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from unet3plus.errors import CheckpointError
+from unet3plus.losses import Criterion
+from unet3plus.models import SegmentationOutput, create_encoder, create_model, predict_proba
+from unet3plus.models.blocks import FullScaleSkip
+
+ARCHS = ("unet", "unet2plus", "unet3plus")
+ENCODERS = ("unet", "vgg16", "resnet101")
+SIDE_OUTPUTS = {"unet": 5, "unet2plus": 4, "unet3plus": 5}
+WIDTH = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Run on one intra-op thread: these tiny convolutions gain nothing from more, and on a busy
+    machine (or under pytest -n 2) OpenMP threads waiting for a core turn milliseconds into seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cgm", [True, False], ids=["cgm", "no_cgm"])
+@pytest.mark.parametrize("deep_supervision", [True, False], ids=["ds", "no_ds"])
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_backward_shapes_and_every_parameter_gets_a_gradient(arch, encoder, deep_supervision, cgm):
+    torch.manual_seed(0)
+    model = create_model(arch, encoder=encoder, deep_supervision=deep_supervision, cgm=cgm, num_classes=2, width=WIDTH)
+    output = model(_images(2, 64, 64))
+
+    assert isinstance(output, SegmentationOutput)
+    assert len(output.side_logits) == (SIDE_OUTPUTS[arch] if deep_supervision else 1)
+    assert output.side_logits[0] is output.logits
+    assert all(side.shape == (2, 2, 64, 64) for side in output.side_logits)
+    if cgm:
+        assert output.class_logits.shape == (2, 2)
+    else:
+        assert output.class_logits is None
+
+    target = torch.zeros(2, 2, 64, 64)
+    target[:, :, 16:40, 20:50] = 1
+    loss = sum(F.binary_cross_entropy_with_logits(side, target) for side in output.side_logits)
+    if cgm:
+        loss = loss + F.cross_entropy(output.class_logits, torch.tensor([1, 0]))
+    loss.backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not unused, f"parameters without a finite gradient: {unused[:5]}"
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_odd_size_is_zero_padded_to_multiple_of_16_and_cropped_back(arch, encoder):
+    torch.manual_seed(0)
+    model = create_model(arch, encoder=encoder, width=WIDTH).eval()
+    x = _images(1, 97, 83)
+    with torch.no_grad():
+        output = model(x)
+        padded = model(F.pad(x, (0, 96 - 83, 0, 112 - 97)))
+
+    assert len(output.side_logits) == SIDE_OUTPUTS[arch]
+    for side, side_padded in zip(output.side_logits, padded.side_logits, strict=True):
+        assert side.shape == (1, 1, 97, 83)
+        torch.testing.assert_close(side, side_padded[..., :97, :83])
+    torch.testing.assert_close(output.class_logits, padded.class_logits)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (16, 16), (17, 50)])
+def test_any_size_from_one_pixel_works_in_train_mode(size):
+    model = create_model("unet3plus", width=WIDTH)
+    output = model(_images(2, *size))
+    assert all(side.shape == (2, 1, *size) for side in output.side_logits)
+    sum(side.mean() for side in output.side_logits).backward()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_predict_proba_is_sigmoid_times_per_slice_cgm_argmax(arch):
+    torch.manual_seed(0)
+    model = create_model(arch, width=WIDTH).eval()
+    x = torch.cat([_images(1, 64, 64, seed=1), 0.2 * _images(1, 64, 64, seed=2)])
+    with torch.no_grad():
+        # A CGM whose "present" logit is the max over positions of the channel sum of the
+        # deepest map and whose "absent" logit is a threshold between the two slices' scores.
+        score = model.encoder(x)[-1].sum(dim=1).amax(dim=(1, 2))
+        assert score[0] != score[1]
+        model.cgm.conv.weight.zero_()
+        model.cgm.conv.weight[1].fill_(1.0)
+        model.cgm.conv.bias.copy_(torch.stack([score.mean(), torch.tensor(0.0)]))
+        present = score > score.mean()
+        logits = model(x).logits
+
+    probabilities = predict_proba(model, x)
+
+    assert probabilities.shape == (2, 1, 64, 64) and probabilities.dtype == torch.float32
+    assert 0.0 <= probabilities.min() and probabilities.max() <= 1.0
+    for index in range(2):
+        if present[index]:
+            torch.testing.assert_close(probabilities[index], torch.sigmoid(logits[index]))
+        else:
+            assert torch.equal(probabilities[index], torch.zeros_like(probabilities[index]))
+    # The gate acts only in predict_proba: forward's logits and the ungated probabilities keep
+    # the segmentation of the slice judged organ-free.
+    torch.testing.assert_close(predict_proba(model, x, gate=False), torch.sigmoid(logits))
+    assert (torch.sigmoid(logits) > 0).all()
+
+
+def test_predict_proba_forced_absent_gate_gives_exact_zeros_and_no_cgm_gives_sigmoid():
+    torch.manual_seed(0)
+    x = _images(3, 48, 40)
+    gated = create_model("unet3plus", encoder="resnet101", width=WIDTH).eval()
+    with torch.no_grad():
+        gated.cgm.conv.bias.copy_(torch.tensor([1e4, -1e4]))  # class 0, "absent", always wins
+    assert torch.equal(predict_proba(gated, x), torch.zeros(3, 1, 48, 40))
+
+    plain = create_model("unet3plus", cgm=False, width=WIDTH).eval()
+    with torch.no_grad():
+        expected = torch.sigmoid(plain(x).logits)
+    torch.testing.assert_close(predict_proba(plain, x), expected)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_state_dict_round_trip_gives_identical_outputs(arch, encoder, tmp_path):
+    torch.manual_seed(0)
+    source = create_model(arch, encoder=encoder, width=WIDTH)
+    source(_images(2, 32, 32, seed=3))  # one train step of batch statistics: non-trivial running stats
+    source.eval()
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    torch.manual_seed(1)
+    copy = create_model(arch, encoder=encoder, width=WIDTH).eval()
+    x = _images(1, 32, 48)
+    with torch.no_grad():
+        expected = source(x)
+        assert not torch.equal(copy(x).logits, expected.logits)
+        copy.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+        actual = copy(x)
+    for got, want in zip(actual.side_logits, expected.side_logits, strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(actual.class_logits, expected.class_logits)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"arch": "unet4plus"}, ["'unet4plus'", "'unet'", "'unet2plus'", "'unet3plus'"]),
+        ({"arch": "unet3plus", "encoder": "resnet50"}, ["'resnet50'", "'unet'", "'vgg16'", "'resnet101'"]),
+        ({"arch": "unet3plus", "width": 0}, ["width", "integer >= 1"]),
+        ({"arch": "unet3plus", "width": True}, ["width", "integer >= 1"]),
+        ({"arch": "unet3plus", "in_channels": -1}, ["in_channels", "integer >= 1"]),
+        ({"arch": "unet3plus", "num_classes": 1.5}, ["num_classes", "integer >= 1"]),
+        ({"arch": "unet3plus", "deep_supervision": "yes"}, ["deep_supervision", "True or False"]),
+        ({"arch": "unet3plus", "cgm": 1}, ["cgm", "True or False"]),
+        ({"arch": "unet3plus", "encoder": "unet", "encoder_weights": "vgg.pth"}, ["'unet'", "'vgg16'", "'resnet101'"]),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_allowed_values(kwargs, named):
+    with pytest.raises(ValueError) as info:
+        create_model(**{"width": WIDTH, **kwargs})
+    for text in named:
+        assert text in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 32, 32), (1, 4, 32, 32), (3, 32, 32), (1, 3, 0, 32)])
+def test_bad_input_shape_raises_value_error_naming_expected_channels(shape):
+    model = create_model("unet3plus", width=WIDTH)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    ("name", "channels"),
+    [("unet", (8, 16, 32, 64, 128)), ("vgg16", (8, 16, 32, 64, 64)), ("resnet101", (8, 8, 32, 64, 256))],
+)
+def test_encoders_yield_five_maps_at_scales_1_to_1_16(name, channels):
+    encoder = create_encoder(name, in_channels=2, width=8)
+    features = encoder(torch.rand(1, 2, 64, 96))
+    assert encoder.out_channels == channels
+    assert [tuple(f.shape) for f in features] == [(1, c, 64 // 2**k, 96 // 2**k) for k, c in enumerate(channels)]
+
+
+def test_unet3plus_decoder_is_twenty_full_scale_skips_of_one_class():
+    decoder = create_model("unet3plus", width=WIDTH).decoder
+    expected = {f"hd{t}_{'h' if s <= t else 'hd'}{s}" for t in range(1, 5) for s in range(1, 6)}
+    assert set(decoder.skips) == expected
+    assert all(type(skip) is FullScaleSkip for skip in decoder.skips.values())
+    assert decoder.skips["hd4_h1"].pool_factor == 8 and decoder.skips["hd2_h1"].pool_factor == 2
+    assert decoder.skips["hd1_hd5"].pool_factor == 1
+    assert decoder.out_channels == (40, 40, 40, 40, 128)
+    nested = create_model("unet2plus", width=WIDTH).decoder
+    assert set(nested.blocks) == {f"x_{i}_{j}" for j in range(1, 5) for i in range(5 - j)}
+
+
+def _paper_layout_parameters(arch: str) -> int:
+    """Parameter count of the paper's layouts (width 64, 3 inputs, 1 class, no DS, no CGM), by hand.
+
+    Convolutions followed by batch norm carry no bias; every decoder conv has batch norm.
+    """
+    f = [64, 128, 256, 512, 1024]
+
+    def conv(c_in, c_out, k=3, bias=False):
+        return c_in * c_out * k * k + (c_out if bias else 0)
+
+    def conv_bn(c_in, c_out):
+        return conv(c_in, c_out) + 2 * c_out
+
+    def double(c_in, c_out):
+        return conv_bn(c_in, c_out) + conv_bn(c_out, c_out)
+
+    def up_node(deep, skips, out):
+        return conv(deep, out, k=4, bias=True) + double(out + skips, out)
+
+    encoder = double(3, f[0]) + sum(double(f[k - 1], f[k]) for k in range(1, 5))
+    if arch == "unet":
+        return encoder + sum(up_node(f[i + 1], f[i], f[i]) for i in range(4)) + conv(64, 1, bias=True)
+    if arch == "unet2plus":
+        nodes = sum(up_node(f[i + 1], j * f[i], f[i]) for j in range(1, 5) for i in range(5 - j))
+        return encoder + nodes + conv(64, 1, k=1, bias=True)
+    skips = sum(conv_bn(c, 64) for i in range(4) for c in [*f[: i + 1], *[320] * (3 - i), f[4]])
+    return encoder + skips + 4 * conv_bn(320, 320) + conv(320, 1, bias=True)
+
+
+@pytest.mark.parametrize(("arch", "paper_millions"), [("unet", 39.39), ("unet2plus", 47.18), ("unet3plus", 26.97)])
+def test_parameter_counts_match_the_paper(arch, paper_millions):
+    model = create_model(arch, encoder="unet", deep_supervision=False, cgm=False, width=64)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == _paper_layout_parameters(arch)
+    assert abs(count / 1e6 - paper_millions) < 0.01
+    if arch == "unet3plus":
+        full = create_model(arch, encoder="unet", deep_supervision=True, cgm=True, width=64)
+        side_heads = 3 * (320 * 9 + 1) + (1024 * 9 + 1)
+        cgm = 1024 * 2 + 2
+        assert sum(p.numel() for p in full.parameters()) == count + side_heads + cgm
+
+
+def _torchvision_vgg16_bn_levels(model, x):
+    ends = [5, 12, 22, 32, 42]  # last ReLU of each stage in vgg16_bn.features
+    levels = []
+    for index, layer in enumerate(model.features[:43]):
+        x = layer(x)
+        if index in ends:
+            levels.append(x)
+    return levels
+
+
+def _torchvision_resnet101_levels(model, x):
+    half = model.relu(model.bn1(model.conv1(x)))
+    quarter = model.layer1(model.maxpool(half))
+    eighth = model.layer2(quarter)
+    return [half, quarter, eighth, model.layer4(model.layer3(eighth))]
+
+
+@pytest.mark.parametrize(
+    ("encoder", "build_reference", "reference_levels", "first_level"),
+    [
+        ("vgg16", lambda: torchvision.models.vgg16_bn(weights=None), _torchvision_vgg16_bn_levels, 0),
+        (
+            "resnet101",
+            lambda: torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, False, True]),
+            _torchvision_resnet101_levels,
+            1,
+        ),
+    ],
+)
+def test_torchvision_weights_load_and_reproduce_torchvision_features(
+    encoder, build_reference, reference_levels, first_level, tmp_path
+):
+    torch.manual_seed(0)
+    reference = build_reference().eval()
+    path = tmp_path / f"{encoder}.pth"
+    torch.save(reference.state_dict(), path)
+    model = create_model("unet3plus", encoder=encoder, encoder_weights=path, width=64).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        ours = model.encoder(x)[first_level:]
+        theirs = reference_levels(reference, x)
+        model(x)
+    assert len(ours) == len(theirs)
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_encoder_weights_errors_name_the_file_and_the_problem(tmp_path):
+    with pytest.raises(CheckpointError, match=r"absent\.pth: encoder weights file not found"):
+        create_model("unet", encoder="vgg16", encoder_weights=tmp_path / "absent.pth", width=WIDTH)
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"garbage\.pth: cannot read encoder weights"):
+        create_model("unet", encoder="vgg16", encoder_weights=garbage, width=WIDTH)
+
+    wider = tmp_path / "vgg16_width16.pth"
+    torch.save(create_encoder("vgg16", in_channels=3, width=16).state_dict(), wider)
+    shape_problem = r"vgg16_width16\.pth.*features\.0\.weight has shape \(16, 3, 3, 3\), expected \(8, 3, 3, 3\)"
+    with pytest.raises(CheckpointError, match=shape_problem):
+        create_model("unet", encoder="vgg16", encoder_weights=wider, width=WIDTH)
+
+    resnet = tmp_path / "resnet.pth"
+    torch.save(create_encoder("resnet101", in_channels=3, width=WIDTH).state_dict(), resnet)
+    with pytest.raises(CheckpointError, match=r"resnet\.pth.*missing features\.0\.weight"):
+        create_model("unet", encoder="vgg16", encoder_weights=resnet, width=WIDTH)
+
+
+def test_bf16_autocast_channels_last_training_steps_give_finite_loss():
+    torch.manual_seed(0)
+    model = create_model("unet3plus", width=WIDTH).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    criterion = Criterion()
+    x = _images(2, 64, 64).contiguous(memory_format=torch.channels_last)
+    rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    mask = ((rows - 30) ** 2 + (cols - 34) ** 2 < 15**2).float().expand(2, 1, 64, 64).clone()
+    mask[1] = 0
+    organ_present = torch.tensor([1.0, 0.0])
+    before = model.heads[0].conv.weight.detach().clone()
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(x)
+            loss = criterion(output, mask, organ_present)["total"]
+        assert output.logits.dtype == torch.bfloat16
+        assert math.isfinite(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not torch.equal(model.heads[0].conv.weight, before)

@@ -1,0 +1,216 @@
+"""The segmentation model: encoder -> decoder -> heads (+ CGM), and the public builders.
+
+UNet, UNet++ and UNet 3+ share :class:`SegmentationModel` and differ only in the decoder.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unet3plus.models.decoders import FullScaleDecoder, NestedDecoder, UNetDecoder
+from unet3plus.models.encoders import create_encoder
+from unet3plus.models.heads import ClassificationGuidedModule, SegmentationHead
+
+# arch -> (decoder class, segmentation head kernel size as in the official code)
+ARCHITECTURES: dict[str, tuple[type[nn.Module], int]] = {
+    "unet": (UNetDecoder, 3),
+    "unet2plus": (NestedDecoder, 1),
+    "unet3plus": (FullScaleDecoder, 3),
+}
+
+# Four 2x down-samplings between the five levels.
+SIZE_DIVISOR = 16
+
+
+class SegmentationOutput(NamedTuple):
+    """What every model's forward returns, in train and eval mode alike (logits, never probabilities).
+
+    Attributes:
+        logits: (B, C, H, W) the final map, at input size.
+        side_logits: every supervised map at input size, final first (so ``side_logits[0] is
+            logits``); just ``(logits,)`` without deep supervision.
+        class_logits: (B, 2) CGM logits (index 1 = organ present), or None without CGM.
+    """
+
+    logits: Tensor
+    side_logits: tuple[Tensor, ...]
+    class_logits: Tensor | None
+
+
+class SegmentationModel(nn.Module):
+    """Encoder -> decoder -> segmentation heads, plus the optional CGM on the deepest encoder map.
+
+    Inputs of any height and width work: the input is zero-padded at the bottom and right to
+    multiples of 16 and every output is cropped back. Zero is the windowed CT background (air
+    is below the HU window), so padding adds background rather than mirrored anatomy, and it
+    works for any size (reflection needs the pad to be smaller than the image).
+
+    The CGM gate is not applied in forward: forward returns the raw segmentation logits and
+    the CGM's logits side by side, the segmentation loss sees every slice, and the CGM learns
+    from its own BCE term. Gating inside the loss would make the segmentation loss a
+    non-differentiable function of the classifier (argmax) and would zero every segmentation
+    gradient on slices the CGM misclassifies as empty, exactly the slices the segmenter must
+    learn. The gate is applied at inference by :func:`predict_proba`.
+
+    Args:
+        encoder: a module from :func:`unet3plus.models.encoders.create_encoder`.
+        decoder: a decoder built on ``encoder.out_channels``.
+        num_classes: channels of the logits.
+        head_kernel_size: kernel of the segmentation heads.
+        deep_supervision: one head per decoder output map (else one head on the final map).
+        cgm: add the classification-guided module.
+        in_channels: channels the input must have.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        *,
+        num_classes: int,
+        head_kernel_size: int,
+        deep_supervision: bool,
+        cgm: bool,
+        in_channels: int,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.encoder = encoder
+        self.decoder = decoder
+        supervised = decoder.out_channels if deep_supervision else decoder.out_channels[:1]
+        self.heads = nn.ModuleList(SegmentationHead(c, num_classes, head_kernel_size) for c in supervised)
+        self.cgm = ClassificationGuidedModule(encoder.out_channels[-1]) if cgm else None
+
+    def forward(self, x: Tensor) -> SegmentationOutput:
+        """Segment a batch.
+
+        Args:
+            x: (B, in_channels, H, W) images, any H, W >= 1.
+
+        Returns:
+            :class:`SegmentationOutput` with logits and side logits (B, num_classes, H, W) and
+            class logits (B, 2) or None.
+
+        Raises:
+            ValueError: ``x`` is not 4-D, has the wrong number of channels or an empty side.
+        """
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[-1] == 0 or x.shape[-2] == 0:
+            raise ValueError(
+                f"expected an input of shape (B, {self.in_channels}, H, W) with H, W >= 1 "
+                f"({self.in_channels} channels), got {tuple(x.shape)}"
+            )
+        height, width = x.shape[-2:]
+        pad_bottom, pad_right = -height % SIZE_DIVISOR, -width % SIZE_DIVISOR
+        if pad_bottom or pad_right:
+            x = F.pad(x, (0, pad_right, 0, pad_bottom))
+        features = self.encoder(x)
+        maps = self.decoder(features)
+        size = tuple(x.shape[-2:])
+        side_logits = tuple(head(m, size)[..., :height, :width] for head, m in zip(self.heads, maps))
+        class_logits = self.cgm(features[-1]) if self.cgm is not None else None
+        return SegmentationOutput(side_logits[0], side_logits, class_logits)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} = {value!r} is invalid: expected an integer >= 1")
+
+
+def create_model(
+    arch: str,
+    *,
+    encoder: str = "unet",
+    encoder_weights: str | os.PathLike | None = None,
+    deep_supervision: bool = True,
+    cgm: bool = True,
+    in_channels: int = 3,
+    num_classes: int = 1,
+    width: int = 64,
+) -> SegmentationModel:
+    """Build UNet, UNet++ or UNet 3+ (keywords are the fields of :class:`unet3plus.config.ModelConfig`).
+
+    Side outputs with ``deep_supervision=True`` (final first):
+
+    - ``"unet3plus"``: 5, from ``hd1 .. hd5`` (the paper's full-scale deep supervision);
+    - ``"unet2plus"``: 4, from the nested nodes ``X(0,4) .. X(0,1)``;
+    - ``"unet"``: 5, from the decoder maps ``d1 .. d4`` and the deepest encoder map, the same
+      levels UNet 3+ supervises (plain UNet has no deep supervision; the paper's UNet runs use
+      ``deep_supervision=False``).
+
+    With width 64 and the ``"unet"`` encoder the parameter counts match the paper (UNet 39.39 M,
+    UNet++ 47.18 M, UNet 3+ 26.97 M without deep supervision and CGM) within 0.005 M.
+
+    Args:
+        arch: ``"unet"``, ``"unet2plus"`` (UNet++) or ``"unet3plus"``.
+        encoder: ``"unet"`` (plain two-conv stages, the paper's "VGG-16" column), ``"vgg16"``
+            (torchvision ``vgg16_bn`` features) or ``"resnet101"`` (torchvision ResNet-101).
+        encoder_weights: local torchvision ``state_dict`` file for ``"vgg16"`` / ``"resnet101"``
+            (needs width 64, 3 input channels), or None for random initialisation. Nothing is
+            ever downloaded.
+        deep_supervision: return one side output per supervised decoder level.
+        cgm: add the classification-guided module (``class_logits``).
+        in_channels: input channels (3: previous, current and next slice).
+        num_classes: logit channels.
+        width: channels of the first encoder stage; all channel counts scale with it.
+
+    Returns:
+        A :class:`SegmentationModel` in train mode whose forward returns
+        :class:`SegmentationOutput`.
+
+    Raises:
+        ValueError: unknown ``arch`` or ``encoder`` (listing the valid ones), a non-bool flag, a
+            non-positive size, or weights for an encoder without a torchvision layout.
+        CheckpointError: ``encoder_weights`` missing, unreadable or mismatched.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(map(repr, ARCHITECTURES))}")
+    for name, flag in (("deep_supervision", deep_supervision), ("cgm", cgm)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} = {flag!r} is invalid: expected True or False")
+    for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
+        _check_positive_int(name, value)
+    encoder_module = create_encoder(encoder, in_channels=in_channels, width=width, weights=encoder_weights)
+    decoder_class, head_kernel_size = ARCHITECTURES[arch]
+    return SegmentationModel(
+        encoder_module,
+        decoder_class(encoder_module.out_channels),
+        num_classes=num_classes,
+        head_kernel_size=head_kernel_size,
+        deep_supervision=deep_supervision,
+        cgm=cgm,
+        in_channels=in_channels,
+    )
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: Tensor, *, gate: bool = True) -> Tensor:
+    """Probabilities of the final map, gated by the CGM when the model has one.
+
+    ``sigmoid(logits)``, then, if ``gate`` and the model returns ``class_logits``, multiplied by
+    the CGM's argmax (1 = organ present), so a slice judged organ-free gets exactly 0
+    everywhere (the official code gates the logits, which gives 0.5). Runs without gradients
+    and does not change the model's mode: call ``model.eval()`` first for inference.
+
+    Args:
+        model: a model from :func:`create_model` (or anything returning
+            :class:`SegmentationOutput`).
+        x: (B, in_channels, H, W) images.
+        gate: apply the CGM gate (False gives the ungated probabilities, for ablations).
+
+    Returns:
+        (B, num_classes, H, W) float32 probabilities in [0, 1].
+
+    Raises:
+        ValueError: as the model's forward for a badly shaped ``x``.
+    """
+    output = model(x)
+    probabilities = torch.sigmoid(output.logits.float())
+    if gate and output.class_logits is not None:
+        present = output.class_logits.argmax(dim=1) == 1
+        probabilities = torch.where(present[:, None, None, None], probabilities, 0.0)
+    return probabilities
