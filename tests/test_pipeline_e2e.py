@@ -74,6 +74,6 @@ def test_dvc_repro_runs_the_whole_pipeline_for_both_organs(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     for dataset_name in ("liver", "spleen"):
         champion = client.get_model_version_by_alias(f"unet3plus-{dataset_name}", "champion")
-        assert champion.version == "1"
+        assert str(champion.version) == "1"
     status = _run([f"{bin_dir}/dvc", "status"], repo, env)
     assert "changed" not in status.stdout, status.stdout

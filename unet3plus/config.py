@@ -187,7 +187,7 @@ class Config:
         names = [a.name for a in self.ablations]
         _check(len(names) == len(set(names)), "ablations", names, "unique names")
         for ablation in self.ablations:
-            apply_overrides(self, [f"{key}={_yaml_scalar(value)}" for key, value in ablation.overrides.items()])
+            ablation_config(self, ablation)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -304,12 +304,12 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.epochs=5)")
         if section not in SECTIONS:
             raise ConfigError(f"override {item!r}: unknown section {section!r}; allowed sections: {', '.join(SECTIONS)}")
+        if name not in raw[section]:
+            raise ConfigError(f"override {item!r}: unknown key {key}; allowed keys in {section!r}: {', '.join(sorted(raw[section]))}")
         try:
             raw[section][name] = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
-        if name not in raw[section]:
-            raise ConfigError(f"override {item!r}: unknown key")
     return config_from_dict(raw)
 
 
@@ -339,5 +339,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def ablation_config(config: Config, ablation: AblationConfig) -> Config:
-    """The base ``config`` with one ablation's overrides applied."""
-    return apply_overrides(config, [f"{k}={_yaml_scalar(v)}" for k, v in ablation.overrides.items()])
+    """The base ``config`` with one ablation's overrides applied (and no ablations of its own).
+
+    Raises:
+        ConfigError: an override names an unknown key or gives an invalid value.
+    """
+    base = dataclasses.replace(config, ablations=[])
+    try:
+        return apply_overrides(base, [f"{k}={_yaml_scalar(v)}" for k, v in ablation.overrides.items()])
+    except ConfigError as err:
+        raise ConfigError(f"ablation {ablation.name!r}: {err}") from err
