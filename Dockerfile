@@ -1,0 +1,45 @@
+# The image every Kubeflow component runs in (components/common.py: IMAGE), also usable on its own:
+#   docker build -t ghcr.io/unet3plus/unet3plus:0.1.0 .
+#   docker run --rm ghcr.io/unet3plus/unet3plus:0.1.0 synth --layout lits --out /tmp/raw
+# torch 2.14.1 from PyPI is the CUDA build on x86_64, so the same image trains on GPU nodes.
+ARG PYTHON_VERSION=3.11
+FROM python:${PYTHON_VERSION}-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MPLBACKEND=Agg \
+    DVC_NO_ANALYTICS=1
+
+# git: MLflow and DVC record the commit when the code is a checkout (absent in the image: no tag).
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends git \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /opt/unet3plus
+
+# Dependencies first, in their own layer (gigabytes of CUDA wheels), rebuilt only when the pins change:
+# install the project's metadata with empty packages, then drop the project itself.
+COPY pyproject.toml constraints.txt ./
+RUN mkdir unet3plus components pipeline \
+    && touch README.md unet3plus/__init__.py components/__init__.py pipeline/__init__.py \
+    && pip install -c constraints.txt . \
+    && pip uninstall --yes unet3plus \
+    && rm -rf unet3plus components pipeline build *.egg-info
+
+COPY README.md ./
+COPY unet3plus ./unet3plus
+COPY components ./components
+COPY pipeline ./pipeline
+RUN pip install --no-deps -c constraints.txt . && rm -rf build *.egg-info
+
+# Run as an unprivileged user. KFP's launcher writes artifacts under /gcs, /minio, /s3 and /oci in
+# the container; create them writable by any user, as clusters may also pick an arbitrary uid.
+RUN useradd --create-home --uid 1000 unet3plus \
+    && install --directory --mode 1777 /gcs /minio /s3 /oci /work
+USER unet3plus
+WORKDIR /work
+
+ENTRYPOINT ["unet3plus"]
+CMD ["--help"]

@@ -1,0 +1,15 @@
+"""Kubeflow Pipelines components: one per pipeline step, each a thin typed wrapper over :mod:`unet3plus`.
+
+Every component runs in the project's image (:data:`components.common.IMAGE`), takes the text of
+``params.yaml`` plus ``section.key=value`` overrides, checks its inputs and calls the library.
+"""
+
+from components.common import IMAGE
+from components.evaluate import evaluate_model
+from components.preprocess import preprocess_data
+from components.raw_data import raw_data
+from components.register import register_model
+from components.train import train_model
+from components.validate import validate_data
+
+__all__ = ["IMAGE", "evaluate_model", "preprocess_data", "raw_data", "register_model", "train_model", "validate_data"]

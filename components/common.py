@@ -1,0 +1,119 @@
+"""What every component shares: the image it runs in, and how it reads its configuration and inputs.
+
+Components are KFP lightweight Python components: KFP ships the source of each function, plus the
+helpers below (``additional_funcs``), to the pod and runs it in :data:`IMAGE`, the project's image
+(``Dockerfile``), where :mod:`unet3plus` is installed. So the helpers and the component bodies import
+what they use inside the function and annotate with ``typing`` names only: the shipped source has
+nothing else at module level. That also keeps compiling the pipeline fast (no torch import).
+"""
+
+import os
+from collections.abc import Callable
+from typing import Any, List, Optional
+
+from kfp import dsl
+
+DEFAULT_IMAGE = "ghcr.io/unet3plus/unet3plus:0.1.0"
+IMAGE = os.environ.get("UNET3PLUS_IMAGE") or DEFAULT_IMAGE
+"""The image every component runs in; ``UNET3PLUS_IMAGE`` at compile time replaces the default."""
+
+
+def component(func: Callable) -> Any:
+    """Make ``func`` a KFP component that runs in :data:`IMAGE` and can call this module's helpers.
+
+    KFP is not pip-installed when the pod starts (its default): the image already has the pinned
+    version, and cluster nodes often have no internet access.
+    """
+    return dsl.component(func, base_image=IMAGE, install_kfp_package=False, additional_funcs=HELPERS)
+
+
+def load_config(params: str, overrides: Optional[List[str]] = None) -> Any:
+    """Build the validated :class:`unet3plus.config.Config` from ``params.yaml`` text and overrides.
+
+    Args:
+        params: the text of a ``params.yaml`` file.
+        overrides: ``section.key=value`` strings (values are YAML), applied in order.
+
+    Returns:
+        The configuration.
+
+    Raises:
+        ConfigError: ``params`` is empty, not YAML or not a mapping of sections; an override is
+            not a ``section.key=value`` string; or any knob is unknown, mistyped or invalid.
+    """
+    import yaml
+
+    from unet3plus.config import apply_overrides, config_from_dict
+    from unet3plus.errors import ConfigError
+
+    hint = "pass the text of params.yaml (python -m pipeline submit --params params.yaml does)"
+    try:
+        raw = yaml.safe_load(params)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params: not valid YAML ({err}); {hint}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: expected a mapping of sections (data, model, train, ...), got {raw!r:.80}; {hint}")
+    overrides = list(overrides or [])
+    for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"overrides: {item!r} is not a string; expected 'section.key=value' strings, "
+                              "e.g. 'train.epochs=5'")
+    try:
+        config = config_from_dict(raw)
+        return apply_overrides(config, overrides) if overrides else config
+    except ConfigError as err:
+        raise ConfigError(f"params: {err}") from err
+
+
+def layout_of(dataset: str) -> str:
+    """The raw data layout of a pipeline ``dataset``: ``"liver"`` -> ``"lits"``, ``"spleen"`` -> ``"msd-spleen"``.
+
+    Raises:
+        ConfigError: unknown dataset (the message lists the known ones).
+    """
+    from unet3plus.config import DATASET_OF_LAYOUT
+    from unet3plus.errors import ConfigError
+
+    layouts = {name: layout for layout, name in DATASET_OF_LAYOUT.items()}
+    if dataset not in layouts:
+        raise ConfigError(f"dataset {dataset!r} is unknown; expected one of {', '.join(map(repr, layouts))}")
+    return layouts[dataset]
+
+
+def input_dir(artifact: Any, what: str, producer: str, required: str = "") -> "pathlib.Path":
+    """The directory behind an input artifact, checked before any work starts.
+
+    Args:
+        artifact: a KFP input artifact whose ``path`` should be a directory.
+        what: what it should hold, for the message (``"preprocessed dataset"``).
+        producer: the component that writes it, for the message (``"preprocess_data"``).
+        required: a file that must exist inside it (``"manifest.csv"``), or ``""``.
+
+    Returns:
+        The directory.
+
+    Raises:
+        DataError: the path is not a directory or lacks ``required``.
+    """
+    import pathlib
+
+    from unet3plus.errors import DataError
+
+    path = pathlib.Path(artifact.path)
+    if not path.is_dir():
+        raise DataError(f"{path}: the {what} is not a directory; connect this input to the output of {producer}")
+    if required and not (path / required).is_file():
+        raise DataError(f"{path}: the {what} has no {required}; connect this input to the output of {producer}")
+    return path
+
+
+def log_numbers(metrics: Any, values: dict) -> None:
+    """Log every finite number of ``values`` on a KFP Metrics artifact (booleans and text skipped)."""
+    import math
+
+    for key, value in sorted(values.items()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            metrics.log_metric(key, float(value))
+
+
+HELPERS = [load_config, layout_of, input_dir, log_numbers]

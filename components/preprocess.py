@@ -1,0 +1,45 @@
+"""Component: raw volumes -> 3-slice .npz samples plus manifest, with deterministic splits."""
+
+from typing import List, Optional
+
+from kfp import dsl
+
+from components.common import component, input_dir, layout_of, load_config
+
+
+@component
+def preprocess_data(
+    raw: dsl.Input[dsl.Dataset],
+    processed: dsl.Output[dsl.Dataset],
+    dataset: str,
+    params: str,
+    overrides: Optional[List[str]] = None,
+) -> None:
+    """Preprocess the raw dataset into training samples (``unet3plus preprocess``).
+
+    Args:
+        raw: the raw dataset directory (from ``raw_data``).
+        processed: output directory (``manifest.csv``, ``cases.json``, ``samples/``); metadata
+            gets the dataset, the sample size and the number of samples and cases per split.
+        dataset: ``"liver"`` or ``"spleen"``.
+        params: text of ``params.yaml`` (the ``data`` section is used).
+        overrides: ``section.key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown dataset or invalid parameters.
+        DataError: the raw input is not a directory or fails validation (nothing is written).
+    """
+    from unet3plus.data.dataset import load_preprocessed
+    from unet3plus.data.preprocess import preprocess_dataset
+    from unet3plus.utils import setup_logging
+
+    setup_logging()
+    layout = layout_of(dataset)
+    config = load_config(params, overrides)
+    raw_dir = input_dir(raw, "raw dataset", "raw_data")
+    preprocess_dataset(layout, raw_dir, processed.path, config.data)
+    manifest, _ = load_preprocessed(processed.path)
+    processed.metadata.update({"dataset": dataset, "size": config.data.size, "samples": len(manifest)})
+    for split, rows in manifest.groupby("split"):
+        processed.metadata[f"{split}_samples"] = len(rows)
+        processed.metadata[f"{split}_cases"] = rows["case_id"].nunique()

@@ -1,0 +1,14 @@
+"""The Kubeflow pipeline of unet3plus: ``python -m pipeline compile`` and ``python -m pipeline submit``."""
+
+from pipeline.pipeline import (
+    DEFAULT_ABLATIONS,
+    PIPELINE_NAME,
+    ClusterSettings,
+    build_pipeline,
+    on_cluster,
+    unet3plus_pipeline,
+)
+
+__all__ = [
+    "DEFAULT_ABLATIONS", "PIPELINE_NAME", "ClusterSettings", "build_pipeline", "on_cluster", "unet3plus_pipeline",
+]

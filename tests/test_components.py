@@ -1,0 +1,172 @@
+"""Kubeflow components called as plain Python (``component.python_func``) with real artifacts on tiny data."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import pandas as pd
+import pytest
+import yaml
+from kfp import dsl
+
+from components import evaluate_model, preprocess_data, raw_data, register_model, train_model, validate_data
+from components.common import input_dir, layout_of, load_config
+from unet3plus.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"data": {"size": 32, "synth_cases": 4, "synth_size": 48, "synth_slices": 16, "workers": 1}}
+
+
+def _params(**sections) -> str:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in {**TINY, **sections}.items():
+        params[section].update(values)
+    return yaml.safe_dump(params)
+
+
+def _artifact(kind: type, path: Path) -> dsl.Artifact:
+    return kind(name=path.name, uri=str(path), metadata={})
+
+
+@pytest.fixture(scope="module")
+def raw_liver(tmp_path_factory):
+    """A tiny synthetic LiTS dataset written by the raw_data component."""
+    raw = _artifact(dsl.Dataset, tmp_path_factory.mktemp("liver") / "raw")
+    cases = raw_data.python_func(raw=raw, dataset="liver", params=_params())
+    return raw, cases
+
+
+def test_load_config_reads_params_text_and_applies_overrides():
+    config = load_config(_params(), ["train.epochs=3", "model.cgm=false"])
+    assert (config.data.size, config.train.epochs, config.model.cgm) == (32, 3, False)
+
+
+@pytest.mark.parametrize(
+    ("params", "overrides", "message"),
+    [
+        ("", None, "expected a mapping of sections"),
+        ("train: [1, 2", None, "not valid YAML"),
+        ("- data\n- model\n", None, "expected a mapping of sections"),
+        ("train:\n  epochz: 3\n", None, "unknown key train.epochz"),
+        ("train:\n  epochs: 3\n", ["train.epochz=4"], "unknown key train.epochz"),
+        ("train:\n  epochs: 3\n", ["epochs=4"], "must look like section.key=value"),
+        ("train:\n  epochs: 3\n", [4], "not a string"),
+    ],
+)
+def test_load_config_refuses_bad_params_saying_what_to_fix(params, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(params, overrides)
+
+
+def test_layout_of_maps_organs_and_lists_the_known_ones():
+    assert (layout_of("liver"), layout_of("spleen")) == ("lits", "msd-spleen")
+    with pytest.raises(ConfigError, match="'kidney' is unknown; expected one of 'liver', 'spleen'"):
+        layout_of("kidney")
+
+
+def test_input_dir_names_the_producer_of_a_missing_input(tmp_path):
+    with pytest.raises(DataError, match="not a directory; connect this input to the output of preprocess_data"):
+        input_dir(_artifact(dsl.Dataset, tmp_path / "absent"), "preprocessed dataset", "preprocess_data")
+    with pytest.raises(DataError, match="has no manifest.csv"):
+        input_dir(_artifact(dsl.Dataset, tmp_path), "preprocessed dataset", "preprocess_data", required="manifest.csv")
+    assert input_dir(_artifact(dsl.Dataset, tmp_path), "raw dataset", "raw_data") == tmp_path
+
+
+def test_raw_data_synthesises_the_configured_cases(raw_liver):
+    raw, cases = raw_liver
+    volumes = sorted(Path(raw.path).glob("volume-*.nii"))
+    assert cases == len(volumes) == 4
+    assert nib.load(volumes[0]).shape == (48, 48, 16)
+    assert raw.metadata == {"dataset": "liver", "layout": "lits", "cases": 4, "source": "synthetic"}
+
+
+def test_raw_data_copies_an_existing_dataset_from_source_dir(raw_liver, tmp_path):
+    source, _ = raw_liver
+    copy = _artifact(dsl.Dataset, tmp_path / "copy")
+    cases = raw_data.python_func(raw=copy, dataset="liver", params=_params(), source_dir=source.path)
+    assert cases == 4 and copy.metadata["source"] == source.path
+    assert sorted(p.name for p in Path(copy.path).iterdir()) == sorted(p.name for p in Path(source.path).iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no staging folder left
+
+
+@pytest.mark.parametrize(
+    ("dataset", "source", "error", "message"),
+    [
+        ("kidney", "", ConfigError, "dataset 'kidney' is unknown"),
+        ("liver", "absent", DataError, "source_dir not found; mount the volume"),
+        ("spleen", "empty", DataError, "problem\(s\) with the msd-spleen dataset"),
+    ],
+)
+def test_raw_data_refuses_bad_inputs_before_writing(tmp_path, dataset, source, error, message):
+    (tmp_path / "empty").mkdir()
+    raw = _artifact(dsl.Dataset, tmp_path / "raw")
+    with pytest.raises(error, match=message):
+        raw_data.python_func(raw=raw, dataset=dataset, params=_params(),
+                             source_dir=str(tmp_path / source) if source else "")
+    assert not Path(raw.path).exists()
+
+
+def test_validate_then_preprocess_record_what_they_found(raw_liver, tmp_path):
+    raw, _ = raw_liver
+    report = _artifact(dsl.Artifact, tmp_path / "report.json")
+    assert validate_data.python_func(raw=raw, report=report, dataset="liver", params=_params()) == 4
+    assert json.loads(Path(report.path).read_text())["errors"] == []
+    processed = _artifact(dsl.Dataset, tmp_path / "processed")
+    preprocess_data.python_func(raw=raw, processed=processed, dataset="liver", params=_params())
+    manifest = pd.read_csv(Path(processed.path) / "manifest.csv", dtype={"case_id": str})
+    assert processed.metadata["samples"] == len(manifest) == 4 * 16
+    assert processed.metadata["size"] == 32
+    for split, rows in manifest.groupby("split"):
+        assert processed.metadata[f"{split}_samples"] == len(rows)
+        assert processed.metadata[f"{split}_cases"] == rows["case_id"].nunique()
+
+
+def test_validate_fails_listing_the_broken_file_and_keeps_the_report(raw_liver, tmp_path):
+    source, _ = raw_liver
+    raw = _artifact(dsl.Dataset, tmp_path / "raw")
+    raw_data.python_func(raw=raw, dataset="liver", params=_params(), source_dir=source.path)
+    broken = sorted(Path(raw.path).glob("segmentation-*.nii"))[0]
+    broken.write_bytes(broken.read_bytes()[:200])
+    report = _artifact(dsl.Artifact, tmp_path / "report.json")
+    with pytest.raises(DataError, match=broken.name):
+        validate_data.python_func(raw=raw, report=report, dataset="liver", params=_params())
+    assert any(broken.name in error for error in json.loads(Path(report.path).read_text())["errors"])
+
+
+def test_steps_refuse_missing_inputs_before_writing(tmp_path):
+    absent = _artifact(dsl.Dataset, tmp_path / "absent")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    empty = _artifact(dsl.Model, empty_dir)
+    out = tmp_path / "out"
+    params = _params()
+    calls = [
+        (lambda: validate_data.python_func(raw=absent, report=_artifact(dsl.Artifact, out), dataset="liver",
+                                           params=params),
+         "the raw dataset is not a directory; connect this input to the output of raw_data"),
+        (lambda: preprocess_data.python_func(raw=absent, processed=_artifact(dsl.Dataset, out), dataset="liver",
+                                             params=params),
+         "the raw dataset is not a directory"),
+        (lambda: train_model.python_func(processed=empty, model=_artifact(dsl.Model, out),
+                                         metrics=_artifact(dsl.Metrics, tmp_path / "m"), params=params),
+         "the preprocessed dataset has no manifest.csv; connect this input to the output of preprocess_data"),
+        (lambda: evaluate_model.python_func(model=empty, processed=absent, raw=absent,
+                                            evaluation=_artifact(dsl.Artifact, out),
+                                            metrics=_artifact(dsl.Metrics, tmp_path / "m"), params=params),
+         "the trained model has no best.pt; connect this input to the output of train_model"),
+        (lambda: register_model.python_func(model=empty, evaluation=absent, params=params),
+         "the trained model has no best.pt"),
+    ]
+    for call, message in calls:
+        with pytest.raises(DataError, match=message):
+            call()
+    assert not out.exists()
+
+
+def test_train_refuses_an_unknown_override_before_writing(tmp_path):
+    model = _artifact(dsl.Model, tmp_path / "model")
+    with pytest.raises(ConfigError, match="unknown key model.archh"):
+        train_model.python_func(processed=_artifact(dsl.Dataset, tmp_path), model=model,
+                                metrics=_artifact(dsl.Metrics, tmp_path / "metrics"), params=_params(),
+                                overrides=["model.archh=unet"])
+    assert not Path(model.path).exists()

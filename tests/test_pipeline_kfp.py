@@ -1,0 +1,241 @@
+"""The Kubeflow pipeline: compiled IR (steps, wiring, cluster settings, image), CLI, Dockerfile, and a kfp.local run."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from kfp import compiler, local
+from packaging.specifiers import SpecifierSet
+
+from components.common import DEFAULT_IMAGE
+from components.common import load_config as component_config
+from pipeline import DEFAULT_ABLATIONS, ClusterSettings, build_pipeline, unet3plus_pipeline
+from pipeline.__main__ import run_arguments
+from unet3plus.config import apply_overrides, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("raw-data", "validate-data", "preprocess-data", "train-model", "evaluate-model", "register-model")
+TINY = {
+    "data": {"size": 32, "synth_cases": 4, "synth_size": 48, "synth_slices": 16, "workers": 1},
+    "model": {"width": 4},
+    "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 2},
+    "evaluate": {"batch_size": 16, "overlays": 0},
+    "mlflow": {"system_metrics": False},
+}
+
+
+def _compile(pipeline, path: Path) -> tuple[dict, dict]:
+    """Compile and return the (pipeline spec, kubernetes platform spec) documents."""
+    compiler.Compiler().compile(pipeline, str(path))
+    documents = list(yaml.safe_load_all(path.read_text()))
+    platform = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(documents) > 1 else {}
+    return documents[0], platform
+
+
+def _python_env() -> dict:
+    """Environment for subprocesses: the repository importable whatever the working directory."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return _compile(unet3plus_pipeline, tmp_path_factory.mktemp("ir") / "pipeline.yaml")
+
+
+def test_every_step_is_wired_in_order(compiled):
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(STEPS) <= set(tasks)
+    assert tasks["validate-data"]["dependentTasks"] == ["raw-data"]
+    assert set(tasks["preprocess-data"]["dependentTasks"]) == {"raw-data", "validate-data"}
+    train_input = tasks["train-model"]["inputs"]["artifacts"]["processed"]
+    assert train_input["taskOutputArtifact"]["producerTask"] == "preprocess-data"
+    evaluate_inputs = tasks["evaluate-model"]["inputs"]["artifacts"]
+    assert {name: ref["taskOutputArtifact"]["producerTask"] for name, ref in evaluate_inputs.items()} == {
+        "model": "train-model", "processed": "preprocess-data", "raw": "raw-data"}
+    register_inputs = tasks["register-model"]["inputs"]["artifacts"]
+    assert register_inputs["evaluation"]["taskOutputArtifact"]["producerTask"] == "evaluate-model"
+    outputs = spec["root"]["dag"]["outputs"]["parameters"]
+    assert outputs["model_version"]["valueFromParameter"]["producerSubtask"] == "register-model"
+
+
+def test_ablations_are_a_parallel_for_of_train_and_evaluate_without_register(compiled):
+    spec, _ = compiled
+    loops = [task for task in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in task]
+    assert len(loops) == 1
+    assert loops[0]["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--ablations"}
+    body = spec["components"][loops[0]["componentRef"]["name"]]["dag"]["tasks"]
+    assert sorted(task["taskInfo"]["name"] for task in body.values()) == ["evaluate-ablation", "train-ablation"]
+    train = next(task for task in body.values() if task["taskInfo"]["name"] == "train-ablation")
+    parameters = train["inputs"]["parameters"]
+    # The ablation's own name and overrides reach the task (not the loop channel's name).
+    assert parameters["ablation"]["parameterExpressionSelector"] == 'parseJson(string_value)["name"]'
+    assert parameters["overrides"]["parameterExpressionSelector"] == 'parseJson(string_value)["overrides"]'
+    assert spec["root"]["inputDefinitions"]["parameters"]["ablations"]["defaultValue"] == DEFAULT_ABLATIONS
+
+
+def test_default_ablations_are_valid_overrides():
+    base = load_config(ROOT / "params.yaml")
+    variants = {ablation["name"]: apply_overrides(base, ablation["overrides"]).model for ablation in DEFAULT_ABLATIONS}
+    assert variants["unet"].arch == "unet"
+    assert variants["unet2plus"].arch == "unet2plus"
+    assert variants["unet3plus-no-deep-supervision"].deep_supervision is False
+
+
+def test_only_training_asks_for_a_gpu_and_every_step_runs_in_the_project_image(compiled):
+    spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    assert len(executors) == 8  # six steps plus the ablation's train and evaluate
+    for name, executor in executors.items():
+        container = executor["container"]
+        assert container["image"] == DEFAULT_IMAGE, name
+        accelerator = container.get("resources", {}).get("accelerator")
+        if name.startswith("exec-train-model"):
+            assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "1", name
+        else:
+            assert accelerator is None, name
+        # The image has kfp already: nothing is pip-installed when a pod starts.
+        assert "pip install" not in " ".join(container["command"]), name
+
+
+def test_kubernetes_settings_land_on_the_right_steps(compiled):
+    _, platform = compiled
+    for name in ("exec-train-model", "exec-train-model-2"):
+        settings = platform[name]
+        assert settings["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+        assert settings["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        shm = {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "8Gi"}
+        assert settings["emptyDirMounts"] == [shm]
+    tracked = ("exec-train-model", "exec-train-model-2", "exec-evaluate-model", "exec-evaluate-model-2",
+               "exec-register-model")
+    for name in tracked:
+        secrets = platform[name]["secretAsEnv"]
+        assert {secret["secretName"] for secret in secrets} == {"mlflow-credentials"}
+        required = [entry for secret in secrets if not secret.get("optional") for entry in secret["keyToEnv"]]
+        assert required == [{"secretKey": "MLFLOW_TRACKING_URI", "envVar": "MLFLOW_TRACKING_URI"}], name
+    assert set(platform) == set(tracked)  # data steps need nothing from the cluster by default
+
+
+def test_cluster_settings_can_be_changed_or_turned_off(tmp_path):
+    cluster = ClusterSettings(gpu_type="amd.com/gpu", gpus=2, gpu_node_selector=None, gpu_toleration=None,
+                              mlflow_secret=None, data_pvc="lits-raw", data_mount="/data")
+    spec, platform = _compile(build_pipeline(cluster), tmp_path / "pipeline.yaml")
+    accelerator = spec["deploymentSpec"]["executors"]["exec-train-model"]["container"]["resources"]["accelerator"]
+    assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("amd.com/gpu", "2")
+    assert platform["exec-raw-data"]["pvcMount"][0]["mountPath"] == "/data"
+    assert platform["exec-raw-data"]["pvcMount"][0]["pvcNameParameter"]["runtimeValue"]["constant"] == "lits-raw"
+    assert set(platform["exec-train-model"]) == {"emptyDirMounts"}
+    assert "exec-register-model" not in platform
+
+
+def test_compile_command_writes_the_ir_with_the_image_from_the_environment(tmp_path):
+    output = tmp_path / "out" / "unet3plus.yaml"
+    env = {**_python_env(), "UNET3PLUS_IMAGE": "registry.example.com/team/unet3plus:test"}
+    command = [sys.executable, "-m", "pipeline", "compile", "--output", str(output), "--gpu-toleration", ""]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    spec, platform = list(yaml.safe_load_all(output.read_text()))
+    images = {executor["container"]["image"] for executor in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example.com/team/unet3plus:test"}
+    assert "tolerations" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-model"]
+    assert [path.name for path in output.parent.iterdir()] == ["unet3plus.yaml"]  # no temporary left behind
+
+
+def test_submit_help_explains_the_options():
+    result = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--help"], env=_python_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for option in ("--host", "--params", "--set", "--dataset", "--experiment", "--run-name", "--mlflow-secret",
+                   "--data-pvc"):
+        assert option in result.stdout
+
+
+def test_submit_checks_the_parameters_before_contacting_the_cluster(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  epochz: 3\n")
+    # Port 9 on localhost: nothing must be contacted, the parameters are refused first.
+    command = [sys.executable, "-m", "pipeline", "submit", "--host", "http://127.0.0.1:9", "--params", str(params)]
+    result = subprocess.run(command, env=_python_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "unknown key train.epochz" in result.stderr and str(params) in result.stderr
+
+
+def test_run_arguments_carry_params_overrides_and_ablations(tmp_path):
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["ablations"] = [{"name": "no-cgm", "overrides": {"model.cgm": False, "loss.cgm_weight": 0}},
+                        {"name": "unet", "overrides": {"model.arch": "unet"}}]
+    params.write_text(yaml.safe_dump(raw))
+    arguments = run_arguments(params, ["train.epochs=3"], "spleen", "")
+    assert arguments["dataset"] == "spleen"
+    sent = component_config(arguments["params"])  # what every component will read
+    assert sent.train.epochs == 3
+    assert sent.flat() == load_config(params, ["train.epochs=3"]).flat()
+    assert sent.ablations == []  # they travel as their own argument
+    assert [a["name"] for a in arguments["ablations"]] == ["no-cgm", "unet"]
+    no_cgm = apply_overrides(sent, arguments["ablations"][0]["overrides"])
+    assert (no_cgm.model.cgm, no_cgm.loss.cgm_weight) == (False, 0.0)
+    assert apply_overrides(sent, arguments["ablations"][1]["overrides"]).model.arch == "unet"
+
+
+def test_dockerfile_builds_the_project_with_the_pinned_dependencies():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    python = re.search(r"^ARG PYTHON_VERSION=(\d+\.\d+)", dockerfile, re.MULTILINE).group(1)
+    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim", dockerfile, re.MULTILINE)
+    assert f"{python}.0" in SpecifierSet(_pyproject()["project"]["requires-python"])
+    assert re.search(r"pip install[^\n]*-c constraints\.txt[^\n]* \.", dockerfile)
+    assert re.search(r"^USER (?!root)\S+", dockerfile, re.MULTILINE)
+    assert "MPLBACKEND=Agg" in dockerfile and "PYTHONUNBUFFERED=1" in dockerfile
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for path in (".venv", "data", "models", "mlflow.db", ".git", ".dvc/cache"):
+        assert path in ignored or f"/{path}" in ignored, path
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+@pytest.mark.slow
+# kfp.local's expected notes: it runs our image's code in this Python, and ignores the GPU request.
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task that uses custom:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:Task .* have no effect in the current local runner:UserWarning")
+def test_pipeline_runs_end_to_end_with_kfp_local(tmp_path, monkeypatch):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.setenv("PYTHONPATH", _python_env()["PYTHONPATH"])
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact folder lands here
+    monkeypatch.setattr(local.config.LocalExecutionConfig, "instance", None)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
+               workspace_root=str(tmp_path / "workspace"))
+
+    ablation = {"name": "unet", "overrides": ["model.arch=unet", "model.deep_supervision=false", "model.cgm=false"]}
+    run = unet3plus_pipeline(params=yaml.safe_dump(params), dataset="liver", ablations=[ablation])
+
+    assert run.outputs["model_name"] == "unet3plus-liver"
+    assert run.outputs["model_version"] == "1"
+    root = tmp_path / "root"
+    assert len(list(root.glob("**/evaluation/metrics.json"))) == 2  # the main model and the ablation
+    main_metrics = json.loads(next(root.glob("*/evaluate-model/evaluation/metrics.json")).read_text())
+    assert main_metrics["dice"] == pytest.approx(run.outputs["test_dice"])
+    assert 0.0 <= run.outputs["test_dice"] <= 1.0
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    assert str(client.get_model_version_by_alias("unet3plus-liver", "champion").version) == "1"
+    assert len(client.search_model_versions("name='unet3plus-liver'")) == 1  # the ablation is not registered
+    runs = client.search_runs([client.get_experiment_by_name(params["mlflow"]["experiment"]).experiment_id])
+    trained = {found.data.tags.get("ablation", ""): found for found in runs if "val_dice" in found.data.metrics}
+    assert set(trained) == {"", "unet"}  # one training run each, the ablation tagged with its name
+    assert (trained[""].data.params["model.arch"], trained["unet"].data.params["model.arch"]) == ("unet3plus", "unet")
+    assert all("test_dice" in found.data.metrics for found in trained.values())  # evaluation reached each run

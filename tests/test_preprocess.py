@@ -1,0 +1,349 @@
+"""Preprocessing: geometry round trips, the prepare_* transforms, and preprocess_dataset end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from unet3plus.cli import main
+from unet3plus.config import DataConfig
+from unet3plus.data.geometry import VolumeGeometry, restore_volume, resample_to_slices, volume_geometry
+from unet3plus.data.phantom import write_dataset
+from unet3plus.data.preprocess import assign_splits, prepare_label, prepare_volume, preprocess_dataset, window_hu
+from unet3plus.data.sources import Case, discover_cases
+from unet3plus.errors import DataError
+
+# A LiTS-like affine: voxel axes point left and posterior (negative diagonal), 0.7 mm in plane, 2.5 mm slices.
+LITS_AFFINE = np.array([[-0.7, 0, 0, 180.0], [0, -0.7, 0, 170.0], [0, 0, 2.5, -400.0], [0, 0, 0, 1]])
+AFFINES = {
+    "lps_diagonal": LITS_AFFINE,
+    "ras_diagonal": np.diag([0.8, 0.9, 3.0, 1.0]),
+    "permuted_axes": np.array([[0, 0.75, 0, 0], [0, 0, -2.0, 0], [-0.8, 0, 0, 0], [0, 0, 0, 1.0]]),
+}
+
+
+def reference_dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def ellipsoid(shape: tuple[int, int, int], centre: tuple[float, ...], radii: tuple[float, ...]) -> np.ndarray:
+    grid = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    return (sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0).astype(np.uint8)
+
+
+def world_coordinates(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
+    """(3, X, Y, Z) world (RAS mm) position of every voxel, from the affine alone."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).reshape(3, -1)
+    return (affine[:3, :3] @ ijk + affine[:3, 3:]).reshape(3, *shape)
+
+
+def config(**changes) -> DataConfig:
+    return dataclasses.replace(DataConfig(size=32, workers=1), **changes)
+
+
+def test_label_round_trip_512_to_320_and_back_keeps_dice_and_affine(tmp_path):
+    organ = ellipsoid((512, 512, 40), centre=(300, 230, 21), radii=(140, 100, 15))
+    nib.save(nib.Nifti1Image(organ, LITS_AFFINE), tmp_path / "label.nii.gz")
+    original = nib.load(tmp_path / "label.nii.gz")
+    label = np.asanyarray(original.dataobj)
+    masks = prepare_label(label, original.affine, DataConfig(size=320))
+    _, geometry = prepare_volume(np.zeros(label.shape, np.int16), original.affine, DataConfig(size=320))
+    assert masks.shape == (40, 320, 320) and masks.dtype == np.uint8
+    geometry = VolumeGeometry.from_dict(json.loads(json.dumps(geometry.to_dict())))  # as read from cases.json
+    for interpolation in ("nearest", "linear"):
+        restored = restore_volume(masks, geometry, interpolation) >= 0.5
+        assert restored.shape == label.shape
+        assert reference_dice(restored, label) >= 0.99, interpolation
+    nib.save(nib.Nifti1Image(restored.astype(np.uint8), geometry.affine), tmp_path / "restored.nii.gz")
+    written = nib.load(tmp_path / "restored.nii.gz")
+    np.testing.assert_array_equal(written.affine, original.affine)
+    assert reference_dice(np.asanyarray(written.dataobj), label) >= 0.99
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+@pytest.mark.parametrize("mode,size", [("resize", 20), ("crop", 26), ("crop", 20)])
+def test_restore_inverts_resample_exactly_without_scaling(name, mode, size):
+    volume = np.random.default_rng(0).integers(0, 1000, size=(20, 20, 7)).astype(np.int16)
+    geometry = volume_geometry(volume.shape, AFFINES[name], size, mode)
+    slices = resample_to_slices(volume, geometry, "nearest")
+    assert slices.shape == (geometry.canonical_shape[2], size, size)
+    np.testing.assert_array_equal(restore_volume(slices, geometry, "nearest"), volume)
+
+
+def test_crop_mode_crops_and_pads_around_the_centre_and_restores_zeros_outside():
+    volume = np.arange(30 * 16 * 3, dtype=np.float32).reshape(30, 16, 3) + 1
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS voxel axes: canonical plane [r, c] = volume[c, r]
+    geometry = volume_geometry(volume.shape, affine, 20, "crop")
+    slices = resample_to_slices(volume, geometry, "linear")
+    plane = volume[:, :, 1].T  # (16 rows, 30 columns)
+    np.testing.assert_array_equal(slices[1, 2:18, :], plane[:, 5:25])  # rows padded by 2, columns cropped by 5
+    assert not slices[1, :2].any() and not slices[1, 18:].any()
+    restored = restore_volume(slices, geometry, "linear")
+    np.testing.assert_array_equal(restored[5:25], volume[5:25])
+    assert not restored[:5].any() and not restored[25:].any()
+
+
+def test_crop_mode_pads_images_with_the_bottom_of_the_window():
+    stacks, _ = prepare_volume(np.zeros((10, 10, 2)), np.eye(4), config(size=14, resize_mode="crop"))
+    assert stacks.shape == (2, 3, 14, 14)
+    np.testing.assert_allclose(stacks[:, :, 2:12, 2:12], 200.0 / 450.0, rtol=1e-6)  # 0 HU inside
+    assert not stacks[:, :, :2].any() and not stacks[:, :, :, 12:].any()  # padding reads as air
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+def test_planes_are_axial_in_radiological_display_order(name):
+    affine = AFFINES[name]
+    shape = (12, 12, 12)
+    world = world_coordinates(shape, affine)
+    identity = config(size=12, hu_window=(-1000.0, 1000.0))  # no scaling, window covers every value
+    right, anterior, superior = (prepare_volume(world[i], affine, identity)[0][:, 1] * 2000 - 1000 for i in range(3))
+    # rows run anterior -> posterior, columns patient right -> left, slices inferior -> superior
+    assert (np.diff(anterior, axis=1) < 0).all() and np.allclose(np.diff(anterior, axis=2), 0, atol=1e-3)
+    assert (np.diff(right, axis=2) < 0).all() and np.allclose(np.diff(right, axis=1), 0, atol=1e-3)
+    assert (np.diff(superior, axis=0) > 0).all() and np.allclose(np.diff(superior, axis=2), 0, atol=1e-3)
+
+
+def test_window_maps_hu_window_linearly_onto_unit_interval():
+    hu = np.array([-1000.0, -200.0, 25.0, 250.0, 3000.0])
+    np.testing.assert_allclose(window_hu(hu, (-200.0, 250.0)), [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-7)
+
+
+def test_stacks_hold_previous_current_next_slice_with_repeated_edges():
+    volume = np.broadcast_to(np.arange(5, dtype=np.float32), (8, 8, 5))  # value = slice index
+    stacks, _ = prepare_volume(volume, np.eye(4), config(size=8, hu_window=(0.0, 4.0)))
+    assert stacks.shape == (5, 3, 8, 8) and stacks.dtype == np.float32
+    expected = np.array([[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 4]]) / 4.0
+    np.testing.assert_allclose(stacks[:, :, 4, 4], expected, atol=1e-6)
+
+
+def test_bilinear_resize_matches_an_independent_half_pixel_reference():
+    plane = np.random.default_rng(1).random((16, 16)).astype(np.float32)
+    stacks, _ = prepare_volume(plane[:, :, None], np.eye(4), config(size=8, hu_window=(0.0, 1.0)))
+    # 2x downsampling with half-pixel centres = mean of each 2x2 block (canonical plane is the volume
+    # transposed and flipped for a RAS affine: rows <- -y, columns <- -x)
+    canonical = plane[::-1, ::-1].T
+    expected = canonical.reshape(8, 2, 8, 2).mean(axis=(1, 3))
+    np.testing.assert_allclose(stacks[0, 1], expected, atol=1e-6)
+
+
+def test_prepare_functions_reject_bad_arrays():
+    with pytest.raises(ValueError, match="0 and 1"):
+        prepare_label(np.full((4, 4, 2), 2, np.uint8), np.eye(4), config())
+    with pytest.raises(ValueError, match="3-D"):
+        prepare_volume(np.zeros((4, 4)), np.eye(4), config())
+    volume = np.zeros((4, 4, 2))
+    volume[1, 2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        prepare_volume(volume, np.eye(4), config())
+
+
+# ---- preprocess_dataset end to end on D1's synthetic phantom (tiny: 64 px, 16 slices, 5 cases) ----
+
+LAYOUTS = ("lits", "msd-spleen")
+SIZE = 32  # exactly half of the phantom's 64 px, so bilinear resizing = 2x2 block mean
+
+
+@pytest.fixture(scope="module")
+def raw_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("raw")
+    for layout in LAYOUTS:
+        write_dataset(layout, root / layout, cases=5, seed=0, size=64, slices=16)
+    return {layout: root / layout for layout in LAYOUTS}
+
+
+@pytest.fixture(scope="module")
+def outputs(raw_dirs, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("preprocessed")
+    for layout in LAYOUTS:
+        preprocess_dataset(layout, raw_dirs[layout], root / layout, config(size=SIZE))
+    return {layout: root / layout for layout in LAYOUTS}
+
+
+def pls_canonical(image: nib.Nifti1Image) -> np.ndarray:
+    """(Z, rows, columns) in the documented orientation, via nibabel's own RAS canonical form."""
+    ras = np.asanyarray(nib.as_closest_canonical(image).dataobj)
+    return ras[::-1, ::-1, :].transpose(2, 1, 0)  # rows = -A (posterior), columns = -R (left)
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_both_layouts_give_one_correct_sample_per_slice(layout, raw_dirs, outputs):
+    raw, out = raw_dirs[layout], outputs[layout]
+    manifest = pd.read_csv(out / "manifest.csv", dtype={"case_id": str})
+    cases = json.loads((out / "cases.json").read_text())
+    assert list(manifest.columns) == ["case_id", "slice_index", "path", "organ_present", "split"]
+    assert cases["layout"] == layout and cases["dataset"] == {"lits": "liver", "msd-spleen": "spleen"}[layout]
+    assert cases["data_config"]["size"] == SIZE and len(cases["fingerprint"]) == 64
+    labelled = [case for case in discover_cases(layout, raw) if case.label is not None]
+    assert sorted(manifest.case_id.unique()) == sorted(case.case_id for case in labelled)
+    for case in labelled:
+        entry = cases["cases"][case.case_id]
+        assert (raw / entry["image"]).samefile(case.image) and (raw / entry["label"]).samefile(case.label)
+        image, label = nib.load(case.image), nib.load(case.label)
+        windowed = np.clip((pls_canonical(image) + 200.0) / 450.0, 0, 1)  # float64 reference
+        expected_image = windowed.reshape(-1, SIZE, 2, SIZE, 2).mean(axis=(2, 4))
+        organ = np.isin(pls_canonical(label), [1, 2] if layout == "lits" else [1])
+        rows = manifest[manifest.case_id == case.case_id]
+        assert list(rows.slice_index) == list(range(len(organ))) == list(range(entry["slices"]))
+        assert rows.split.nunique() == 1 and rows.split.iloc[0] == entry["split"]
+        for row in rows.itertuples():
+            assert row.path == f"samples/{case.case_id}/{row.slice_index:04d}.npz"
+            with np.load(out / row.path) as sample:
+                assert sample["image"].dtype == np.float16 and sample["image"].shape == (3, SIZE, SIZE)
+                assert sample["mask"].dtype == np.uint8 and sample["mask"].shape == (SIZE, SIZE)
+                assert 0.0 <= sample["image"].min() and sample["image"].max() <= 1.0
+                assert set(np.unique(sample["mask"])) <= {0, 1}
+                assert sample["organ_present"] == row.organ_present == sample["mask"].any()
+                np.testing.assert_allclose(sample["image"][1], expected_image[row.slice_index], atol=2e-3)
+                neighbour = expected_image[min(row.slice_index + 1, len(organ) - 1)]
+                np.testing.assert_allclose(sample["image"][2], neighbour, atol=2e-3)
+                # nearest-exact 2x downsampling keeps the odd pixel of every 2x2 block
+                np.testing.assert_array_equal(sample["mask"], organ[row.slice_index, 1::2, 1::2])
+        assert 0 < rows.organ_present.sum() < len(rows)  # organ-free slices exist (what the CGM learns)
+
+
+def test_lits_uses_the_paper_split_and_carves_val_from_train(raw_dirs, outputs):
+    cases = json.loads((outputs["lits"] / "cases.json").read_text())["cases"]
+    numbers = {case_id: int(case_id) for case_id in cases}
+    assert {c for c, s in cases.items() if s["split"] == "test"} == {c for c, n in numbers.items() if n <= 27} != set()
+    train_or_val = [c for c in cases if numbers[c] > 27]
+    assert sum(cases[c]["split"] == "val" for c in train_or_val) == 1  # round(4 * 0.15) = 1
+    assert sum(cases[c]["split"] == "train" for c in train_or_val) == len(train_or_val) - 1
+
+
+def test_msd_split_is_seeded_and_unlabelled_cases_are_listed_without_samples(raw_dirs, outputs):
+    cases = json.loads((outputs["msd-spleen"] / "cases.json").read_text())["cases"]
+    splits = [entry["split"] for entry in cases.values()]
+    assert sorted(splits) == ["test", "train", "train", "unlabelled", "val"]  # 4 labelled: 1 test, 1 val, 2 train
+    unlabelled = [entry for entry in cases.values() if entry["split"] == "unlabelled"]
+    assert unlabelled[0]["label"] is None and unlabelled[0]["geometry"] is None and unlabelled[0]["slices"] == 0
+    labelled = [case for case in discover_cases("msd-spleen", raw_dirs["msd-spleen"]) if case.label is not None]
+    again = assign_splits("msd-spleen", labelled, config())
+    assert again == {c: s["split"] for c, s in cases.items() if s["split"] != "unlabelled"}
+    other_seeds = [assign_splits("msd-spleen", labelled, config(split_seed=seed)) for seed in range(1, 6)]
+    assert any(split != again for split in other_seeds)
+
+
+@pytest.mark.parametrize(
+    "count,test_fraction,val_fraction,expected",
+    [(10, 0.2, 0.15, (2, 1, 7)), (2, 0.2, 0.5, (1, 0, 1)), (1, 0.2, 0.15, (0, 0, 1)), (6, 0.0, 0.0, (0, 0, 6))],
+)
+def test_split_sizes_for_msd(count, test_fraction, val_fraction, expected):
+    cases = [Case(f"spleen_{n}", Path(f"spleen_{n}.nii.gz"), Path("label")) for n in range(count)]
+    fractions = config(test_fraction=test_fraction, val_fraction=val_fraction)
+    splits = list(assign_splits("msd-spleen", cases, fractions).values())
+    assert (splits.count("test"), splits.count("val"), splits.count("train")) == expected
+
+
+def test_geometry_in_cases_json_maps_masks_back_onto_the_raw_label(raw_dirs, outputs):
+    cases = json.loads((outputs["lits"] / "cases.json").read_text())["cases"]
+    case_id, entry = next((c, e) for c, e in cases.items() if e["split"] == "train")
+    geometry = VolumeGeometry.from_dict(entry["geometry"])
+    samples = [outputs["lits"] / f"samples/{case_id}/{z:04d}.npz" for z in range(entry["slices"])]
+    masks = np.stack([np.load(path)["mask"] for path in samples])
+    label = nib.load(raw_dirs["lits"] / entry["label"])
+    restored = restore_volume(masks, geometry, "linear") >= 0.5
+    np.testing.assert_array_equal(geometry.affine, label.affine)
+    assert reference_dice(restored, np.asanyarray(label.dataobj) > 0) >= 0.9
+
+
+def test_parallel_workers_write_the_same_bytes(raw_dirs, outputs, tmp_path):
+    preprocess_dataset("lits", raw_dirs["lits"], tmp_path, config(size=SIZE, workers=2))
+    serial = outputs["lits"]
+    assert (tmp_path / "manifest.csv").read_bytes() == (serial / "manifest.csv").read_bytes()
+    for path in pd.read_csv(serial / "manifest.csv").path:
+        with np.load(serial / path) as a, np.load(tmp_path / path) as b:
+            assert all(np.array_equal(a[key], b[key]) for key in ("image", "mask", "organ_present"))
+
+
+def test_rerun_is_a_no_op_changes_rebuild_and_foreign_files_stay(raw_dirs, tmp_path, caplog):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    shutil.copytree(raw_dirs["lits"], raw, copy_function=shutil.copy2)
+    preprocess_dataset("lits", raw, out, config(size=SIZE))
+    dropped, kept = discover_cases("lits", raw)[-1], discover_cases("lits", raw)[0]
+    foreign = [out / "notes.txt", out / "samples" / "README", out / "samples" / dropped.case_id / "mine.npz"]
+    for path in foreign:
+        path.write_text("user data")
+    before = snapshot(out)
+
+    caplog.set_level("INFO")
+    preprocess_dataset("lits", raw, out, config(size=SIZE, workers=2))  # workers do not change the output
+    assert snapshot(out) == before
+    assert "up to date, nothing to do" in caplog.text
+
+    dropped.image.unlink()
+    dropped.label.unlink()
+    preprocess_dataset("lits", raw, out, config(size=24))
+    manifest = pd.read_csv(out / "manifest.csv", dtype={"case_id": str})
+    assert dropped.case_id not in set(manifest.case_id)
+    assert np.load(out / manifest.path[0])["image"].shape == (3, 24, 24)
+    written = {str(p.relative_to(out)) for p in (out / "samples").rglob("*.npz")}
+    assert written == set(manifest.path) | {f"samples/{dropped.case_id}/mine.npz"}  # no stale sample, no user file lost
+    assert all(path.read_text() == "user data" for path in foreign)
+
+    rebuilt = snapshot(out)
+    os.utime(kept.image, ns=(1, 1))  # a changed input is rebuilt too
+    preprocess_dataset("lits", raw, out, config(size=24))
+    assert snapshot(out)["manifest.csv"] != rebuilt["manifest.csv"]
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def put_nan(path: Path) -> None:
+    image = nib.load(path)
+    data = np.asanyarray(image.dataobj).astype(np.float32)
+    data[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(data, image.affine), path)
+
+
+def put_label_7(path: Path) -> None:
+    label = nib.load(path)
+    data = np.asanyarray(label.dataobj).copy()
+    data[1, 2, 3] = 7
+    nib.save(nib.Nifti1Image(data, label.affine), path)
+
+
+BAD_INPUTS = {  # problem: (layout, damaged file of the first labelled case, damage)
+    "truncated_gz": ("msd-spleen", "image", truncate),
+    "nan_voxels": ("lits", "image", put_nan),
+    "label_7": ("lits", "label", put_label_7),
+}
+
+
+@pytest.mark.parametrize("problem", [*BAD_INPUTS, "empty_folder"])
+def test_bad_input_fails_naming_the_file_and_writes_nothing(problem, raw_dirs, outputs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: CLI defaults
+    raw = tmp_path / "raw"
+    if problem == "empty_folder":
+        layout, bad = "lits", raw
+        raw.mkdir()
+    else:
+        layout, which, damage = BAD_INPUTS[problem]
+        shutil.copytree(raw_dirs[layout], raw)
+        bad = getattr(next(case for case in discover_cases(layout, raw) if case.label is not None), which)
+        damage(bad)
+    with pytest.raises(DataError, match=re.escape(bad.name)):
+        preprocess_dataset(layout, raw, tmp_path / "new", config())
+    assert not (tmp_path / "new").exists()
+
+    existing = tmp_path / "existing"  # earlier good output stays exactly as it was
+    shutil.copytree(outputs[layout], existing, copy_function=shutil.copy2)
+    before = snapshot(existing)
+    assert main(["preprocess", "--layout", layout, "--raw", str(raw), "--out", str(existing), "--size", "32"]) == 2
+    assert bad.name in capsys.readouterr().err
+    assert snapshot(existing) == before

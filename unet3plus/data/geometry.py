@@ -1,0 +1,240 @@
+"""The map between a scan's own voxel grid and the (Z, S, S) slice stack the network sees, both ways.
+
+Forward (:func:`resample_to_slices`): reorient the volume to the canonical orientation, put the
+axial axis first, then resize (or centre crop/pad) every axial plane to ``size x size``.
+Backward (:func:`restore_volume`): undo the in-plane step, then the reorientation, so a predicted
+mask lands on the original voxel grid and overlays the original scan under its original affine.
+
+Canonical orientation is ``("P", "L", "S")`` (nibabel axis codes: array axis 0 runs towards
+posterior, axis 1 towards the patient's left, axis 2 towards superior). Then ``volume[:, :, z]``
+is an axial slice already in the radiological display convention (anterior at the top, patient's
+right on the image's left), so sample images, previews and overlays look like a CT viewer's, and
+slice ``z + 1`` lies above slice ``z``. Any voxel order on disk (LiTS files come in several)
+reaches the same canonical array; oblique affines go to the closest canonical axes
+(``nibabel.orientations.io_orientation``), so no voxel is ever resampled across slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+CANONICAL_AXCODES = ("P", "L", "S")
+RESIZE_MODES = ("resize", "crop")
+INTERPOLATIONS = ("linear", "nearest")
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """Everything needed to go from a scan's voxel grid to its slice stack and back.
+
+    Attributes:
+        original_shape: (X, Y, Z) voxels of the array as stored on disk.
+        original_affine: 4x4 voxel-to-world (RAS mm) matrix of the file, row by row.
+        orientation: nibabel orientation transform (3 rows of (target axis, flip +1/-1)) taking
+            the original array to the canonical ``("P", "L", "S")`` array.
+        canonical_shape: (H, W, Z) of the reoriented array; Z is the number of axial slices.
+        size: S, the side of every output plane.
+        resize_mode: ``"resize"`` (planes scaled from H x W to S x S) or ``"crop"`` (planes
+            centre-cropped or zero-padded to S x S, no scaling).
+        offsets: crop mode only, (row, column) position of the canonical plane's pixel (0, 0)
+            inside the S x S plane; negative means cropped, positive means padded. (0, 0) for resize.
+    """
+
+    original_shape: tuple[int, int, int]
+    original_affine: tuple[tuple[float, ...], ...]
+    orientation: tuple[tuple[int, int], ...]
+    canonical_shape: tuple[int, int, int]
+    size: int
+    resize_mode: str
+    offsets: tuple[int, int] = (0, 0)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """The original affine as a (4, 4) float64 array."""
+        return np.array(self.original_affine, dtype=np.float64)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel sizes in mm along the original (X, Y, Z) axes."""
+        return tuple(float(v) for v in nib.affines.voxel_sizes(self.affine))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (lists and plain numbers); :meth:`from_dict` inverts it exactly."""
+        return {key: _listify(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> VolumeGeometry:
+        """Rebuild from :meth:`to_dict` output (e.g. read back from ``cases.json``).
+
+        Raises:
+            ValueError: a key is missing or has the wrong shape.
+        """
+        try:
+            return cls(
+                original_shape=tuple(int(v) for v in payload["original_shape"]),
+                original_affine=tuple(tuple(float(v) for v in row) for row in payload["original_affine"]),
+                orientation=tuple((int(axis), int(flip)) for axis, flip in payload["orientation"]),
+                canonical_shape=tuple(int(v) for v in payload["canonical_shape"]),
+                size=int(payload["size"]),
+                resize_mode=str(payload["resize_mode"]),
+                offsets=tuple(int(v) for v in payload["offsets"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not a VolumeGeometry dict ({err!r}): {payload!r}") from err
+
+
+def _listify(value: Any) -> Any:
+    return [_listify(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def volume_geometry(shape: tuple[int, ...], affine: np.ndarray, size: int, resize_mode: str) -> VolumeGeometry:
+    """Plan the forward and backward transforms of one volume.
+
+    Args:
+        shape: (X, Y, Z) of the stored array.
+        affine: (4, 4) voxel-to-world matrix of the file.
+        size: S, side of the output planes.
+        resize_mode: ``"resize"`` or ``"crop"``.
+
+    Returns:
+        The :class:`VolumeGeometry`.
+
+    Raises:
+        ValueError: shape not 3-D, affine not 4x4 or singular, unknown ``resize_mode``, size < 1.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if len(shape) != 3:
+        raise ValueError(f"expected a 3-D volume (X, Y, Z), got shape {tuple(shape)}")
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"expected a finite, invertible 4x4 affine, got {affine.tolist()}")
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    orientation = ornt_transform(io_orientation(affine), axcodes2ornt(CANONICAL_AXCODES)).astype(int)
+    canonical_shape = [0, 0, 0]
+    for source_axis, (target_axis, _) in enumerate(orientation):
+        canonical_shape[target_axis] = int(shape[source_axis])
+    offsets = (0, 0)
+    if resize_mode == "crop":
+        offsets = ((size - canonical_shape[0]) // 2, (size - canonical_shape[1]) // 2)
+    return VolumeGeometry(
+        original_shape=tuple(int(v) for v in shape),
+        original_affine=tuple(tuple(float(v) for v in row) for row in affine),
+        orientation=tuple((int(axis), int(flip)) for axis, flip in orientation),
+        canonical_shape=tuple(canonical_shape),
+        size=int(size),
+        resize_mode=resize_mode,
+        offsets=offsets,
+    )
+
+
+def resample_to_slices(volume: np.ndarray, geometry: VolumeGeometry, interpolation: str) -> np.ndarray:
+    """Original voxel grid -> canonical axial planes of side S.
+
+    Args:
+        volume: (X, Y, Z) array with ``geometry.original_shape``.
+        geometry: from :func:`volume_geometry`.
+        interpolation: ``"linear"`` (bilinear, for images; returns float32) or ``"nearest"``
+            (for masks; keeps the dtype). Ignored in crop mode (no scaling; dtype kept).
+
+    Returns:
+        (Z, S, S) array, C-contiguous.
+
+    Raises:
+        ValueError: wrong shape or unknown interpolation.
+    """
+    _check_interpolation(interpolation)
+    if tuple(volume.shape) != geometry.original_shape:
+        raise ValueError(f"volume shape {tuple(volume.shape)} does not match the geometry's {geometry.original_shape}")
+    planes = np.moveaxis(apply_orientation(volume, np.array(geometry.orientation)), -1, 0)  # a view
+    side = (geometry.size, geometry.size)
+    if geometry.resize_mode == "crop":
+        return _place(planes, side, geometry.offsets)
+    return _resize(planes, side, interpolation)
+
+
+def restore_volume(slices: np.ndarray, geometry: VolumeGeometry, interpolation: str = "linear") -> np.ndarray:
+    """Canonical planes of side S -> the original voxel grid (inverse of :func:`resample_to_slices`).
+
+    Use ``"linear"`` for probabilities (threshold afterwards) and ``"nearest"`` for label masks.
+    In crop mode the voxels that were cropped away come back as 0.
+
+    Args:
+        slices: (Z, S, S) array, e.g. predicted probabilities or a binary mask.
+        geometry: the volume's :class:`VolumeGeometry` (``VolumeGeometry.from_dict`` of
+            ``cases.json``'s entry, or the one :func:`prepare_volume` returned).
+        interpolation: ``"linear"`` (returns float32) or ``"nearest"`` (keeps the dtype).
+            Ignored in crop mode (no scaling; dtype kept).
+
+    Returns:
+        (X, Y, Z) array with ``geometry.original_shape``, in the voxel order of the original file,
+        so ``nib.Nifti1Image(result, geometry.affine)`` overlays the original scan.
+
+    Raises:
+        ValueError: ``slices`` is not (Z, S, S) for this geometry, or unknown interpolation.
+    """
+    _check_interpolation(interpolation)
+    height, width, depth = geometry.canonical_shape
+    expected = (depth, geometry.size, geometry.size)
+    if tuple(slices.shape) != expected:
+        raise ValueError(f"slices have shape {tuple(slices.shape)}, expected {expected} for this volume")
+    if geometry.resize_mode == "crop":
+        offsets = (-geometry.offsets[0], -geometry.offsets[1])
+        planes = _place(np.asarray(slices), (height, width), offsets)
+    else:
+        planes = _resize(np.asarray(slices), (height, width), interpolation)
+    canonical = np.moveaxis(planes, 0, -1)
+    restored = np.ascontiguousarray(apply_orientation(canonical, _inverse_orientation(geometry.orientation)))
+    assert restored.shape == geometry.original_shape, (restored.shape, geometry.original_shape)
+    return restored
+
+
+def _inverse_orientation(orientation: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """The transform undoing ``orientation``: canonical axis ``target`` goes back to ``source``."""
+    inverse = np.zeros((len(orientation), 2), dtype=int)
+    for source_axis, (target_axis, flip) in enumerate(orientation):
+        inverse[target_axis] = (source_axis, flip)
+    return inverse
+
+
+def _check_interpolation(interpolation: str) -> None:
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation {interpolation!r} is not one of {INTERPOLATIONS}")
+
+
+def _resize(planes: np.ndarray, side: tuple[int, int], interpolation: str) -> np.ndarray:
+    """(Z, h, w) -> (Z, H, W) C-contiguous: bilinear (half-pixel centres, as image libraries) or nearest-exact."""
+    if planes.shape[1:] == side:
+        return np.ascontiguousarray(planes, dtype=np.float32 if interpolation == "linear" else planes.dtype)
+    if interpolation == "nearest":
+        rows = _nearest_index(planes.shape[1], side[0])
+        cols = _nearest_index(planes.shape[2], side[1])
+        return planes[:, rows[:, None], cols[None, :]]
+    tensor = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[:, None]
+    return F.interpolate(tensor, size=side, mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def _nearest_index(source: int, target: int) -> np.ndarray:
+    """Source index whose pixel centre is nearest to each target pixel centre (torch's nearest-exact)."""
+    return np.minimum(((np.arange(target) + 0.5) * (source / target)).astype(np.int64), source - 1)
+
+
+def _place(planes: np.ndarray, side: tuple[int, int], offsets: tuple[int, int]) -> np.ndarray:
+    """Centre crop/pad: ``out[:, r + dr, c + dc] = planes[:, r, c]`` where inside, zero elsewhere."""
+    out = np.zeros((planes.shape[0], *side), dtype=planes.dtype)
+    source, target = [slice(None)], [slice(None)]
+    for axis, offset in enumerate(offsets):
+        source_start, target_start = max(0, -offset), max(0, offset)
+        length = max(0, min(planes.shape[axis + 1] - source_start, side[axis] - target_start))
+        source.append(slice(source_start, source_start + length))
+        target.append(slice(target_start, target_start + length))
+    out[tuple(target)] = planes[tuple(source)]
+    return out
