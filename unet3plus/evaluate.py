@@ -1,0 +1,308 @@
+"""Score a checkpoint per 3-D volume on the test split, in each scan's original voxel grid.
+
+For every test case the model runs over the preprocessed 3-slice stacks in slice order; the
+probabilities (with and without the CGM gate) go back to the original voxel grid
+(:func:`unet3plus.data.geometry.restore_volume`), are thresholded, and are scored against the
+original label file with :func:`unet3plus.metrics.volume_metrics` (the paper's metric is Dice per
+volume, averaged over volumes). Empty-mask conventions are those of :mod:`unet3plus.metrics`.
+
+Outputs in ``out_dir`` (each written atomically; the two folders are replaced as a whole):
+
+- ``metrics.json``: means over cases of dice, iou, precision, recall, hd95, assd (mm) and
+  dice_no_gate; ``hd95_cases``/``assd_cases`` (cases with a finite distance), ``cases``,
+  ``dataset``, ``threshold``. A mean with no finite value is ``null``.
+- ``per_case.csv``: one row per case (NaN distances are empty cells).
+- ``predictions/<case_id>.nii.gz``: uint8 0/1 masks with the original affine.
+- ``overlays/{best,worst}_<rank>_<case_id>.png``: CT slice with the largest organ area, true
+  positives pink, false negatives yellow, false positives green (the paper's colours).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from nibabel.orientations import apply_orientation
+from tqdm import tqdm
+
+from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint
+from unet3plus.config import Config
+from unet3plus.data.dataset import load_preprocessed, load_sample
+from unet3plus.data.geometry import VolumeGeometry, restore_volume
+from unet3plus.data.preprocess import window_hu
+from unet3plus.data.sources import organ_mask, read_volume
+from unet3plus.errors import DataError
+from unet3plus.metrics import METRIC_NAMES, dice, summarise, volume_metrics
+from unet3plus.models import predict_proba
+from unet3plus.predict import predict_slices, write_mask
+from unet3plus.tracking import open_run
+from unet3plus.utils import atomic_path, select_device, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_METRICS = (*METRIC_NAMES, "dice_no_gate")
+PER_CASE_COLUMNS = ("case_id", *SUMMARY_METRICS, "true_voxels", "predicted_voxels", "slices")
+# RGB of the paper's qualitative figure: true positive, false negative, false positive.
+OVERLAY_COLOURS = {
+    "true positive": (1.0, 0.41, 0.71),  # pink
+    "false negative": (1.0, 0.92, 0.0),  # yellow
+    "false positive": (0.0, 0.8, 0.2),  # green
+}
+OVERLAY_ALPHA = 0.55
+PREPROCESSING_KEYS = ("size", "hu_window", "resize_mode")
+
+
+def _test_cases(data_dir: Path, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Manifest rows of the test split and the cases metadata; every label file must exist."""
+    manifest, metadata = load_preprocessed(data_dir)
+    test = manifest[manifest["split"] == "test"]
+    if test.empty:
+        raise DataError(f"{data_dir}: the preprocessed dataset has no test cases to evaluate")
+    missing = [
+        str(raw_dir / metadata["cases"][case_id]["label"])
+        for case_id in test["case_id"].unique()
+        if not (raw_dir / metadata["cases"][case_id]["label"]).is_file()
+    ]
+    if missing:
+        raise DataError(f"{raw_dir}: label files of test cases not found (wrong --raw?): {', '.join(missing)}")
+    return test, metadata
+
+
+def _warn_on_preprocessing_mismatch(
+    payload: dict[str, Any], metadata: dict[str, Any], checkpoint: Path, data_dir: Path
+) -> None:
+    """Prediction preprocesses new scans with the checkpoint's data config: it should match the data's."""
+    trained, prepared = json.loads(json.dumps(payload["config"]["data"])), metadata.get("data_config", {})
+    differing = [key for key in PREPROCESSING_KEYS if key in prepared and trained.get(key) != prepared[key]]
+    if differing:
+        logger.warning(
+            "%s records data.%s = %s but %s was preprocessed with %s; `unet3plus predict` will use the checkpoint's",
+            checkpoint, "/".join(differing), [trained.get(k) for k in differing],
+            data_dir, [prepared[k] for k in differing],
+        )  # fmt: skip
+
+
+def _both_probabilities(network: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, 3, S, S) -> (B, 2, S, S): channel 0 with the CGM gate, channel 1 without it."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        output = network(x)
+        # One forward pass serves both: predict_proba gates the output it is handed.
+        gated = predict_proba(lambda _: output, x)
+        return torch.cat([gated[:, :1], torch.sigmoid(output.logits[:, :1].float())], dim=1)
+
+    return forward
+
+
+def _score_case(
+    case_id: str,
+    rows: pd.DataFrame,
+    entry: dict[str, Any],
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    config: Config,
+    device: torch.device,
+    data_dir: Path,
+    raw_dir: Path,
+    layout: str,
+    predictions_dir: Path,
+) -> dict[str, Any]:
+    """Predict one test volume, write its mask and return its per-case row."""
+    rows = rows.sort_values("slice_index")
+    stacks = np.stack([load_sample(data_dir / path)[0] for path in rows["path"]])
+    probabilities = predict_slices(forward, stacks, config.evaluate.batch_size, device, description=f"case {case_id}")
+    geometry = VolumeGeometry.from_dict(entry["geometry"])
+    gated, ungated = (restore_volume(probabilities[:, c], geometry) > config.evaluate.threshold for c in (0, 1))
+    label = read_volume(raw_dir / entry["label"])
+    target = organ_mask(np.asanyarray(label.dataobj), layout).astype(bool)
+    spacing = nib.affines.voxel_sizes(label.affine)
+    write_mask(predictions_dir / f"{case_id}.nii.gz", gated, label)
+    return {
+        "case_id": case_id,
+        **volume_metrics(gated, target, spacing),
+        "dice_no_gate": dice(ungated, target),
+        "true_voxels": int(target.sum()),
+        "predicted_voxels": int(gated.sum()),
+        "slices": len(rows),
+    }
+
+
+def largest_organ_slice(target: np.ndarray, prediction: np.ndarray) -> int:
+    """Index of the axial slice (last axis) with the largest reference organ area.
+
+    Falls back to the largest predicted area when the reference is empty, and to the middle
+    slice when both are.
+
+    Args:
+        target: (H, W, Z) bool reference mask.
+        prediction: (H, W, Z) bool predicted mask.
+    """
+    for mask in (target, prediction):
+        areas = mask.sum(axis=(0, 1))
+        if areas.any():
+            return int(np.argmax(areas))
+    return target.shape[2] // 2
+
+
+def overlay_rgb(grey: np.ndarray, prediction: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Blend the agreement colours (:data:`OVERLAY_COLOURS`) over a grey image.
+
+    Args:
+        grey: (H, W) image in [0, 1].
+        prediction: (H, W) bool predicted mask.
+        target: (H, W) bool reference mask.
+
+    Returns:
+        (H, W, 3) float RGB in [0, 1]: true positives pink, false negatives yellow, false
+        positives green (blended with weight :data:`OVERLAY_ALPHA`), background grey.
+    """
+    rgb = np.repeat(np.asarray(grey, dtype=np.float64)[..., None], 3, axis=-1)
+    regions = (prediction & target, ~prediction & target, prediction & ~target)
+    for region, colour in zip(regions, OVERLAY_COLOURS.values()):
+        rgb[region] = (1 - OVERLAY_ALPHA) * rgb[region] + OVERLAY_ALPHA * np.array(colour)
+    return rgb
+
+
+def render_overlay(image_hu: np.ndarray, prediction: np.ndarray, target: np.ndarray, geometry: VolumeGeometry,
+                   hu_window: tuple[float, float], title: str, png_path: str | os.PathLike) -> Path:
+    """Draw the axial slice with the largest organ area, coloured by agreement, as a PNG.
+
+    Args:
+        image_hu: (X, Y, Z) CT in Hounsfield units, original voxel grid.
+        prediction: (X, Y, Z) bool predicted mask.
+        target: (X, Y, Z) bool reference mask.
+        geometry: the volume's geometry (its orientation puts the slice in display orientation).
+        hu_window: grey-level window.
+        title: figure title.
+        png_path: output file (written atomically).
+
+    Returns:
+        ``png_path`` as a Path.
+    """
+    orientation = np.array(geometry.orientation)
+    image, prediction, target = (apply_orientation(np.asarray(v), orientation) for v in (image_hu, prediction, target))
+    z = largest_organ_slice(target, prediction)
+    rgb = overlay_rgb(window_hu(image[:, :, z], hu_window), prediction[:, :, z], target[:, :, z])
+    figure = Figure(figsize=(5, 5.4), dpi=100)
+    axes = figure.add_subplot()
+    axes.imshow(rgb, interpolation="nearest")
+    axes.set_axis_off()
+    axes.set_title(f"{title}, slice {z}", fontsize=10)
+    axes.legend(handles=[Patch(color=c, label=n) for n, c in OVERLAY_COLOURS.items()], loc="lower center",
+                bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8, frameon=False)
+    with atomic_path(png_path) as tmp:
+        figure.savefig(tmp, bbox_inches="tight")
+    return Path(png_path)
+
+
+def _overlays(per_case: pd.DataFrame, metadata: dict[str, Any], config: Config, raw_dir: Path,
+              predictions_dir: Path, overlays_dir: Path) -> list[Path]:
+    """Overlay PNGs of the ``config.evaluate.overlays`` best and worst cases by Dice."""
+    count = config.evaluate.overlays
+    ranked = per_case.sort_values(["dice", "case_id"], ascending=[False, True])["case_id"].tolist()
+    picks = [("best", i + 1, c) for i, c in enumerate(ranked[:count])]
+    picks += [("worst", i + 1, c) for i, c in enumerate(ranked[::-1][:count])]
+    written = []
+    for kind, rank, case_id in picks:
+        entry = metadata["cases"][case_id]
+        label = np.asanyarray(read_volume(raw_dir / entry["label"]).dataobj)
+        target = organ_mask(label, metadata["layout"]).astype(bool)
+        prediction = np.asanyarray(nib.load(predictions_dir / f"{case_id}.nii.gz").dataobj).astype(bool)
+        image = read_volume(raw_dir / entry["image"]).get_fdata(dtype=np.float32)
+        score = float(per_case.loc[per_case["case_id"] == case_id, "dice"].iloc[0])
+        written.append(render_overlay(
+            image, prediction, target, VolumeGeometry.from_dict(entry["geometry"]), config.data.hu_window,
+            f"{kind} {rank}: case {case_id}, Dice {score:.3f}", overlays_dir / f"{kind}_{rank}_{case_id}.png",
+        ))
+    return written
+
+
+def _json_safe(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
+
+
+def _replace_dir(source: Path, destination: Path) -> None:
+    """Move the finished ``source`` folder onto ``destination`` (its old content goes)."""
+    if destination.exists():
+        shutil.rmtree(destination)
+    os.replace(source, destination)
+
+
+def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.PathLike,
+             raw_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on every test case of a preprocessed dataset.
+
+    Args:
+        config: ``evaluate`` (threshold, batch_size, overlays, device), ``data.hu_window`` (overlay
+            grey levels) and ``mlflow`` are used.
+        checkpoint: checkpoint file (``best.pt``); its ``mlflow_run_id`` receives the results.
+        data_dir: preprocessed dataset (``manifest.csv``, ``cases.json``, ``samples/``).
+        raw_dir: the raw dataset it was made from (original labels, images and geometry).
+        out_dir: output folder (created).
+
+    Returns:
+        The content of ``metrics.json`` (NaN means written as None).
+
+    Raises:
+        CheckpointError: the checkpoint is missing or corrupt.
+        DataError: the preprocessed dataset is missing or corrupt, has no test case, a raw label
+            is missing or unreadable, or the dataset is not the checkpoint's organ.
+    """
+    checkpoint, data_dir, raw_dir, out_dir = Path(checkpoint), Path(data_dir), Path(raw_dir), Path(out_dir)
+    payload = load_checkpoint(checkpoint)
+    test, metadata = _test_cases(data_dir, raw_dir)
+    if metadata["dataset"] != payload["dataset"]:
+        raise DataError(f"{data_dir}: a {metadata['dataset']} dataset, but {checkpoint} is a {payload['dataset']} model"
+                        " (evaluate each organ with its own model)")
+    _warn_on_preprocessing_mismatch(payload, metadata, checkpoint, data_dir)
+    device = select_device(config.evaluate.device)
+    network = model_from_checkpoint(payload).to(device)
+    forward = _both_probabilities(network)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".evaluate-") as scratch:
+        predictions_tmp, overlays_tmp = Path(scratch) / "predictions", Path(scratch) / "overlays"
+        predictions_tmp.mkdir()
+        overlays_tmp.mkdir()
+        groups = dict(tuple(test.groupby("case_id", sort=False)))
+        rows = [
+            _score_case(case_id, groups[case_id], metadata["cases"][case_id], forward, config, device, data_dir,
+                        raw_dir, metadata["layout"], predictions_tmp)
+            for case_id in tqdm(groups, desc="evaluate", unit="volume")
+        ]
+        per_case = pd.DataFrame(rows, columns=list(PER_CASE_COLUMNS))
+        _overlays(per_case, metadata, config, raw_dir, predictions_tmp, overlays_tmp)
+        summary = _json_safe({**summarise(rows, SUMMARY_METRICS), "dataset": metadata["dataset"],
+                              "threshold": config.evaluate.threshold})
+        _replace_dir(predictions_tmp, out_dir / "predictions")
+        _replace_dir(overlays_tmp, out_dir / "overlays")
+    with atomic_path(out_dir / "per_case.csv") as tmp:
+        per_case.to_csv(tmp, index=False)
+    write_json_atomic(out_dir / "metrics.json", summary)
+    logger.info("%s: %d test volumes, mean Dice %.4f (without CGM gate %.4f)", checkpoint, summary["cases"],
+                summary["dice"], summary["dice_no_gate"])
+    _log_to_mlflow(config, payload, summary, out_dir)
+    return summary
+
+
+def _log_to_mlflow(config: Config, payload: dict[str, Any], summary: dict[str, Any], out_dir: Path) -> None:
+    """Add the test metrics and evaluation files to the training run (a new run if it is gone)."""
+    numbers = {f"test_{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with open_run(config.mlflow, run_id=payload.get("mlflow_run_id"), run_name=f"evaluate-{summary['dataset']}") as run:
+        run.log_metrics(numbers, step=0)
+        for name in ("metrics.json", "per_case.csv"):
+            run.log_artifact(out_dir / name, "evaluation")
+        for png in sorted((out_dir / "overlays").glob("*.png")):
+            run.log_artifact(png, "evaluation/overlays")
