@@ -1,0 +1,172 @@
+"""tracking.py: MLflow runs that never break the caller, and the reproducibility tags."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import subprocess
+import time
+
+import mlflow
+import pytest
+import yaml
+
+from unet3plus import tracking
+from unet3plus.config import MlflowConfig
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture
+def store(store_dir, monkeypatch):
+    """One SQLite tracking store for the module (creating one takes seconds); artifacts beside it."""
+    monkeypatch.chdir(store_dir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return MlflowConfig(tracking_uri=f"sqlite:///{store_dir / 'mlflow.db'}", experiment="tests", system_metrics=False)
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_configure_uses_the_config_unless_the_environment_names_a_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first, second = (MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / name}") for name in ("a.db", "b.db"))
+    assert tracking.configure(first) == first.tracking_uri == mlflow.get_tracking_uri()
+    # MLflow exports the URI it is given; that must not pin later configurations in this process.
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert tracking.configure(second) == second.tracking_uri == mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
+    assert tracking.configure(first) == f"sqlite:///{tmp_path / 'env.db'}" == mlflow.get_tracking_uri()
+
+
+def test_configure_caps_http_retries_but_keeps_the_users_own_settings(tmp_path, monkeypatch):
+    for name in tracking.HTTP_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "33")
+    tracking.configure(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'a.db'}"))
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "33"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_LIMITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 2
+
+
+def test_git_commit_reads_head_of_the_repository_and_none_outside(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=repo, check=True)
+    (repo / "file.txt").write_text("x")
+    subprocess.run([*git, "add", "file.txt"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], cwd=repo, check=True)
+    head = (repo / ".git" / "refs" / "heads" / "main").read_text().strip()  # independent of rev-parse
+    assert tracking.git_commit(repo) == head and len(head) == 40
+    (tmp_path / "plain").mkdir()
+    assert tracking.git_commit(tmp_path / "plain") is None
+
+
+def test_data_hash_is_the_md5_of_manifest_and_cases_and_changes_with_them(tmp_path):
+    (tmp_path / "manifest.csv").write_text("case_id,slice_index\n1,0\n")
+    (tmp_path / "cases.json").write_text('{"fingerprint": "abc"}')
+    expected = hashlib.md5(b'case_id,slice_index\n1,0\n{"fingerprint": "abc"}').hexdigest()
+    assert tracking.data_hash(tmp_path) == expected == tracking.data_hash(tmp_path)
+    (tmp_path / "cases.json").write_text('{"fingerprint": "abd"}')
+    assert tracking.data_hash(tmp_path) != expected
+
+
+def test_dvc_hash_comes_from_the_dvc_lock_entry_of_the_data_directory(tmp_path):
+    data = tmp_path / "data" / "processed" / "liver"
+    data.mkdir(parents=True)
+    assert tracking.dvc_hash(data) is None  # no dvc.lock anywhere above
+    stages = {
+        f"preprocess@{organ}": {"cmd": "x", "outs": [{"path": f"data/processed/{organ}", "hash": "md5", "md5": md5}]}
+        for organ, md5 in (("liver", "f00d.dir"), ("spleen", "beef.dir"))
+    }
+    lock = {"schema": "2.0", "stages": stages}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert tracking.dvc_hash(data) == "f00d.dir"
+    (tmp_path / "data" / "other").mkdir()
+    assert tracking.dvc_hash(tmp_path / "data" / "other") is None
+
+
+def test_a_run_records_params_metrics_tags_and_text_and_finishes(store):
+    params = {"train.lr": 0.01, "data.hu_window": (-200, 250)}
+    with tracking.open_run(store, run_name="r", tags={"dataset": "liver"}, params=params) as run:
+        run.log_metrics({"loss": 2.0, "val_dice": 0.5}, step=1)
+        run.log_metrics({"loss": 1.0, "val_dice": 0.7}, step=2)
+        run.set_tags({"stage": "train"})
+        run.log_text("a: 1\n", "config.yaml")
+    client = mlflow.MlflowClient(store.tracking_uri)
+    record = client.get_run(run.run_id)
+    assert not run.offline and record.info.status == "FINISHED"
+    assert client.get_experiment(record.info.experiment_id).name == "tests"
+    assert record.data.params == {"train.lr": "0.01", "data.hu_window": "(-200, 250)"}
+    assert record.data.tags["dataset"] == "liver" and record.data.tags["stage"] == "train"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "loss")] == [(1, 2.0), (2, 1.0)]
+    assert [a.path for a in client.list_artifacts(run.run_id)] == ["config.yaml"]
+
+
+def test_continuing_a_run_keeps_its_id_and_reports_the_last_logged_step(store):
+    with tracking.open_run(store, params={"a": 1}) as first:
+        first.log_metrics({"val_dice": 0.1}, step=1)
+        first.log_metrics({"val_dice": 0.2}, step=2)
+        assert first.last_step("val_dice") == 0  # a new run: nothing to look up
+    with tracking.open_run(store, run_id=first.run_id, params={"a": 2}) as again:
+        assert again.resumed and again.run_id == first.run_id
+        assert again.last_step("val_dice") == 2 and again.last_step("never_logged") == 0
+        again.log_metrics({"val_dice": 0.3}, step=3)
+    record = mlflow.MlflowClient(store.tracking_uri).get_run(first.run_id)
+    assert record.data.params == {"a": "1"}  # params are immutable: not logged again on resume
+    assert record.data.metrics["val_dice"] == 0.3 and record.info.status == "FINISHED"
+
+
+def test_an_unknown_run_id_starts_a_new_run_with_a_warning(store, caplog):
+    caplog.set_level(logging.WARNING, logger="unet3plus.tracking")
+    with tracking.open_run(store, run_id="0" * 32) as run:
+        assert not run.offline and not run.resumed and run.run_id != "0" * 32
+    assert "not found" in caplog.text
+
+
+@pytest.mark.parametrize("error,status", [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_a_failing_block_ends_the_run_failed_or_killed(store, error, status):
+    with pytest.raises(error), tracking.open_run(store) as run:
+        raise error()
+    assert mlflow.MlflowClient(store.tracking_uri).get_run(run.run_id).info.status == status
+
+
+def test_an_unreachable_server_costs_seconds_and_one_warning_then_nothing(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    for name in tracking.HTTP_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    config = MlflowConfig(tracking_uri=f"http://127.0.0.1:{unused_port()}", system_metrics=True)
+    started = time.monotonic()
+    caplog.set_level(logging.WARNING, logger="unet3plus.tracking")
+    with tracking.open_run(config, params={"a": 1}) as run:
+        run.log_metrics({"loss": 1.0}, step=1)
+        run.log_artifact(tmp_path)
+        run.end()
+    assert time.monotonic() - started < 20  # MLflow's defaults retry for minutes
+    assert run.offline and run.run_id is None and run.last_step("loss") == 0
+    warnings = [r for r in caplog.records if r.name == "unet3plus.tracking" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "offline" in warnings[0].getMessage()
+
+
+def test_a_disabled_run_never_contacts_mlflow(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'never.db'}")
+    with tracking.open_run(config, enabled=False) as run:
+        run.log_metrics({"loss": 1.0}, step=1)
+    assert run.offline and run.run_id is None and not (tmp_path / "never.db").exists()
+
+
+def test_run_tags_name_dataset_commit_and_data_hash(tmp_path, monkeypatch):
+    (tmp_path / "manifest.csv").write_text("m")
+    (tmp_path / "cases.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)  # outside any git repository
+    assert tracking.run_tags(tmp_path, "spleen") == {"dataset": "spleen", "data_hash": tracking.data_hash(tmp_path)}

@@ -1,0 +1,294 @@
+"""MLflow tracking: the one place that talks to MLflow about runs.
+
+Training, evaluation and registration share these helpers:
+
+- :func:`configure` points MLflow at ``config.mlflow`` (``MLFLOW_TRACKING_URI`` wins) and caps its
+  HTTP retries, so that a dead tracking server costs seconds, not the client's default minutes.
+- :class:`TrackedRun` (usually through :func:`open_run`) is one MLflow run that never raises: the
+  first failed call logs a warning and turns the run *offline*; every later call is skipped.
+  Callers keep their own local record (training writes ``history.csv`` and checkpoints) and can
+  replay it into the run later (``unet3plus train --resume`` does that).
+- :func:`git_commit` and :func:`data_hash` give the reproducibility tags every run carries.
+
+Tags written by :func:`run_tags`: ``dataset``, ``git_commit``, ``data_hash`` (md5 of the
+preprocessed manifest and cases metadata) and, when the data directory is a DVC output,
+``dvc_md5`` (the directory hash recorded in ``dvc.lock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.entities import RunTag
+from mlflow.exceptions import MlflowException
+
+from unet3plus.config import MlflowConfig
+
+logger = logging.getLogger(__name__)
+
+# MLflow's REST client defaults to 7 retries with exponential backoff and a 120 s timeout: minutes
+# of stalled training when the server dies. These apply unless the user exported their own.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def configure(mlflow_config: MlflowConfig) -> str:
+    """Point MLflow at the configured tracking store and cap HTTP retries and timeouts.
+
+    Args:
+        mlflow_config: the ``mlflow`` section; ``MLFLOW_TRACKING_URI`` in the environment wins
+            over its ``tracking_uri`` (default ``sqlite:///mlflow.db``, relative to the cwd).
+
+    The HTTP limits (:data:`HTTP_LIMITS`) are set in ``os.environ`` where not already set, so they
+    hold for the rest of the process and for its subprocesses.
+
+    Returns:
+        The tracking URI now in use.
+    """
+    for name, value in HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)
+    uri = mlflow_config.resolved_tracking_uri()
+    exported = "MLFLOW_TRACKING_URI" in os.environ
+    mlflow.set_tracking_uri(uri)
+    if not exported:
+        # set_tracking_uri also exports the URI, which would then "win" over the config of every
+        # later configure() in this process (tests, notebooks, in-process pipelines).
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return uri
+
+
+def git_commit(path: str | os.PathLike = ".") -> str | None:
+    """The commit checked out in the git repository containing ``path``.
+
+    Returns:
+        The full hash of ``HEAD``, or None outside a git repository (or without git).
+    """
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def data_hash(data_dir: str | os.PathLike) -> str:
+    """A stable fingerprint of a preprocessed dataset: md5 of ``manifest.csv`` and ``cases.json``.
+
+    The manifest lists every sample and split; ``cases.json`` carries the preprocessing
+    fingerprint (inputs and parameters), so any change to the data changes the hash.
+
+    Raises:
+        OSError: a file is missing (call after :func:`unet3plus.data.dataset.load_preprocessed`,
+            which reports that as a DataError).
+    """
+    digest = hashlib.md5()
+    for name in ("manifest.csv", "cases.json"):
+        digest.update((Path(data_dir) / name).read_bytes())
+    return digest.hexdigest()
+
+
+def dvc_hash(data_dir: str | os.PathLike) -> str | None:
+    """The md5 that ``dvc.lock`` records for ``data_dir`` as a stage output, if any.
+
+    The nearest ``dvc.lock`` in ``data_dir``'s parent directories is read; None when there is none,
+    it does not list ``data_dir``, or it cannot be parsed.
+    """
+    data_dir = Path(data_dir).resolve()
+    for root in data_dir.parents:
+        lock = root / "dvc.lock"
+        if not lock.is_file():
+            continue
+        try:
+            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        except (OSError, yaml.YAMLError):
+            return None
+        for stage in stages.values():
+            for out in stage.get("outs", []):
+                if (root / out.get("path", "")).resolve() == data_dir:
+                    return out.get("md5")
+        return None
+    return None
+
+
+def run_tags(data_dir: str | os.PathLike, dataset: str) -> dict[str, str]:
+    """Reproducibility tags of a run on ``data_dir``: dataset, git commit, data hash(es).
+
+    Values that cannot be determined (no git repository, no DVC lock entry) are left out.
+    """
+    tags = {
+        "dataset": dataset,
+        "git_commit": git_commit(),
+        "data_hash": data_hash(data_dir),
+        "dvc_md5": dvc_hash(data_dir),
+    }
+    return {key: value for key, value in tags.items() if value is not None}
+
+
+class TrackedRun:
+    """One MLflow run whose calls never raise.
+
+    On construction it starts a new run, or continues ``run_id`` when given (a run id the store
+    does not know starts a new run, with a warning); inside another active run of this thread
+    (e.g. an ablation's parent run) a new run is nested under it. Any MLflow failure, at start or later, logs
+    one warning and makes the run ``offline``: later calls return without contacting MLflow, so a
+    dead server stalls the caller at most once, for the capped retries of :func:`configure`.
+
+    Attributes:
+        run_id: the MLflow run id; None if no run could be started.
+        offline: True once MLflow failed (or when constructed with ``enabled=False``).
+        resumed: True when an existing run is being continued.
+    """
+
+    def __init__(
+        self,
+        mlflow_config: MlflowConfig,
+        *,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        enabled: bool = True,
+    ) -> None:
+        """Start or continue the run (see the class docstring).
+
+        Args:
+            mlflow_config: tracking URI and experiment name.
+            run_id: an existing run to continue, or None for a new run.
+            run_name: display name of a new run.
+            tags: set on the run (new or continued).
+            params: logged on a new run only (MLflow params are immutable).
+            enabled: False gives an offline run that never contacts MLflow (e.g. DDP ranks > 0).
+        """
+        self.run_id = run_id
+        self.offline = not enabled
+        self.resumed = False
+        self._started = False
+        self._client: mlflow.MlflowClient | None = None
+        if enabled:
+            self._guard("start the run", self._start, mlflow_config, run_name, tags or {}, params or {})
+
+    def _start(
+        self, mlflow_config: MlflowConfig, run_name: str | None, tags: dict[str, str], params: dict[str, Any]
+    ) -> None:
+        uri = configure(mlflow_config)
+        client = self._client = mlflow.MlflowClient(uri)
+        if self.run_id is not None and not _run_exists(client, self.run_id):
+            logger.warning("MLflow run %s not found in %s; starting a new run", self.run_id, uri)
+            self.run_id = None
+        experiment = client.get_experiment_by_name(mlflow_config.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(mlflow_config.experiment)
+        active = mlflow.start_run(
+            run_id=self.run_id,
+            experiment_id=experiment_id,
+            run_name=None if self.run_id else run_name,
+            nested=mlflow.active_run() is not None,
+            tags=tags,
+            log_system_metrics=mlflow_config.system_metrics,
+        )
+        self._started = True
+        self.resumed = self.run_id is not None
+        self.run_id = active.info.run_id
+        if params and not self.resumed:
+            mlflow.log_params(params, run_id=self.run_id)
+        logger.info("MLflow run %s (%s) in %s", self.run_id, "continued" if self.resumed else "new", uri)
+
+    def _guard(self, action: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call ``function`` unless offline; on any failure warn once and go offline."""
+        if self.offline:
+            return None
+        try:
+            return function(*args, **kwargs)
+        except Exception as err:  # any MLflow, network or store failure must not stop the caller
+            self.offline = True
+            logger.warning(
+                "MLflow tracking failed (could not %s: %s); continuing offline without MLflow for the rest of "
+                "this run. Results are kept locally.",
+                action,
+                err,
+            )
+            return None
+
+    def last_step(self, key: str) -> int:
+        """The highest step logged for metric ``key`` (0 when none, or for a new or offline run)."""
+        if not self.resumed:
+            return 0
+        history = self._guard("read the metric history", self._client.get_metric_history, self.run_id, key)
+        return max((metric.step for metric in history or []), default=0)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log scalar metrics at ``step``."""
+        self._guard("log metrics", mlflow.log_metrics, metrics, step=step, run_id=self.run_id)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set tags on the run."""
+        run_tags = [RunTag(key, str(value)) for key, value in tags.items()]
+        self._guard("set tags", lambda: self._client.log_batch(self.run_id, tags=run_tags))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Upload one local file as an artifact (under ``artifact_path`` if given)."""
+        self._guard(f"log artifact {path}", mlflow.log_artifact, str(path), artifact_path, run_id=self.run_id)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store ``text`` as the artifact ``artifact_file`` (e.g. ``"config.yaml"``)."""
+        self._guard(f"log {artifact_file}", mlflow.log_text, text, artifact_file, run_id=self.run_id)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED); safe to call when offline.
+
+        An offline run that was started still gets one attempt, so that MLflow's active-run stack
+        and system-metrics thread are released (a dead server fails fast after :func:`configure`).
+        """
+        if not self._started:
+            return
+        self._started = False
+        if self.offline:
+            with contextlib.suppress(Exception):
+                mlflow.end_run(status)
+            return
+        self._guard("end the run", mlflow.end_run, status)
+
+
+def _run_exists(client: mlflow.MlflowClient, run_id: str) -> bool:
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
+@contextlib.contextmanager
+def open_run(mlflow_config: MlflowConfig, **kwargs: Any) -> Iterator[TrackedRun]:
+    """A :class:`TrackedRun` ended on exit: FINISHED, or FAILED/KILLED if the block raised.
+
+    Args:
+        mlflow_config: tracking URI and experiment name.
+        **kwargs: as :class:`TrackedRun` (``run_id`` to continue e.g. the training run from a
+            checkpoint's ``mlflow_run_id``; ``run_name``, ``tags``, ``params``, ``enabled``).
+
+    Example:
+        >>> with open_run(config.mlflow, run_id=checkpoint["mlflow_run_id"]) as run:  # doctest: +SKIP
+        ...     run.log_metrics({"test_dice": 0.95}, step=0)
+    """
+    run = TrackedRun(mlflow_config, **kwargs)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        run.end("KILLED")
+        raise
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end("FINISHED")
