@@ -23,10 +23,10 @@ run: $(STAMP)
 
 ## test: set up, then run the test suite
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --timeout 600
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --timeout 600 --durations 15
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_preprocess.py
