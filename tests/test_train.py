@@ -33,7 +33,7 @@ from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import preprocess_dataset
 from unet3plus.errors import CheckpointError, ConfigError, DataError
 from unet3plus.models import predict_proba
-from unet3plus.train import lr_multiplier, train
+from unet3plus.train import EpochSampler, lr_multiplier, train
 
 LOSS_COLUMNS = ["loss", "loss_cgm", "loss_focal", "loss_iou", "loss_ms_ssim"]
 TINY = [
@@ -360,3 +360,41 @@ def test_a_server_dying_mid_training_loses_nothing(mlflow_server, data_dir, stor
     assert again["mlflow_run_id"] == summary["mlflow_run_id"] and not again["mlflow_offline"]
     history = pd.read_csv(tmp_path / "history.csv")
     assert logged_val_dice(mlflow_server.url, summary["mlflow_run_id"]) == list(zip(history.epoch, history.val_dice))
+
+
+def test_epoch_sampler_is_a_seeded_permutation_when_oversampling_is_off():
+    organ = np.array([1, 0, 0, 0, 1, 0, 0, 0, 0, 0], dtype=np.float32)
+    sampler = EpochSampler(organ, 0.0, seed=3)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    assert sorted(first) == list(range(10))
+    assert first == _epoch(EpochSampler(organ, 0.0, seed=3), 1)  # a function of (seed, epoch) alone
+    assert _epoch(sampler, 2) != first
+
+
+def _epoch(sampler, epoch):
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.75])
+def test_epoch_sampler_oversamples_organ_slices_to_the_requested_share(fraction):
+    organ = np.zeros(40, dtype=np.float32)
+    organ[[3, 17, 25, 31]] = 1.0  # natural share 10 %
+    order = _epoch(EpochSampler(organ, fraction, seed=0), 1)
+    assert len(order) == 40
+    assert sum(organ[i] for i in order) == round(fraction * 40)
+    assert set(i for i in order if organ[i]) == {3, 17, 25, 31}
+    free = [i for i in order if not organ[i]]
+    assert len(free) == len(set(free))  # organ-free slices are not repeated
+
+
+def test_epoch_sampler_shards_one_epoch_across_processes():
+    organ = (np.arange(11) % 4 == 0).astype(np.float32)
+    whole = EpochSampler(organ, 0.5, seed=1)
+    whole.set_epoch(4)
+    shards = [_epoch(EpochSampler(organ, 0.5, seed=1, rank=rank, world_size=2), 4) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 6
+    interleaved = [index for pair in zip(*shards) for index in pair]
+    order = whole.epoch_order().tolist()
+    assert interleaved == order + order[:1]  # padded to a multiple of the process count

@@ -105,6 +105,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2  # DataLoader workers
     augment: bool = True
+    organ_fraction: float = 0.5  # minimum share of organ-containing slices per epoch (oversampling)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     mixed_precision: bool = True  # bf16 autocast + channels_last on CUDA; ignored on CPU
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole training split
@@ -115,6 +116,7 @@ class TrainConfig:
         _check(self.optimizer in ("sgd", "adamw"), "train.optimizer", self.optimizer, "'sgd' or 'adamw'")
         _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
         _check(self.schedule in ("poly", "cosine", "constant"), "train.schedule", self.schedule, "'poly', 'cosine' or 'constant'")
+        _check(0.0 <= self.organ_fraction < 1.0, "train.organ_fraction", self.organ_fraction, "a number in [0, 1)")
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, "an integer >= 0")
         _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "train.max_steps_per_epoch", self.max_steps_per_epoch, "null or an integer >= 1")
 

@@ -43,7 +43,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from unet3plus import tracking
@@ -123,7 +123,7 @@ def train(
         train_set = SliceDataset(data_dir, "train", augment=train_config.augment, seed=train_config.seed)
         # The order is a function of (seed, epoch), not of how far the previous epoch's sampler was
         # consumed (max_steps_per_epoch, worker prefetch), so a resumed run shuffles identically.
-        sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=train_config.seed)
+        sampler = EpochSampler(train_set.organ_present, train_config.organ_fraction, train_config.seed, rank, world_size)
         generator = torch.Generator().manual_seed(train_config.seed + rank)  # seeds the loader's workers
         train_loader = DataLoader(
             train_set,
@@ -247,6 +247,51 @@ def train(
     finally:
         if ddp:
             dist.destroy_process_group()
+
+
+class EpochSampler(Sampler[int]):
+    """This process's share of one epoch's slice order, a pure function of (seed, epoch, rank).
+
+    Every epoch has ``len(organ_present)`` draws, split over ``world_size`` processes like
+    ``DistributedSampler`` (the order is padded to a multiple of ``world_size``). With
+    ``organ_fraction`` above the data's natural share of organ slices, that fraction of the draws
+    are slices containing the organ (repeated as needed) and the rest organ-free slices: small
+    organs such as the spleen otherwise sit in an all-background plateau for many epochs
+    (nnU-Net oversamples foreground for the same reason). Below the natural share the epoch is a
+    plain permutation.
+
+    Args:
+        organ_present: per slice, 1.0 when it contains the organ; shape (N,).
+        organ_fraction: minimum share of organ slices per epoch, in [0, 1).
+        seed, rank, world_size: the order depends on seed and epoch; rank picks the shard.
+    """
+
+    def __init__(self, organ_present: np.ndarray, organ_fraction: float, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.organ = np.flatnonzero(organ_present > 0)
+        self.free = np.flatnonzero(organ_present <= 0)
+        self.size = len(organ_present)
+        self.organ_draws = round(organ_fraction * self.size) if len(self.organ) and len(self.free) else 0
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world_size)
+
+    def epoch_order(self) -> np.ndarray:
+        """The whole epoch's order, before sharding."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.organ_draws <= len(self.organ):
+            order = rng.permutation(self.size)
+        else:
+            organ = np.resize(rng.permutation(self.organ), self.organ_draws)
+            free = rng.permutation(self.free)[: self.size - self.organ_draws]
+            order = rng.permutation(np.concatenate([organ, free]))
+        return np.resize(order, len(self) * self.world_size)
+
+    def __iter__(self):
+        return iter(self.epoch_order()[self.rank :: self.world_size].tolist())
 
 
 def train_one_epoch(
