@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from unet3plus.config import DATASET_OF_LAYOUT
-from unet3plus.data.sources import LABEL_VALUES, ORGAN_LABELS, Case, read_volume, scan_cases
+from unet3plus.data.sources import LABEL_VALUES, ORGAN_LABELS, Case, isin, read_volume, scan_cases
 from unet3plus.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def check_case(case: Case, layout: str) -> tuple[list[str], list[str]]:
     if not _check_finite(case.label, labels, errors):
         return errors, warnings
     allowed = sorted(LABEL_VALUES[layout])
-    unexpected = np.unique(labels[~np.isin(labels, allowed)])
+    unexpected = np.unique(labels[~isin(labels, allowed)])
     if unexpected.size:
         shown = ", ".join(f"{value:g}" for value in unexpected[:10]) + (
             f", ... ({unexpected.size} values)" if unexpected.size > 10 else ""
@@ -105,7 +105,7 @@ def check_case(case: Case, layout: str) -> tuple[list[str], list[str]]:
         errors.append(
             f"{case.label}: label values {{{shown}}} outside the allowed {set(allowed)} for layout {layout!r}"
         )
-    if not np.isin(labels, ORGAN_LABELS[layout]).any():
+    if not isin(labels, ORGAN_LABELS[layout]).any():
         warnings.append(f"{case.label}: empty organ: no {DATASET_OF_LAYOUT[layout]} voxels in this labelled case")
     return errors, warnings
 
