@@ -8,6 +8,7 @@ with a width-4 UNet 3+ (deep supervision and CGM on) on the CPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -59,12 +60,20 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+PREPROCESSING = DataConfig(size=32, val_fraction=0.34, workers=1)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("liver")
     write_dataset("lits", root / "raw", cases=4, seed=0, size=48, slices=10)
-    preprocess_dataset("lits", root / "raw", root / "processed", DataConfig(size=32, val_fraction=0.34, workers=1))
+    preprocess_dataset("lits", root / "raw", root / "processed", PREPROCESSING)
     return root / "processed"
+
+
+def as_trained(config: Config) -> Config:
+    """``config`` with the data section the run records: how its data was preprocessed."""
+    return dataclasses.replace(config, data=PREPROCESSING)
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +249,7 @@ def test_training_learns_and_is_recorded_in_files_and_mlflow(data_dir, store, tm
         "epochs": 15,
     }
     last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
-    assert last["epoch"] == 15 and last["config"] == config.to_dict() and last["dataset"] == "liver"
+    assert last["epoch"] == 15 and last["config"] == as_trained(config).to_dict() and last["dataset"] == "liver"
     assert best["epoch"] == summary["best_epoch"] and best["best_metric"] == summary["best_val_dice"]
     assert reference_val_dice(tmp_path / "last.pt", data_dir) == pytest.approx(history.val_dice.iloc[-1], abs=1e-12)
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
@@ -249,7 +258,7 @@ def test_training_learns_and_is_recorded_in_files_and_mlflow(data_dir, store, tm
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == config.mlflow.experiment
-    assert run.data.params == {key: str(value) for key, value in config.flat().items()}
+    assert run.data.params == {key: str(value) for key, value in as_trained(config).flat().items()}
     for column in ["lr", *LOSS_COLUMNS, "val_dice"]:
         logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, column))
         assert logged == list(zip(history.epoch, history[column])), column
@@ -334,7 +343,7 @@ def test_training_against_a_tracking_server_is_readable_over_its_rest_api(
 
     run = rest(mlflow_server.url, "runs/get", run_id=summary["mlflow_run_id"])["run"]
     assert run["info"]["status"] == "FINISHED" and not summary["mlflow_offline"]
-    assert {p["key"]: p["value"] for p in run["data"]["params"]} == {k: str(v) for k, v in config.flat().items()}
+    assert {p["key"]: p["value"] for p in run["data"]["params"]} == {k: str(v) for k, v in as_trained(config).flat().items()}
     assert {t["key"]: t["value"] for t in run["data"]["tags"]}["dataset"] == "liver"
     history = pd.read_csv(tmp_path / "history.csv")
     assert logged_val_dice(mlflow_server.url, summary["mlflow_run_id"]) == list(zip(history.epoch, history.val_dice))
@@ -398,3 +407,10 @@ def test_epoch_sampler_shards_one_epoch_across_processes():
     interleaved = [index for pair in zip(*shards) for index in pair]
     order = whole.epoch_order().tolist()
     assert interleaved == order + order[:1]  # padded to a multiple of the process count
+
+
+
+def test_checkpoint_records_how_the_data_was_preprocessed_not_the_current_params(straight, store):
+    assert tiny_config(store).data.size != 32  # params say one thing ...
+    data = torch.load(straight / "last.pt", weights_only=False)["config"]["data"]
+    assert data == dataclasses.asdict(PREPROCESSING)  # ... the data another

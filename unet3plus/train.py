@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from unet3plus import tracking
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
-from unet3plus.config import Config, TrainConfig
+from unet3plus.config import Config, TrainConfig, config_from_dict
 from unet3plus.data.dataset import SliceDataset, load_preprocessed
 from unet3plus.errors import CheckpointError, DataError
 from unet3plus.losses import Criterion
@@ -91,6 +91,9 @@ def train(
     # -- check inputs before anything is written -------------------------------------------------
     manifest, cases = load_preprocessed(data_dir)
     dataset_name = cases["dataset"]
+    # Record how data_dir was really made, not what params.yaml says now: predict and register
+    # repeat this preprocessing on new scans from the checkpoint's data section.
+    config = dataclasses.replace(config, data=config_from_dict({"data": cases["data_config"]}).data)
     for split in ("train", "val"):
         if not (manifest["split"] == split).any():
             raise DataError(
