@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from unet3plus.config import Config, config_from_dict
 from unet3plus.errors import CheckpointError
 from unet3plus.utils import atomic_path
 
@@ -60,11 +59,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return payload
-
-
-def checkpoint_config(checkpoint: dict[str, Any]) -> Config:
-    """The :class:`Config` the checkpoint was trained with."""
-    return config_from_dict(checkpoint["config"])
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
