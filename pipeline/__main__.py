@@ -191,17 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported after parsing: importing unet3plus imports torch, and --help should stay instant.
-    from unet3plus.errors import UserError
-    from unet3plus.utils import setup_logging
+    from unet3plus.cli import run_parsed
 
-    setup_logging(int(args.verbose))
-    try:
-        args.func(args)
-    except UserError as err:
-        logger.debug("error details", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_parsed(args)
 
 
 if __name__ == "__main__":

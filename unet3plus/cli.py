@@ -185,7 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_parsed(build_parser().parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run a parsed command line (``args.func`` with ``args.verbose``); the one error convention.
+
+    A :class:`UserError` becomes one ``error: ...`` paragraph on stderr and exit status 2 (the
+    traceback only with ``-v``); anything else is a bug and propagates.
+    """
     setup_logging(args.verbose)
     try:
         args.func(args)
