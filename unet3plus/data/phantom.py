@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 MARKER = ".unet3plus-synth.json"
 """Hidden file naming the synth parameters; only folders holding it are ever replaced."""
 
-LITS_TEST_IDS = range(0, 28)  # the paper's test cases ("training batch 1")
+LITS_TEST_IDS = range(28)  # the paper's test cases ("training batch 1")
 LITS_TRAIN_IDS = range(28, 131)
 
 

@@ -24,6 +24,12 @@ Decisions:
   or written (so unchanged inputs are not validated again: they passed when this output was made).
 * Only files listed in our own previous ``cases.json`` are ever deleted; anything else in
   ``out_dir`` (including inside ``samples/``) is left alone.
+* One pass over the raw data: each volume is read once, slab by slab, checked on the way
+  (:class:`unet3plus.data.validation.CaseScan`, the same checks as ``unet3plus validate``),
+  resampled and written into a hidden staging folder by writer threads, all overlapping. The
+  staging folder replaces the previous samples only when every case passed, so bad data leaves
+  the previous output untouched. A run killed hard (``kill -9``, power loss) can leave
+  ``out_dir/.staging-<random>`` behind: nothing reads it, and it is safe to delete.
 """
 
 from __future__ import annotations
@@ -31,13 +37,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import shutil
+import uuid
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
@@ -46,9 +57,9 @@ from tqdm import tqdm
 
 from unet3plus.config import DATASET_OF_LAYOUT, DataConfig
 from unet3plus.data.dataset import CASES_FILE, MANIFEST_COLUMNS, MANIFEST_FILE, SAMPLES_DIR, load_preprocessed
-from unet3plus.data.geometry import VolumeGeometry, resample_to_slices, volume_geometry
-from unet3plus.data.sources import Case, discover_cases, organ_mask, read_volume
-from unet3plus.data.validation import validate_dataset
+from unet3plus.data.geometry import VolumeGeometry, canonical_slab, chunks, resample_planes, volume_geometry
+from unet3plus.data.sources import Case, discover_cases, organ_mask
+from unet3plus.data.validation import SLAB_SLICES, CaseScan
 from unet3plus.errors import DataError
 from unet3plus.utils import atomic_path, write_json_atomic
 
@@ -58,6 +69,12 @@ OUTPUT_PARAMS = ("size", "hu_window", "resize_mode", "val_fraction", "test_fract
 """DataConfig fields that change what preprocessing writes (and so enter the fingerprint)."""
 
 UNLABELLED = "unlabelled"
+
+WRITER_THREADS = 2
+"""Threads writing samples per volume (checksumming and writing release the GIL)."""
+
+STAGING_PREFIX = ".staging-"
+"""Samples are written into ``out_dir/.staging-<random>`` first and moved into place only when every case passed."""
 
 CODE_FILES = tuple(Path(__file__).with_name(name) for name in ("preprocess.py", "geometry.py", "sources.py"))
 """Modules whose source decides the output: any edit to them invalidates previous output."""
@@ -86,37 +103,60 @@ def prepare_volume(
         ValueError: not a 3-D volume, NaN voxels, bad affine, or invalid ``data_config``.
     """
     geometry = volume_geometry(np.shape(image_hu), affine, data_config.size, data_config.resize_mode)
-    # Window first: crop mode pads with 0, which must mean "below the window", not 0 HU.
-    windowed = window_hu(image_hu, data_config.hu_window)
-    if np.isnan(windowed).any():
-        raise ValueError(f"image_hu holds {np.isnan(windowed).sum()} NaN voxel(s)")
-    planes = resample_to_slices(windowed, geometry, "linear")
-    neighbours = np.clip(np.arange(planes.shape[0])[:, None] + np.array([-1, 0, 1]), 0, planes.shape[0] - 1)
-    return planes[neighbours], geometry
+    _, planes = canonical_slab(np.asarray(image_hu), 0, geometry)
+    stacks = np.concatenate([image_chunk(chunk, geometry, data_config.hu_window) for _, chunk in chunks(planes)])
+    return stacks[neighbour_index(len(stacks))], geometry
 
 
-def prepare_label(label01: np.ndarray, affine: np.ndarray, data_config: DataConfig) -> np.ndarray:
-    """Binary organ mask (X, Y, Z) -> (Z, S, S) uint8 planes aligned with :func:`prepare_volume`.
+def image_chunk(planes_hu: np.ndarray, geometry: VolumeGeometry, hu_window: tuple[float, float]) -> np.ndarray:
+    """Canonical (n, H, W) planes in HU -> float32 (n, S, S) network input in [0, 1].
 
-    Same reorientation and in-plane step as the image, with nearest-neighbour resizing so the
-    mask stays binary.
+    The window comes first: crop mode pads with 0, which must mean "below the window", not 0 HU.
+
+    Raises:
+        ValueError: NaN voxels.
+    """
+    windowed = window_hu(planes_hu, hu_window)
+    if planes_hu.dtype.kind == "f" and np.isnan(windowed).any():
+        raise ValueError(f"image_hu holds {np.isnan(planes_hu).sum()} NaN voxel(s)")
+    return resample_planes(windowed, geometry, "linear")
+
+
+def mask_chunk(labels: np.ndarray, geometry: VolumeGeometry, layout: str) -> np.ndarray:
+    """Canonical (n, H, W) label values -> uint8 (n, S, S) organ masks.
+
+    Nearest resizing only picks voxels, so mapping labels to the organ afterwards gives the same
+    masks as before, on 2.6x fewer voxels at 512 -> 320.
+    """
+    return organ_mask(resample_planes(labels, geometry, "nearest"), layout)
+
+
+def neighbour_index(depth: int) -> np.ndarray:
+    """(depth, 3) slice indices of each slice's (previous, current, next) stack; edges repeat themselves."""
+    return np.clip(np.arange(depth)[:, None] + np.array([-1, 0, 1]), 0, depth - 1)
+
+
+def prepare_label(labels: np.ndarray, affine: np.ndarray, data_config: DataConfig, layout: str) -> np.ndarray:
+    """Label volume (X, Y, Z) -> (Z, S, S) uint8 organ masks aligned with :func:`prepare_volume`.
+
+    Same reorientation and in-plane step as the image, with nearest-neighbour resizing, then the
+    layout's organ labels become 1 (:func:`organ_mask`).
 
     Args:
-        label01: (X, Y, Z) array of 0/1 (e.g. :func:`unet3plus.data.sources.organ_mask`).
+        labels: (X, Y, Z) label values as stored in the file (validated for ``layout``).
         affine: the (4, 4) affine of the image it belongs to.
         data_config: uses ``size`` and ``resize_mode``.
+        layout: decides which label values are organ.
 
     Returns:
         uint8 (Z, S, S) with values 0/1.
 
     Raises:
-        ValueError: values other than 0 and 1, not 3-D, or bad affine.
+        ValueError: not 3-D, bad affine or unknown layout.
     """
-    label01 = np.asarray(label01)
-    if label01.size and (label01.min() < 0 or label01.max() > 1):
-        raise ValueError(f"label01 must hold only 0 and 1, found values in [{label01.min()}, {label01.max()}]")
-    geometry = volume_geometry(label01.shape, affine, data_config.size, data_config.resize_mode)
-    return resample_to_slices(label01.astype(np.uint8, copy=False), geometry, "nearest")
+    geometry = volume_geometry(np.shape(labels), affine, data_config.size, data_config.resize_mode)
+    _, planes = canonical_slab(np.asarray(labels), 0, geometry)
+    return np.concatenate([mask_chunk(chunk, geometry, layout) for _, chunk in chunks(planes)])
 
 
 def window_hu(image_hu: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
@@ -205,11 +245,14 @@ def preprocess_dataset(
 ) -> Path:
     """Validate a raw dataset and write its preprocessed samples, ``cases.json`` and ``manifest.csv``.
 
-    Nothing is written unless every case passes validation. Volumes are processed in
-    ``data_config.workers`` processes; every sample file is written atomically, and
-    ``cases.json`` then ``manifest.csv`` are written last, so a crash never leaves a manifest
-    pointing at missing samples. Re-running with unchanged raw files, parameters and code does
-    nothing; otherwise our previous samples are removed first and everything is rebuilt.
+    One pass: every volume is read once, checked (:class:`CaseScan`) and, when nothing is wrong,
+    preprocessed into a hidden staging folder inside ``out_dir``. Only when every case passed
+    does the staging folder replace our previous samples; then ``cases.json`` and
+    ``manifest.csv`` are written last, so a crash never leaves a manifest pointing at missing
+    samples, and a dataset with problems leaves ``out_dir`` exactly as it was. After the first
+    case with a problem the remaining cases are only checked, so the full list of problems comes
+    quickly. Volumes are processed in ``data_config.workers`` processes. Re-running with
+    unchanged raw files, parameters and code does nothing.
 
     Args:
         layout: ``"lits"`` or ``"msd-spleen"``.
@@ -233,27 +276,37 @@ def preprocess_dataset(
     if previous is not None and previous.get("fingerprint") == fingerprint and _complete(out_dir):
         logger.info("%s: up to date, nothing to do", out_dir)
         return manifest_path
-
-    report = validate_dataset(layout, raw_dir, workers=data_config.workers)
-    if report.errors:
-        raise DataError(
-            f"{raw_dir}: {len(report.errors)} problem(s) found, nothing was written to {out_dir}:\n  "
-            + "\n  ".join(report.errors)
-        )
-    for warning in report.warnings:
-        logger.warning("%s", warning)
     labelled = [case for case in cases if case.label is not None]
     if not labelled:
         raise DataError(f"{raw_dir}: no labelled case to preprocess (every case lacks a label file)")
+
+    created = _missing_folders(out_dir)
+    staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    try:
+        results = _process_all(cases, layout, staging, data_config)
+        errors = [error for case in cases for error in results[case.case_id]["errors"]]
+        if errors:
+            raise DataError(
+                f"{raw_dir}: {len(errors)} problem(s) found, nothing was written to {out_dir}:\n  "
+                + "\n  ".join(errors)
+            )
+        _remove_own_output(out_dir, previous)
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # deepest first; only the folders this call made, and only when empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(staging)
+    for warning in (warning for case in cases for warning in results[case.case_id]["warnings"]):
+        logger.warning("%s", warning)
+
     splits = assign_splits(layout, cases, data_config)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_own_output(out_dir, previous)
-    results = _process_all(labelled, layout, out_dir, data_config)
-
     case_entries = {}
     for case in cases:
-        result = results.get(case.case_id, {"slices": 0, "geometry": None})
+        result = results[case.case_id]
         case_entries[case.case_id] = {
             "image": _relative(case.image, raw_dir),
             "label": None if case.label is None else _relative(case.label, raw_dir),
@@ -285,6 +338,27 @@ def preprocess_dataset(
     if not counts["train"]:
         logger.warning("%s: no training case (%s); check the case numbers or data.test_fraction", out_dir, summary)
     return manifest_path
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders that creating ``folder`` would make, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the staged samples into ``out_dir/samples`` (renames on one filesystem: no copying)."""
+    for staged in sorted((staging / SAMPLES_DIR).iterdir()):
+        target = out_dir / SAMPLES_DIR / staged.name
+        if target.exists():  # it holds files that are not ours: keep them, add ours
+            for path in staged.iterdir():
+                os.replace(path, target / path.name)
+        else:
+            target.parent.mkdir(exist_ok=True)
+            os.replace(staged, target)
 
 
 def _sample_path(case_id: str, index: int) -> str:
@@ -345,44 +419,166 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
 
 
-def _process_all(cases: list[Case], layout: str, out_dir: Path, data_config: DataConfig) -> dict[str, dict[str, Any]]:
-    """Run :func:`_process_case` on every case, in parallel when workers > 1, with a progress bar."""
+def _process_all(cases: list[Case], layout: str, staging: Path, data_config: DataConfig) -> dict[str, dict[str, Any]]:
+    """:func:`_process_case` for every case, in ``data_config.workers`` processes, with a progress bar.
+
+    Cases start in order, at most one per worker at a time; once a case has a problem, the cases
+    not yet started are only read and checked (nothing more will be written). With one worker
+    (or one case) everything runs in this process, which saves starting one (about 40 ms).
+    Each volume is resampled with one torch thread: the cores are left to the threads writing
+    samples, which is 1.4x faster than torch's own threads competing with them.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    pending = iter(cases)
+
+    def next_job() -> tuple[Any, ...] | None:
+        case = next(pending, None)
+        failed = any(result["errors"] for result in results.values())
+        return None if case is None else (case, layout, None if failed else staging, data_config)
+
+    def finish(result: dict[str, Any]) -> None:
+        results[result["case_id"]] = result
+        progress.update()
+
     workers = min(data_config.workers, len(cases))
-    with contextlib.ExitStack() as stack:
+    with tqdm(total=len(cases), desc="preprocess", unit="volume", disable=None) as progress:
         if workers <= 1:
-            done = (_process_case(case, layout, out_dir, data_config) for case in cases)
-        else:
-            # fork starts workers in milliseconds (spawn re-imports torch: seconds per worker); one
-            # torch thread per worker keeps OpenMP out of the children, as DataLoader workers do.
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = stack.enter_context(
-                ProcessPoolExecutor(
-                    workers,
-                    mp_context=multiprocessing.get_context(method),
-                    initializer=torch.set_num_threads,
-                    initargs=(1,),
-                )
-            )
-            futures = [pool.submit(_process_case, case, layout, out_dir, data_config) for case in cases]
-            done = (future.result() for future in as_completed(futures))
-        progress = tqdm(done, total=len(cases), desc="preprocess", unit="volume", disable=None)
-        return {result["case_id"]: result for result in progress}
+            with torch_threads(1):
+                while (job := next_job()) is not None:
+                    finish(_process_case(*job))
+            return results
+        # fork starts workers in milliseconds (spawn re-imports torch: seconds per worker)
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            running = {pool.submit(_process_case, *job) for job in itertools.islice(iter(next_job, None), workers)}
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finish(future.result())
+                    if (job := next_job()) is not None:
+                        running.add(pool.submit(_process_case, *job))
+    return results
 
 
-def _process_case(case: Case, layout: str, out_dir: Path, data_config: DataConfig) -> dict[str, Any]:
-    """Read one labelled case and write its samples; returns case_id, slices, organ_present, geometry."""
-    image = read_volume(case.image)
-    label = read_volume(case.label)
-    stacks, geometry = prepare_volume(np.asanyarray(image.dataobj), image.affine, data_config)
-    masks = prepare_label(organ_mask(np.asanyarray(label.dataobj), layout), image.affine, data_config)
-    organ_present = masks.reshape(len(masks), -1).max(axis=1)
-    images = torch.from_numpy(stacks).half().numpy()  # same rounding as numpy's astype, twice as fast
-    for index, (image_f16, mask) in enumerate(zip(images, masks)):
-        with atomic_path(out_dir / _sample_path(case.case_id, index)) as tmp:
-            np.savez(tmp, image=image_f16, mask=mask, organ_present=organ_present[index])
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the body with ``count`` torch intra-op threads, then restore the previous number."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _process_case(case: Case, layout: str, staging: Path | None, data_config: DataConfig) -> dict[str, Any]:
+    """Read and check one case; while it has no problem and ``staging`` is set, write its samples there.
+
+    Slabs of a few slices are read, checked, resampled and handed to the writer threads one after
+    another, so reading, computing and writing overlap and no whole volume is ever copied.
+
+    Returns:
+        ``case_id``, ``errors``, ``warnings``, and (0, [], None when nothing was written)
+        ``slices``, ``organ_present`` (one 0/1 per slice) and ``geometry``.
+    """
+    scan = CaseScan(case, layout)
+    result = {"case_id": case.case_id, "slices": 0, "organ_present": [], "geometry": None}
+    geometry = None
+    if not scan.errors and scan.label is not None and staging is not None:
+        try:
+            geometry = volume_geometry(scan.image.shape, scan.image.affine, data_config.size, data_config.resize_mode)
+        except ValueError as err:  # e.g. a singular affine, which opening and checking accept
+            scan.errors.append(f"{case.image}: cannot be preprocessed: {err}")
+    if geometry is None:
+        for _ in scan.slabs():
+            pass
+        return {**result, "errors": scan.errors, "warnings": scan.warnings}
+    slab_slices = SLAB_SLICES if geometry.axial_is_file_z else geometry.original_shape[2]
+    with SampleWriter(staging / SAMPLES_DIR / case.case_id, geometry) as writer:
+        for start, image_slab, label_slab in scan.slabs(slab_slices):
+            first, image_planes = canonical_slab(image_slab, start, geometry)
+            _, label_planes = canonical_slab(label_slab, start, geometry)
+            for offset, planes in chunks(image_planes):
+                masks = mask_chunk(label_planes[offset : offset + len(planes)], geometry, layout)
+                writer.add(first + offset, image_chunk(planes, geometry, data_config.hu_window), masks)
+    result = {**result, "errors": scan.errors, "warnings": scan.warnings}
+    if scan.errors:
+        return result
     return {
-        "case_id": case.case_id,
-        "slices": len(stacks),
-        "organ_present": organ_present.tolist(),
+        **result,
+        "slices": len(writer.masks),
+        "organ_present": writer.organ_present(),
         "geometry": geometry.to_dict(),
     }
+
+
+class SampleWriter:
+    """Writes each slice's sample into a folder as soon as the slice and its neighbours are known.
+
+    Writer threads save samples while the caller reads and resamples the next slabs: reading,
+    checksums, file writes and resampling all release the GIL, so the work overlaps. Samples go
+    into the staging folder, which is only published whole, so they need no atomic rename.
+
+    Attributes:
+        planes: float16 (Z, S, S) network input of every slice known so far.
+        masks: uint8 (Z, S, S) organ masks of every slice known so far.
+    """
+
+    def __init__(self, folder: Path, geometry: VolumeGeometry) -> None:
+        depth, side = geometry.canonical_shape[2], (geometry.size, geometry.size)
+        self.folder = folder
+        self.planes = np.empty((depth, *side), np.float16)
+        self.masks = np.empty((depth, *side), np.uint8)
+        self._neighbours = neighbour_index(depth)
+        self._known = np.zeros(depth, bool)
+        self._queued = np.zeros(depth, bool)
+        self._futures: list[Future] = []
+        self._pool = ThreadPoolExecutor(WRITER_THREADS)
+        folder.mkdir(parents=True)
+
+    def add(self, first: int, planes: np.ndarray, masks: np.ndarray) -> None:
+        """Slices ``first .. first + n - 1``: float32 (n, S, S) planes and uint8 (n, S, S) masks."""
+        stop = first + len(planes)
+        self.planes[first:stop] = torch.from_numpy(planes).half().numpy()  # numpy's rounding, twice as fast
+        self.masks[first:stop] = masks
+        self._known[first:stop] = True
+        for z in range(max(first - 1, 0), min(stop + 1, len(self._known))):
+            if not self._queued[z] and self._known[self._neighbours[z]].all():
+                self._queued[z] = True
+                image = [self.planes[i] for i in self._neighbours[z]]
+                self._futures.append(self._pool.submit(save_sample, self.folder / f"{z:04d}.npz", image, self.masks[z]))
+
+    def organ_present(self) -> list[int]:
+        """0/1 per slice: whether its mask holds any organ voxel."""
+        return self.masks.reshape(len(self.masks), -1).max(axis=1).tolist()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Wait for every queued sample; a failed write raises here."""
+        self._pool.shutdown(wait=True)
+        for future in self._futures:
+            future.result()
+
+
+def save_sample(path: Path, image_planes: list[np.ndarray], mask: np.ndarray) -> None:
+    """Write one sample, as ``np.savez(path, image=np.stack(image_planes), mask=mask, organ_present=mask.max())``.
+
+    The (previous, current, next) planes go straight from the volume into the file, without
+    building the stack first (a 600 KB copy per sample at 320 x 320).
+    """
+    with zipfile.ZipFile(path, "w") as archive:
+        _write_npy(archive, "image", (len(image_planes), *image_planes[0].shape), image_planes)
+        _write_npy(archive, "mask", mask.shape, [mask])
+        _write_npy(archive, "organ_present", (), [mask.max(keepdims=True).reshape(())])
+
+
+def _write_npy(archive: zipfile.ZipFile, name: str, shape: tuple[int, ...], parts: list[np.ndarray]) -> None:
+    """One ``name.npy`` member holding the C-ordered ``parts`` one after another, with ``shape``."""
+    header = {"descr": np.lib.format.dtype_to_descr(parts[0].dtype), "fortran_order": False, "shape": shape}
+    with archive.open(f"{name}.npy", "w") as member:
+        np.lib.format.write_array_header_1_0(member, header)
+        for part in parts:
+            member.write(np.ascontiguousarray(part).reshape(-1).view(np.uint8))

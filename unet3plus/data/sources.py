@@ -29,8 +29,9 @@ from unet3plus.errors import DataError
 LABEL_VALUES: dict[str, frozenset[int]] = {"lits": frozenset({0, 1, 2}), "msd-spleen": frozenset({0, 1})}
 """Label values allowed in the label files of each layout."""
 
-ORGAN_LABELS: dict[str, tuple[int, ...]] = {"lits": (1, 2), "msd-spleen": (1,)}
-"""Label values that make up the organ (LiTS: a tumour is part of the liver)."""
+BACKGROUND = 0
+"""The label value outside the organ; it is also the smallest allowed value."""
+
 
 _LITS_FILE = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
@@ -133,11 +134,58 @@ def discover_cases(layout: str, raw_dir: str | Path) -> list[Case]:
     return cases
 
 
+def open_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
+    """Open a 3-D NIfTI volume: the header is checked now, voxels are read when sliced.
+
+    ``read_slab(image, path, start, stop)`` then reads a few axial slices at a time, so a whole
+    volume never has to sit in memory twice. A ``.nii.gz`` file is decompressed into memory here,
+    whole, which also checks its gzip CRC (nibabel alone stops after the voxel data, so a
+    corrupted byte inside the stream would pass unnoticed as wrong voxel values).
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+
+    Returns:
+        A nibabel image whose ``dataobj`` reads from memory (``.gz``) or from the file, never
+        through a memory map (which would fault if the file changed under it).
+
+    Raises:
+        DataError: if the file is missing, not NIfTI, corrupt, not 3-D or empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        image = nib.load(path, mmap=False)
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as stream:
+                image = type(image).from_bytes(stream.read())
+    except _READ_ERRORS as err:
+        raise DataError(f"{path}: cannot read the NIfTI file (truncated or corrupt?): {err}") from err
+    if len(image.shape) != 3:
+        raise DataError(f"{path}: image is {len(image.shape)}-D with shape {image.shape}; a 3-D volume is expected")
+    if 0 in image.shape:
+        raise DataError(f"{path}: image is empty (shape {image.shape})")
+    return image
+
+
+def read_slab(image: nib.spatialimages.SpatialImage, path: str | Path, start: int, stop: int) -> np.ndarray:
+    """Voxels ``[:, :, start:stop]`` of an :func:`open_volume` image (scaling applied), read now.
+
+    Raises:
+        DataError: naming ``path``, if the file is truncated or corrupt.
+    """
+    try:
+        return np.asanyarray(image.dataobj[:, :, start:stop])
+    except _READ_ERRORS as err:
+        raise DataError(f"{path}: cannot read the NIfTI file (truncated or corrupt?): {err}") from err
+
+
 def read_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
     """Load a 3-D NIfTI volume completely into memory.
 
     The voxel data are read here (not lazily), so a truncated or corrupt file fails now, with a
-    message naming it, rather than later in the middle of preprocessing.
+    message naming it, rather than later in the middle of evaluation.
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
@@ -149,29 +197,9 @@ def read_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
     Raises:
         DataError: if the file is missing, not NIfTI, truncated or corrupt, or not 3-D.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        image = nib.load(path, mmap=False)  # a memory map would fault if the file changed under it
-        data = np.asanyarray(image.dataobj)
-        if path.name.endswith(".gz"):
-            _verify_gzip(path)
-    except _READ_ERRORS as err:
-        raise DataError(f"{path}: cannot read the NIfTI file (truncated or corrupt?): {err}") from err
-    if data.ndim != 3:
-        raise DataError(f"{path}: image is {data.ndim}-D with shape {data.shape}; a 3-D volume is expected")
-    if 0 in data.shape:
-        raise DataError(f"{path}: image is empty (shape {data.shape})")
+    image = open_volume(path)
+    data = read_slab(image, path, 0, image.shape[2])
     return image.__class__(data, image.affine, image.header)
-
-
-def _verify_gzip(path: Path) -> None:
-    """Decompress to the end so that gzip checks its CRC: nibabel stops after the voxel data, so a
-    corrupted byte inside the stream would otherwise pass unnoticed as wrong voxel values."""
-    with gzip.open(path, "rb") as stream:
-        while stream.read(1 << 24):
-            pass
 
 
 def isin(array: np.ndarray, values) -> np.ndarray:
@@ -187,10 +215,11 @@ def isin(array: np.ndarray, values) -> np.ndarray:
 
 
 def organ_mask(label: np.ndarray, layout: str) -> np.ndarray:
-    """Binary organ mask from a label array.
+    """Binary organ mask from a label array: every allowed label value but background is organ.
 
     Args:
-        label: label values of any shape (integer or float dtype).
+        label: label values of any shape (integer or float dtype), holding only the values that
+            :data:`LABEL_VALUES` allows for ``layout`` (as validation checks).
         layout: ``"lits"`` (liver 1 and tumour 2 -> 1) or ``"msd-spleen"`` (spleen 1 -> 1).
 
     Returns:
@@ -200,7 +229,7 @@ def organ_mask(label: np.ndarray, layout: str) -> np.ndarray:
         ValueError: for an unknown ``layout``.
     """
     check_layout(layout)
-    return isin(label, ORGAN_LABELS[layout]).astype(np.uint8)
+    return np.not_equal(label, BACKGROUND).view(np.uint8)
 
 
 def _visible_files(folder: Path) -> list[Path]:
