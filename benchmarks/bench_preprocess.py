@@ -16,7 +16,7 @@ Every preprocessing measurement is the median of ``--repeats`` runs into a fresh
 after ``os.sync()``, so that the kernel's write-back of the previous run does not land in the
 next one. Files go to a temporary folder; the page cache is warm, so reading is not disk-bound.
 
-Usage: ``python benchmarks/bench_preprocess.py [--size 320] [--slices 100] [--workers 2] [--repeats 5]``.
+Usage: ``python benchmarks/bench_preprocess.py [--size 320] [--slices 100] [--workers 2] [--repeats 9]``.
 """
 
 from __future__ import annotations
@@ -73,17 +73,27 @@ def read_slabs(path: Path) -> list[np.ndarray]:
     return [read_slab(image, path, start, start + SLAB_SLICES) for start in range(0, image.shape[2], SLAB_SLICES)]
 
 
-def median_run(repeats: int, work, scratch: Path) -> tuple[float, float]:
-    """Median wall and CPU seconds of ``work(folder)`` over fresh folders, each after ``os.sync()``."""
-    walls, cpus = [], []
+def median_runs(repeats: int, works: list, scratch: Path) -> list[tuple[float, float]]:
+    """Median wall and CPU seconds of each ``work(folder)``, over fresh folders, each after ``os.sync()``.
+
+    The works take turns within every repeat, so that they meet the same machine (page cache,
+    write-back, other jobs): their ratio is steadier than their absolute times.
+    """
+    samples = [([], []) for _ in works]
     for _ in range(repeats):
-        folder = scratch / "run"
-        os.sync()
-        _, wall, cpu = timed(work, folder)
-        walls.append(wall)
-        cpus.append(cpu)
-        shutil.rmtree(folder, ignore_errors=True)
-    return statistics.median(walls), statistics.median(cpus)
+        for work, (walls, cpus) in zip(works, samples):
+            folder = scratch / "run"
+            os.sync()
+            _, wall, cpu = timed(work, folder)
+            walls.append(wall)
+            cpus.append(cpu)
+            shutil.rmtree(folder, ignore_errors=True)
+    return [(statistics.median(walls), statistics.median(cpus)) for walls, cpus in samples]
+
+
+def median_run(repeats: int, work, scratch: Path) -> tuple[float, float]:
+    """:func:`median_runs` of one work."""
+    return median_runs(repeats, [work], scratch)[0]
 
 
 def main() -> None:
@@ -93,7 +103,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=100, help="slices of the phantom")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--epochs", type=int, default=3, help="DataLoader passes per measurement")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per preprocessing measurement (median)")
+    parser.add_argument("--repeats", type=int, default=9, help="runs per preprocessing measurement (median)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     config = DataConfig(size=args.size, workers=2)
@@ -122,13 +132,14 @@ def main() -> None:
             read_volume(case.image), read_volume(case.label)
             write_payloads(folder)
 
-        end_to_end = median_run(args.repeats, lambda folder: preprocess_dataset("lits", raw, folder, config), root)
-        rows.append(("preprocess_dataset end to end (reading and validation included)", slices, *end_to_end))
-        floor = median_run(args.repeats, floor_slabs, root)
-        rows.append(("floor: read NIfTI slab by slab + write the same npz bytes", slices, *floor))
-        rows.append(
-            ("floor with nibabel's whole-volume read (reference)", slices, *median_run(args.repeats, floor_whole, root))
+        end_to_end, floor, whole = median_runs(
+            args.repeats,
+            [lambda folder: preprocess_dataset("lits", raw, folder, config), floor_slabs, floor_whole],
+            root,
         )
+        rows.append(("preprocess_dataset end to end (reading and validation included)", slices, *end_to_end))
+        rows.append(("floor: read NIfTI slab by slab + write the same npz bytes", slices, *floor))
+        rows.append(("floor with nibabel's whole-volume read", slices, *whole))
 
         # where the time goes, each part alone, with preprocessing's one torch thread
         with torch_threads(1):
