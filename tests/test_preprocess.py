@@ -145,13 +145,15 @@ def test_bilinear_resize_matches_an_independent_half_pixel_reference():
 
 
 def test_prepare_label_maps_the_layouts_label_values_to_the_organ():
-    labels = np.zeros((4, 6, 3), np.int16)
-    labels[1, 2, :] = 1  # liver
-    labels[2, 3, 1] = 2  # tumour: part of the liver, not of a spleen (MSD labels are only 0/1)
-    liver = prepare_label(labels, np.eye(4), config(size=4, resize_mode="crop"), "lits")
-    spleen = prepare_label(labels, np.eye(4), config(size=4, resize_mode="crop"), "msd-spleen")
-    assert liver.dtype == spleen.dtype == np.uint8
-    assert liver.sum() == 4 and spleen.sum() == 3 and (liver >= spleen).all()
+    liver = np.zeros((4, 6, 3), np.int16)
+    liver[1, 2, :] = 1  # liver
+    liver[2, 3, 1] = 2  # tumour: part of the liver
+    spleen = (liver == 1).astype(np.float32)  # MSD labels are 0/1, sometimes stored as floats
+    crop = config(size=4, resize_mode="crop")  # keeps every voxel above: the organ count is exact
+    liver_masks = prepare_label(liver, np.eye(4), crop, "lits")
+    spleen_masks = prepare_label(spleen, np.eye(4), crop, "msd-spleen")
+    assert liver_masks.dtype == spleen_masks.dtype == np.uint8
+    assert liver_masks.sum() == 4 and spleen_masks.sum() == 3 and (liver_masks >= spleen_masks).all()
 
 
 def test_prepare_functions_reject_bad_arrays():
