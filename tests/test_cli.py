@@ -7,7 +7,7 @@ import pytest
 
 from unet3plus.cli import build_parser, main
 
-VERBS = ["synth", "validate", "preprocess", "train", "evaluate", "register", "predict"]
+VERBS = ["synth", "validate", "preprocess", "train", "evaluate", "register", "predict", "report"]
 
 
 @pytest.mark.parametrize("verb", VERBS)

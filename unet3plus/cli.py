@@ -86,13 +86,28 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_register(args: argparse.Namespace) -> None:
     from unet3plus.register import register
-
     from unet3plus.utils import write_json_atomic
 
     result = register(_config(args), checkpoint=args.checkpoint, metrics_path=args.metrics)
     logger.info("registered %s version %s%s", result["name"], result["version"], " (champion)" if result["champion"] else "")
     if args.output:
         write_json_atomic(args.output, result)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from unet3plus.report import results_table, to_markdown
+    from unet3plus.utils import atomic_path, write_text_atomic
+
+    table = results_table(_config(args).mlflow)
+    if args.out is None:
+        sys.stdout.write(to_markdown(table))
+    elif args.out.suffix == ".csv":
+        with atomic_path(args.out) as tmp:
+            table.to_csv(tmp, index=False)
+    else:
+        write_text_atomic(args.out, to_markdown(table))
+    if args.out is not None:
+        logger.info("%d configuration(s) written to %s", len(table), args.out)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -181,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="MLflow model URI (models:/NAME@ALIAS, runs:/...) or checkpoint path")
     p.add_argument("--input", type=Path, required=True, help="CT volume, .nii or .nii.gz")
     p.add_argument("--output", type=Path, required=True, help="mask to write, .nii.gz")
+
+    p = verb("report", cmd_report, "the paper's results table from MLflow: test Dice per model and organ",
+             "Collect every evaluated run of the MLflow experiment (mlflow.experiment, MLFLOW_TRACKING_URI wins) into "
+             "one table like the paper's Tables 1 and 2: a row per configuration (model, encoder, deep supervision, "
+             "CGM, loss weights), per organ the mean test Dice and the number of runs.")
+    p.add_argument("--out", type=Path, default=None, help="write the table here (.csv, else markdown); default: print markdown")
     return parser
 
 
