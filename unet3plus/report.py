@@ -52,9 +52,7 @@ def results_table(mlflow_config: MlflowConfig) -> pd.DataFrame:
         raise UserError(f"{where}: no such experiment; train and evaluate a model first (e.g. `dvc repro`)")
     runs = mlflow.search_runs(experiment_names=[mlflow_config.experiment])
     needed = ["metrics.test_dice", "tags.dataset", *CONFIGURATION]
-    if runs.empty or any(column not in runs for column in needed):
-        raise UserError(f"{where}: no evaluated run; run `unet3plus evaluate` (or `dvc repro`) first")
-    runs = runs.dropna(subset=needed)
+    runs = runs.iloc[:0] if any(column not in runs for column in needed) else runs.dropna(subset=needed)
     if runs.empty:
         raise UserError(f"{where}: no evaluated run; run `unet3plus evaluate` (or `dvc repro`) first")
     logger.info("%s: %d evaluated run(s)", where, len(runs))

@@ -57,7 +57,14 @@ from tqdm import tqdm
 
 from unet3plus.config import DATASET_OF_LAYOUT, DataConfig
 from unet3plus.data.dataset import CASES_FILE, MANIFEST_COLUMNS, MANIFEST_FILE, SAMPLES_DIR, load_preprocessed
-from unet3plus.data.geometry import VolumeGeometry, canonical_slab, chunks, resample_planes, volume_geometry
+from unet3plus.data.geometry import (
+    VolumeGeometry,
+    canonical_slab,
+    chunks,
+    resample_planes,
+    resample_to_slices,
+    volume_geometry,
+)
 from unet3plus.data.sources import Case, discover_cases, organ_mask
 from unet3plus.data.validation import SLAB_SLICES, CaseScan
 from unet3plus.errors import DataError
@@ -155,8 +162,7 @@ def prepare_label(labels: np.ndarray, affine: np.ndarray, data_config: DataConfi
         ValueError: not 3-D, bad affine or unknown layout.
     """
     geometry = volume_geometry(np.shape(labels), affine, data_config.size, data_config.resize_mode)
-    _, planes = canonical_slab(np.asarray(labels), 0, geometry)
-    return np.concatenate([mask_chunk(chunk, geometry, layout) for _, chunk in chunks(planes)])
+    return organ_mask(resample_to_slices(np.asarray(labels), geometry, "nearest"), layout)
 
 
 def window_hu(image_hu: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
