@@ -412,5 +412,5 @@ def test_epoch_sampler_shards_one_epoch_across_processes():
 
 def test_checkpoint_records_how_the_data_was_preprocessed_not_the_current_params(straight, store):
     assert tiny_config(store).data.size != 32  # params say one thing ...
-    data = torch.load(straight / "last.pt", weights_only=False)["config"]["data"]
+    data = torch.load(straight / "last.pt", weights_only=True)["config"]["data"]
     assert data == dataclasses.asdict(PREPROCESSING)  # ... the data another

@@ -9,6 +9,11 @@ A checkpoint is a ``torch.save`` dict with at least:
 - ``dataset``: ``"liver"`` or ``"spleen"``
 - ``epoch``, ``best_metric`` and, in training checkpoints, ``optimizer``, ``scheduler``, ``rng``
 - ``mlflow_run_id``: the training run (or None when tracking was unavailable)
+
+Checkpoints are data, not code: they hold only tensors and plain Python values (dicts, lists,
+tuples, strings, numbers, None; :func:`save_checkpoint` turns NumPy arrays and scalars into
+lists and numbers), and :func:`load_checkpoint` reads them with ``torch.load(weights_only=True)``,
+so a crafted ``.pt`` that would run code when unpickled is refused instead.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,24 +42,53 @@ REQUIRED_KEYS = ("format", "model", "config", "dataset", "epoch")
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (plus the format tag) to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **payload}, tmp)
+        torch.save(plain_data({"format": FORMAT, **payload}), tmp)
     return Path(path)
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` with NumPy arrays and scalars (e.g. RNG states, metrics) as Python lists and numbers.
+
+    Containers (dict, list, tuple) are copied recursively; tensors and other values are kept as
+    they are. The result is what the ``weights_only`` loader accepts.
+    """
+    if isinstance(value, dict):
+        return {key: plain_data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_data(item) for item in value)
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    return value
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
+    Only tensors and plain Python data are unpickled (``weights_only=True``): a file that asks for
+    any other Python object (which could run code on load) is refused before that object is made.
+
     Raises:
-        CheckpointError: the file is missing, truncated/corrupt, or not a unet3plus checkpoint.
+        CheckpointError: the file is missing, truncated/corrupt, holds Python objects other than
+            tensors and plain data, or is not a unet3plus checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    corrupt = f"{path}: cannot read checkpoint, the file is truncated or corrupt"
     try:
-        # weights_only=False: the checkpoint holds RNG states and plain config dicts we wrote.
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: cannot read checkpoint, the file is truncated or corrupt ({err})") from err
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # The weights-only unpickler names the first object it refused to create.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found is None:
+            detail = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
+            raise CheckpointError(f"{corrupt} ({detail.group(1) if detail else err})") from err
+        raise CheckpointError(
+            f"{path}: refused to load: the file asks for the Python object {found.group(1)}, which could run code; "
+            "a unet3plus checkpoint holds only tensors and plain data (load only checkpoints made by `unet3plus train`)"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointError(f"{corrupt} ({err})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a unet3plus checkpoint (expected format {FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
