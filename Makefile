@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-fast bench ui clean-venv
+.PHONY: setup run test test-fast bench ui tracking-server tracking-server-stop clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,14 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_preprocess.py
 	$(PY) benchmarks/bench_models.py
+
+## tracking-server: a team tracking server on this machine: PostgreSQL + MLflow with basic auth on
+## http://127.0.0.1:5000, data and generated passwords under .tracking/ (prints what to export)
+tracking-server: $(STAMP)
+	$(PY) -m unet3plus.tracking_server start --root .tracking
+
+tracking-server-stop: $(STAMP)
+	$(PY) -m unet3plus.tracking_server stop --root .tracking
 
 ## ui: browse runs and registered models at http://127.0.0.1:5000
 ui: $(STAMP)

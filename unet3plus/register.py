@@ -35,7 +35,7 @@ from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint
 from unet3plus.config import Config
 from unet3plus.errors import DataError, UserError
 from unet3plus.predict import METADATA_KEY, ProbabilityModel
-from unet3plus.tracking import configure, git_commit
+from unet3plus.tracking import check_access, configure, explain_failure, git_commit
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ def register(config: Config, checkpoint: str | os.PathLike, metrics_path: str | 
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     network = ProbabilityModel(model_from_checkpoint(payload)).eval()
     uri = configure(config.mlflow)
+    check_access(uri, registry=True)  # a missing login fails here, before anything is logged
     try:
         client = mlflow.MlflowClient()
         version, run_tags = _log_model(client, config, payload, network, name)
@@ -153,7 +154,9 @@ def register(config: Config, checkpoint: str | os.PathLike, metrics_path: str | 
             client.set_model_version_tag(name, version, key, value)
         champion = _promote(client, name, version, float(numbers[metric]), config.register.alias, metric)
     except (MlflowException, OSError) as err:
-        raise UserError(f"MLflow model registry at {uri} failed while registering {name} from {checkpoint}: {err}") from err
+        raise UserError(
+            f"MLflow model registry at {uri} failed while registering {name} from {checkpoint}: {explain_failure(err, uri)}"
+        ) from err
     moved = f"; alias {config.register.alias!r} moved to it" if champion else ""
     logger.info("registered %s version %s (test %s = %.4f)%s", name, version, metric, metrics[metric], moved)
     return {"name": name, "version": int(version), "champion": champion}

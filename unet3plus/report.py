@@ -16,6 +16,7 @@ import pandas as pd
 
 from unet3plus.config import MlflowConfig
 from unet3plus.errors import UserError
+from unet3plus.tracking import check_access
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def results_table(mlflow_config: MlflowConfig) -> pd.DataFrame:
     """
     uri = mlflow_config.resolved_tracking_uri()
     mlflow.set_tracking_uri(uri)
+    check_access(uri)
     where = f"experiment {mlflow_config.experiment!r} at {uri}"
     if mlflow.get_experiment_by_name(mlflow_config.experiment) is None:
         raise UserError(f"{where}: no such experiment; train and evaluate a model first (e.g. `dvc repro`)")

@@ -32,6 +32,7 @@ from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
 from unet3plus.config import MlflowConfig
+from unet3plus.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,50 @@ def configure(mlflow_config: MlflowConfig) -> str:
         # later configure() in this process (tests, notebooks, in-process pipelines).
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     return uri
+
+
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+"""The environment variables MLflow sends as HTTP basic-auth credentials to a tracking server."""
+
+
+def explain_failure(err: Exception, uri: str) -> str:
+    """One line saying why an MLflow call to ``uri`` failed and what to set: login, reachability, registry."""
+    code, text = getattr(err, "error_code", None), str(err)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code == "UNAUTHENTICATED":
+        missing = [name for name in CREDENTIALS if not os.environ.get(name)]
+        if missing:
+            return f"the tracking server {uri} requires a login: set {' and '.join(missing)}"
+        return f"the tracking server {uri} rejected the login of MLFLOW_TRACKING_USERNAME={user}: check MLFLOW_TRACKING_PASSWORD"
+    if code == "PERMISSION_DENIED":
+        return (f"the tracking server {uri} denied MLFLOW_TRACKING_USERNAME={user} this action; ask its admin for "
+                "permission or use another account")  # fmt: skip
+    if code == "ENDPOINT_NOT_FOUND" or "error code 404" in text:
+        return (f"{uri} has no MLflow model registry (its registry API answers 404); set MLFLOW_TRACKING_URI to a "
+                "tracking server with a database backend")  # fmt: skip
+    if "Failed to establish" in text or "Max retries exceeded" in text or "timed out" in text:
+        return f"cannot reach the tracking server {uri}: is it running? (set MLFLOW_TRACKING_URI to its address)"
+    return f"{uri}: {text.splitlines()[0] if text else type(err).__name__}"
+
+
+def check_access(uri: str, registry: bool = False) -> None:
+    """Fail fast, before any work is written, when the HTTP tracking server at ``uri`` cannot be used.
+
+    One cheap authenticated request (and one to the model registry with ``registry``); local stores
+    (``sqlite:``, folders) are not checked.
+
+    Raises:
+        UserError: one line from :func:`explain_failure` (which variable to set, or why the server fails).
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    client = mlflow.MlflowClient(uri)
+    try:
+        client.search_experiments(max_results=1)
+        if registry:
+            client.search_registered_models(max_results=1)
+    except MlflowException as err:
+        raise UserError(explain_failure(err, uri)) from err
 
 
 def git_commit(path: str | os.PathLike = ".") -> str | None:
@@ -216,7 +261,7 @@ class TrackedRun:
                 "MLflow tracking failed (could not %s: %s); continuing offline without MLflow for the rest of "
                 "this run. Results are kept locally.",
                 action,
-                err,
+                explain_failure(err, mlflow.get_tracking_uri()),
             )
             return None
 
