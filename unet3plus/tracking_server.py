@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import json
 import logging
 import os
 import pwd
@@ -245,6 +246,35 @@ class MlflowServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+_LAUNCHER = """
+import json, os, sys
+from unet3plus.cli import main
+children = []
+for argv in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(main(argv))
+    children.append(pid)
+sys.exit(max(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children))
+"""
+
+
+def run_concurrently(commands: list[list[str]], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``unet3plus`` command lines at once, one process each: the shape of a parallel ablation study.
+
+    The processes are forked from one interpreter that has imported the package but contacted no
+    server (saving an import of torch and MLflow per process). Returns the finished launcher, with
+    the highest exit status of the commands and their joint stdout/stderr.
+    """
+    launcher = [sys.executable, "-c", _LAUNCHER, json.dumps(commands)]
+    return subprocess.run(launcher, cwd=cwd, env=env, text=True, capture_output=True, timeout=1200)
+
+
+def request_count(log: Path) -> int:
+    """MLflow API requests (tracking, registry, artifacts) in a server log's access lines; health checks excluded."""
+    return sum(1 for line in log.read_text(errors="replace").splitlines() if '"' in line and " /api/" in line)
 
 
 def main(argv: list[str] | None = None) -> int:
