@@ -85,11 +85,16 @@ def test_factored_unet3plus_equals_naive_outputs_and_every_gradient_at_odd_size_
         assert _relative(parameter.grad, naive_parameters[name].grad) < TOLERANCE, name
 
 
+def _smooth_images(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """Smooth random images: organ-like blobs where channel 1 > 0.5, few pixels near the boundary."""
+    coarse = torch.rand(batch, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+    return F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+
+
 def _train(model: torch.nn.Module, steps: int = 3) -> torch.nn.Module:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        images = torch.rand(2, 3, 48, 48, generator=generator)
+    for step in range(steps):
+        images = _smooth_images(2, 48, 48, seed=step)
         target = (images[:, 1:2] > 0.5).float()
         output = model(images)
         loss = sum(F.binary_cross_entropy_with_logits(side, target) for side in output.side_logits)
@@ -156,3 +161,19 @@ def test_eval_batches_are_split_below_the_upsample_limit_with_identical_results(
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(split.class_logits, whole.class_logits, rtol=1e-5, atol=1e-6)
     assert _largest_upsample_batches(model.train(), images, per_image) == [5]  # training batches stay whole
+
+
+def test_channels_last_bf16_autocast_inference_gives_the_fp32_masks_within_half_a_percent_dice():
+    """The GPU recipe's code path (channels_last, bf16 autocast, factored skips, split batches) run on the CPU."""
+    model = _train(_model("factored"), steps=8)
+    images = _smooth_images(4, 48, 48, seed=100)
+    want = predict_proba(model, images, gate=False) > 0.5
+
+    model.to(memory_format=torch.channels_last)
+    model.max_upsample_elements = 2 * model.upsample_elements_per_image(48, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = predict_proba(model, images.contiguous(memory_format=torch.channels_last), gate=False) > 0.5
+
+    assert want.any()
+    dice = 2 * (got & want).sum() / (got.sum() + want.sum())
+    assert dice.item() >= 0.995

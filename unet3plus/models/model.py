@@ -81,7 +81,8 @@ class SegmentationModel(nn.Module):
     ``max_upsample_elements`` (default ``INT_MAX``, the limit of CUDA's channels_last bilinear
     kernel): a 320 x 320 batch of 32 would need 3.4e9 elements for the naive UNet 3+'s 16x
     up-sampling of 1024 channels. Eval-mode batch norm and dropout treat every image alone, so
-    the parts give exactly the whole batch's result; training batches are never split.
+    the parts give exactly the whole batch's result; training batches are never split, nor are
+    batches under ``torch.compile`` / ``torch.export`` tracing.
 
     Args:
         encoder: a module from :func:`unet3plus.models.encoders.create_encoder`.
@@ -149,7 +150,8 @@ class SegmentationModel(nn.Module):
                 f"expected an input of shape (B, {self.in_channels}, H, W) with H, W >= 1 "
                 f"({self.in_channels} channels), got {tuple(x.shape)}"
             )
-        if not self.training and x.device.type != "meta" and x.shape[0] > 1:
+        splittable = not self.training and not torch.compiler.is_compiling() and x.device.type != "meta"
+        if splittable and x.shape[0] > 1:
             per_image = self.upsample_elements_per_image(*x.shape[-2:])
             part_size = max(1, self.max_upsample_elements // max(per_image, 1))
             if x.shape[0] > part_size:
