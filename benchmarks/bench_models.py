@@ -16,10 +16,14 @@ all variants alike; images/s is the median over rounds, and the speed-up of a va
 Peak memory (``--memory``): what one training step or one inference of the variant needs: its
 weights plus the largest growth during warm-up and steps. On CUDA: ``torch.cuda.max_memory_allocated``
 minus the memory allocated before the step, plus the variant's weights (allocator caching not
-included). On CPU: a fresh subprocess per variant and mode, growth of the peak resident set size
-(``resource.getrusage(...).ru_maxrss``) from after the model and inputs were built to after the
-steps, plus the weights: it includes glibc/allocator overhead and freed-but-unreturned pages, so
-it is an upper bound of what the tensors needed.
+included). On CPU: a fresh subprocess per variant and mode, growth of the peak resident set size (the
+kernel's VmHWM, reset after the model and inputs were built) over the resident size then, plus
+the weights: it includes allocator overhead and freed-but-unreturned pages, so it is an upper
+bound of what the tensors needed.
+
+On CPU the process CPU time per step (``time.process_time``) is recorded beside the wall time:
+on a machine shared with other jobs it is the steadier measure (it does not count time the
+process waited for a core, but does count OpenMP threads spinning while they wait for each other).
 
     # the CPU targets (width 64, batch 2, fp32, 2 threads): factored vs naive
     python benchmarks/bench_models.py --size 64 --batch 2 --threads 2 --models unet3plus-naive unet3plus-factored
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import platform
 import resource
@@ -40,6 +45,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -186,17 +192,32 @@ class Runner:
         loss.backward()
 
 
-def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise KeyError(field)
 
 
 def probe_cpu_memory(variant: str, mode: str, args: argparse.Namespace) -> None:
-    """Subprocess side of ``--memory`` on CPU: print the peak-RSS growth of one variant and mode as JSON."""
+    """Subprocess side of ``--memory`` on CPU: print the peak-RSS growth of one variant and mode as JSON.
+
+    The kernel's high-water mark (VmHWM) is reset right before the steps (``/proc/self/clear_refs``
+    = 5), so an earlier peak (imports, model construction) cannot hide the steps' own; where that
+    is not allowed, ``ru_maxrss`` (never reset) is the fallback.
+    """
     runner = Runner(variant, args, torch.device("cpu"))
-    before = max_rss_bytes()
+    gc.collect()
+    before = _status_bytes("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        peak = lambda: _status_bytes("VmHWM")  # noqa: E731
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731
     for _ in range(args.warmup + 1):
         runner.step(mode)
-    print(json.dumps({"peak_bytes": max_rss_bytes() - before + runner.weights_bytes}))
+    print(json.dumps({"peak_bytes": peak() - before + runner.weights_bytes}))
 
 
 def cpu_peak_memory(variant: str, mode: str, argv: list[str]) -> float:
@@ -216,21 +237,25 @@ def cuda_peak_memory(runner: Runner, mode: str) -> float:
     return (torch.cuda.max_memory_allocated(device) - before + runner.weights_bytes) / 2**20
 
 
-def time_variants(runners: dict[str, Runner], mode: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Seconds per step of every variant in every round (rounds interleave the variants)."""
+def time_variants(
+    runners: dict[str, Runner], mode: str, args: argparse.Namespace
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per step of every variant in every round (rounds interleave the variants)."""
     for runner in runners.values():
         for _ in range(args.warmup):
             runner.step(mode)
-    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    wall: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.rounds):
         for name, runner in runners.items():
             synchronize(runner.device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 runner.step(mode)
             synchronize(runner.device)
-            seconds[name].append((time.perf_counter() - start) / args.steps)
-    return seconds
+            wall[name].append((time.perf_counter() - start) / args.steps)
+            cpu[name].append((time.process_time() - start_cpu) / args.steps)
+    return wall, cpu
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -256,13 +281,17 @@ def main(argv: list[str] | None = None) -> dict:
         for name in runners:
             results[name][f"gflops_fwd_{FLOP_SIZE}"] = forward_gflops(name, args)
     for mode in args.modes:
-        seconds = time_variants(runners, mode, args)
+        seconds, cpu_seconds = time_variants(runners, mode, args)
         for name, times in seconds.items():
             results[name][f"{mode}_img_s"] = args.batch / statistics.median(times)
             results[name][f"{mode}_seconds_per_step"] = times
+            results[name][f"{mode}_cpu_seconds_per_step"] = cpu_seconds[name]
             if BASELINE in seconds:
                 ratios = [base / own for base, own in zip(seconds[BASELINE], times)]
                 results[name][f"{mode}_speedup_vs_naive"] = statistics.median(ratios)
+                if device.type == "cpu":
+                    cpu_ratios = [base / own for base, own in zip(cpu_seconds[BASELINE], cpu_seconds[name])]
+                    results[name][f"{mode}_cpu_time_speedup_vs_naive"] = statistics.median(cpu_ratios)
         if args.memory:
             for name, runner in runners.items():
                 peak = cuda_peak_memory(runner, mode) if device.type == "cuda" else cpu_peak_memory(name, mode, argv)
@@ -296,6 +325,8 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
     for mode in args.modes:
         columns.append((f"{mode} img/s", f"{mode}_img_s", "{:.2f}"))
         columns.append((f"{mode} speed-up vs naive", f"{mode}_speedup_vs_naive", "{:.2f}x"))
+        if args.device == "cpu":
+            columns.append((f"{mode} CPU-time speed-up", f"{mode}_cpu_time_speedup_vs_naive", "{:.2f}x"))
         if args.memory:
             columns.append((f"{mode} peak MiB", f"{mode}_peak_mib", "{:.0f}"))
     lines = ["| model | " + " | ".join(title for title, _, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]

