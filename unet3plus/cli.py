@@ -75,7 +75,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from unet3plus.train import train
 
-    train(_config(args), data_dir=args.data, out_dir=args.out, resume=args.resume)
+    train(_config(args), data_dir=args.data, out_dir=args.out, resume=args.resume, compile_model=args.compile)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="preprocessed dataset directory (from `preprocess`)")
     p.add_argument("--out", type=Path, required=True, help="directory for checkpoints and the run summary")
     p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (opt-in: off by default because it costs minutes of compilation "
+                        "and was slower than eager on the official code; measure with benchmarks/gpu_check.py)")
 
     p = verb("evaluate", cmd_evaluate, "score a checkpoint per 3D volume on the test split",
              "Predict every test volume, map predictions back to the original voxel grid and score Dice, IoU, "

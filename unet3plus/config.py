@@ -63,6 +63,7 @@ class ModelConfig:
     in_channels: int = 3
     num_classes: int = 1
     width: int = 64  # channels of the first stage; 64 is the paper
+    skip_impl: str = "auto"  # auto | naive | factored: how UNet 3+ computes up-sample + conv (forward only)
 
     def validate(self) -> None:
         _check(self.arch in ("unet", "unet2plus", "unet3plus"), "model.arch", self.arch, "'unet', 'unet2plus' or 'unet3plus'")
@@ -70,6 +71,7 @@ class ModelConfig:
         _check(self.width >= 1, "model.width", self.width, "an integer >= 1")
         _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "an integer >= 1")
         _check(self.num_classes >= 1, "model.num_classes", self.num_classes, "an integer >= 1")
+        _check(self.skip_impl in ("auto", "naive", "factored"), "model.skip_impl", self.skip_impl, "'auto', 'naive' or 'factored'")
 
 
 @dataclass

@@ -49,7 +49,7 @@ from unet3plus.metrics import METRIC_NAMES, dice, summarise, volume_metrics
 from unet3plus.models import predict_proba
 from unet3plus.predict import predict_slices, write_mask
 from unet3plus.tracking import open_run
-from unet3plus.utils import atomic_path, select_device, write_json_atomic
+from unet3plus.utils import atomic_path, prepare_model, select_device, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ def _score_case(
     """Predict one test volume, write its mask and return its per-case row."""
     rows = rows.sort_values("slice_index")
     stacks = np.stack([load_sample(data_dir / path)[0] for path in rows["path"]])
-    probabilities = predict_slices(forward, stacks, config.evaluate.batch_size, device, description=f"case {case_id}")
+    probabilities = predict_slices(forward, stacks, config.evaluate.batch_size, device, description=f"case {case_id}",
+                                   mixed_precision=config.train.mixed_precision)
     geometry = VolumeGeometry.from_dict(entry["geometry"])
     gated, ungated = (restore_volume(probabilities[:, c], geometry) > config.evaluate.threshold for c in (0, 1))
     label = read_volume(raw_dir / entry["label"])
@@ -245,7 +246,8 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
     """Evaluate ``checkpoint`` on every test case of a preprocessed dataset.
 
     Args:
-        config: ``evaluate`` (threshold, batch_size, overlays, device), ``data.hu_window`` (overlay
+        config: ``evaluate`` (threshold, batch_size, overlays, device), ``train.mixed_precision``
+            (bf16 + channels_last inference on CUDA), ``data.hu_window`` (overlay
             grey levels) and ``mlflow`` are used.
         checkpoint: checkpoint file (``best.pt``); its ``mlflow_run_id`` receives the results.
         data_dir: preprocessed dataset (``manifest.csv``, ``cases.json``, ``samples/``).
@@ -268,7 +270,7 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
                         " (evaluate each organ with its own model)")
     _warn_on_preprocessing_mismatch(payload, metadata, checkpoint, data_dir)
     device = select_device(config.evaluate.device)
-    network = model_from_checkpoint(payload).to(device)
+    network = prepare_model(model_from_checkpoint(payload), device, config.train.mixed_precision)
     forward = _both_probabilities(network)
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -137,8 +137,8 @@ def iou_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
 
 def _blur(images: Tensor, window: Tensor) -> Tensor:
     """Separable Gaussian filter, 'valid' borders: (N, 1, H, W) -> (N, 1, H - k + 1, W - k + 1)."""
-    # The images as channels of one depthwise convolution: on CPU some 30x faster than a batch
-    # of one-channel images.
+    # The images as channels of one depthwise convolution: on CPU about 10x faster than a batch
+    # of one-channel images (benchmarks/RESULTS.md, "Losses").
     channels = images.transpose(0, 1)
     count = channels.shape[1]
     for kernel in (window.view(1, 1, 1, -1), window.view(1, 1, -1, 1)):

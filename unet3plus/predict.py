@@ -27,7 +27,7 @@ from unet3plus.data.preprocess import prepare_volume
 from unet3plus.data.sources import read_volume
 from unet3plus.errors import CheckpointError, UserError
 from unet3plus.models import predict_proba
-from unet3plus.utils import atomic_path, select_device
+from unet3plus.utils import atomic_path, autocast_context, memory_format_for, prepare_model, select_device
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def is_mlflow_uri(model: str | os.PathLike) -> bool:
 
 
 def load_predictor(
-    model: str | os.PathLike, device_preference: str = "auto"
+    model: str | os.PathLike, device_preference: str = "auto", mixed_precision: bool = True
 ) -> tuple[nn.Module, DataConfig, torch.device]:
     """Load a model for inference, with the data configuration it was trained on.
 
@@ -65,6 +65,8 @@ def load_predictor(
         model: MLflow model URI or checkpoint path.
         device_preference: ``config.evaluate.device`` (``"auto"``, ``"cpu"``, ``"cuda[:N]"``); used
             for checkpoints. MLflow models are ``torch.export`` programs saved on the CPU and run there.
+        mixed_precision: on CUDA, lay the checkpoint's network out channels_last for bf16 (see
+            :func:`unet3plus.utils.prepare_model`).
 
     Returns:
         (module mapping a (N, 3, S, S) float32 tensor to (N, C, S, S) probabilities, in eval mode
@@ -81,7 +83,8 @@ def load_predictor(
             data_config = config_from_dict({"data": checkpoint["config"]["data"]}).data
         except (KeyError, TypeError, UserError) as err:
             raise CheckpointError(f"{model}: checkpoint has no valid data configuration ({err})") from err
-        return ProbabilityModel(model_from_checkpoint(checkpoint)).to(device).eval(), data_config, device
+        network = prepare_model(ProbabilityModel(model_from_checkpoint(checkpoint)), device, mixed_precision)
+        return network.eval(), data_config, device
     # Imported here: MLflow takes seconds to import and checkpoints do not need it.
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -104,23 +107,31 @@ def predict_slices(
     batch_size: int,
     device: torch.device,
     description: str = "slices",
+    mixed_precision: bool = True,
 ) -> np.ndarray:
     """Run ``forward`` over a volume's 3-slice stacks in order, batch by batch.
 
     Args:
         forward: maps a (B, 3, S, S) float32 tensor on ``device`` to (B, C, S, S).
         stacks: (Z, 3, S, S) array (any float dtype).
-        batch_size: slices per forward pass.
+        batch_size: slices per forward pass (the model itself splits a batch further where an
+            up-sampling output would reach INT_MAX elements, see
+            :class:`unet3plus.models.SegmentationModel`).
         device: where the batches go.
         description: label of the progress bar.
+        mixed_precision: on CUDA, bf16 autocast and channels_last batches (the recipe of
+            :func:`unet3plus.utils.prepare_model`); ignored on CPU.
 
     Returns:
         (Z, C, S, S) float32 array.
     """
+    memory_format = memory_format_for(device, mixed_precision)
     outputs = []
     for start in tqdm(range(0, len(stacks), batch_size), desc=description, unit="batch", leave=False):
         batch = torch.from_numpy(np.ascontiguousarray(stacks[start : start + batch_size], dtype=np.float32))
-        outputs.append(forward(batch.to(device)).float().cpu().numpy())
+        with autocast_context(device, mixed_precision):
+            probabilities = forward(batch.to(device, memory_format=memory_format))
+        outputs.append(probabilities.float().cpu().numpy())
     return np.concatenate(outputs)
 
 
@@ -155,7 +166,8 @@ def predict_file(model: str | os.PathLike, input: str | os.PathLike, output: str
             checkpoint path.
         input: 3-D CT volume in Hounsfield units, ``.nii`` or ``.nii.gz``.
         output: mask to write (``.nii.gz``): uint8 0/1, shape and affine of ``input``.
-        config: ``evaluate.threshold``, ``evaluate.batch_size`` and ``evaluate.device`` are used;
+        config: ``evaluate.threshold``, ``evaluate.batch_size``, ``evaluate.device`` and
+            ``train.mixed_precision`` (bf16 + channels_last on CUDA) are used;
             ``mlflow`` gives the tracking/registry URI for ``models:/`` URIs. The preprocessing
             parameters come from the model itself.
 
@@ -172,10 +184,11 @@ def predict_file(model: str | os.PathLike, input: str | os.PathLike, output: str
         from unet3plus.tracking import configure
 
         configure(config.mlflow)
-    network, data_config, device = load_predictor(model, config.evaluate.device)
+    network, data_config, device = load_predictor(model, config.evaluate.device, config.train.mixed_precision)
     image_hu = np.asarray(scan.get_fdata(dtype=np.float32))
     stacks, geometry = prepare_volume(image_hu, scan.affine, data_config)
-    probabilities = predict_slices(network, stacks, config.evaluate.batch_size, device, description=Path(input).name)
+    probabilities = predict_slices(network, stacks, config.evaluate.batch_size, device, description=Path(input).name,
+                                   mixed_precision=config.train.mixed_precision)
     restored = restore_volume(probabilities[:, 0], geometry, interpolation="linear")
     mask = restored > config.evaluate.threshold
     write_mask(output, mask, scan)

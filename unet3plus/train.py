@@ -54,7 +54,14 @@ from unet3plus.errors import CheckpointError, DataError
 from unet3plus.losses import Criterion
 from unet3plus.metrics import dice
 from unet3plus.models import create_model, predict_proba
-from unet3plus.utils import atomic_path, autocast_context, select_device, write_json_atomic
+from unet3plus.utils import (
+    atomic_path,
+    autocast_context,
+    memory_format_for,
+    prepare_model,
+    select_device,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +69,8 @@ VAL_THRESHOLD = 0.5  # probability above which a pixel counts as organ in the va
 
 
 def train(
-    config: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, resume: bool = False
+    config: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, resume: bool = False,
+    compile_model: bool = False,
 ) -> dict[str, Any]:
     """Train the model of ``config`` on a preprocessed dataset and track the run in MLflow.
 
@@ -118,8 +126,7 @@ def train(
     master = rank == 0
     _seed_everything(train_config.seed + rank)
     autocast = autocast_context(device, train_config.mixed_precision)
-    channels_last = device.type == "cuda" and train_config.mixed_precision  # faster bf16 convolutions
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = memory_format_for(device, train_config.mixed_precision)
 
     try:
         # -- data ---------------------------------------------------------------------------------
@@ -142,12 +149,14 @@ def train(
         steps_per_epoch = min(len(train_loader), train_config.max_steps_per_epoch or len(train_loader))
 
         # -- model, loss, optimiser, schedule ---------------------------------------------------------
-        raw_model = create_model(**dataclasses.asdict(config.model)).to(device, memory_format=memory_format)
+        raw_model = prepare_model(create_model(**dataclasses.asdict(config.model)), device, train_config.mixed_precision)
         model = raw_model
         if ddp:
             model = DistributedDataParallel(raw_model, device_ids=[local_rank] if device.type == "cuda" else None)
+        if compile_model:
+            model = torch.compile(model)
         criterion = Criterion(**dataclasses.asdict(config.loss))
-        optimizer = make_optimizer(raw_model.parameters(), train_config)
+        optimizer = make_optimizer(raw_model.parameters(), train_config, fused=device.type == "cuda")
         multiplier = functools.partial(lr_multiplier, train_config, total_steps=train_config.epochs * steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
@@ -387,13 +396,20 @@ def validation_dice(
     return float(np.mean(scores))
 
 
-def make_optimizer(parameters: Iterable[nn.Parameter], train_config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper's optimiser) or AdamW, as ``train_config.optimizer`` says."""
+def make_optimizer(
+    parameters: Iterable[nn.Parameter], train_config: TrainConfig, fused: bool = False
+) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's optimiser) or AdamW, as ``train_config.optimizer`` says.
+
+    ``fused`` (used on CUDA) updates all parameters in one kernel instead of a few per tensor.
+    """
+    options = {"fused": True} if fused else {}
     if train_config.optimizer == "sgd":
         return torch.optim.SGD(
-            parameters, lr=train_config.lr, momentum=train_config.momentum, weight_decay=train_config.weight_decay
+            parameters, lr=train_config.lr, momentum=train_config.momentum, weight_decay=train_config.weight_decay,
+            **options,
         )
-    return torch.optim.AdamW(parameters, lr=train_config.lr, weight_decay=train_config.weight_decay)
+    return torch.optim.AdamW(parameters, lr=train_config.lr, weight_decay=train_config.weight_decay, **options)
 
 
 def lr_multiplier(train_config: TrainConfig, step: int, total_steps: int) -> float:
@@ -419,7 +435,12 @@ def _check_resumable(checkpoint: dict[str, Any], config: Config, dataset_name: s
     missing = [key for key in ("optimizer", "scheduler", "rng", "history", "best_epoch") if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path}: not a training checkpoint (lacks {', '.join(missing)}); cannot resume from it")
-    if checkpoint["config"]["model"] != config.to_dict()["model"]:
+    # skip_impl only chooses how forward computes the same function; checkpoints written before
+    # the key existed lack it.
+    def network(model: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in model.items() if key != "skip_impl"}
+
+    if network(checkpoint["config"]["model"]) != network(config.to_dict()["model"]):
         raise CheckpointError(
             f"{path}: was trained with model {checkpoint['config']['model']}, but the configuration asks for "
             f"{config.to_dict()['model']}; resume with the same model section or train into a new output directory"

@@ -4,7 +4,7 @@
 network sees" and are used both here and when predicting a new scan; the way back to the scan's
 own voxel grid is :func:`unet3plus.data.geometry.restore_volume`.
 
-Output layout of ``out_dir`` (see CONTRACTS.md)::
+Output layout of ``out_dir``::
 
     manifest.csv   case_id, slice_index, path (relative to out_dir), organ_present (0/1), split
     cases.json     layout, dataset, data_config, fingerprint, and per case: image/label paths

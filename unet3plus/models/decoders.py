@@ -96,11 +96,16 @@ class FullScaleDecoder(nn.Module):
     ``"hd{i}_{source}"`` (e.g. ``"hd4_h1"``, ``"hd1_hd5"``), the fusions in ``self.fuse``.
     Returned maps (final first): ``hd1, hd2, hd3, hd4, hd5``.
 
+    The ten skips from deeper decoder maps compute "bilinear up-sampling, then 3x3 convolution"
+    either as written or factored (see :class:`FullScaleSkip`); ``skip_impl`` chooses, per
+    skip for ``"auto"``. Parameters and ``state_dict`` keys do not depend on it.
+
     Args:
         encoder_channels: channels of the encoder's five maps, level 1 first.
+        skip_impl: ``"auto"``, ``"naive"`` or ``"factored"``.
     """
 
-    def __init__(self, encoder_channels: tuple[int, ...]) -> None:
+    def __init__(self, encoder_channels: tuple[int, ...], skip_impl: str = "auto") -> None:
         super().__init__()
         c = encoder_channels
         cat_channels = c[0]
@@ -111,7 +116,7 @@ class FullScaleDecoder(nn.Module):
                 from_decoder = target < source < LEVELS
                 in_channels = fused_channels if from_decoder else c[source - 1]
                 name = f"hd{target}_{_map_name(source, target)}"
-                skips[name] = FullScaleSkip(in_channels, cat_channels, source, target)
+                skips[name] = FullScaleSkip(in_channels, cat_channels, source, target, skip_impl)
         self.skips = nn.ModuleDict(skips)
         self.fuse = nn.ModuleDict(
             {f"hd{target}": ConvBNReLU(fused_channels, fused_channels) for target in range(LEVELS - 1, 0, -1)}
