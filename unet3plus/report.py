@@ -16,6 +16,7 @@ import pandas as pd
 
 from unet3plus.config import MlflowConfig
 from unet3plus.errors import UserError
+from unet3plus.tracking import configure_for_reading
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,7 @@ def results_table(mlflow_config: MlflowConfig) -> pd.DataFrame:
     Raises:
         UserError: the experiment does not exist or holds no evaluated run.
     """
-    uri = mlflow_config.resolved_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = configure_for_reading(mlflow_config)  # capped HTTP retries; never creates a store
     where = f"experiment {mlflow_config.experiment!r} at {uri}"
     if mlflow.get_experiment_by_name(mlflow_config.experiment) is None:
         raise UserError(f"{where}: no such experiment; train and evaluate a model first (e.g. `dvc repro`)")

@@ -32,6 +32,7 @@ from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
 from unet3plus.config import MlflowConfig
+from unet3plus.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,36 @@ def configure(mlflow_config: MlflowConfig) -> str:
         # later configure() in this process (tests, notebooks, in-process pipelines).
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     return uri
+
+
+def configure_for_reading(mlflow_config: MlflowConfig) -> str:
+    """:func:`configure` for commands that only read (``report``, ``predict models:/...``).
+
+    A SQLite store that does not exist is refused rather than created, so a read never leaves an
+    empty ``mlflow.db`` behind.
+
+    Raises:
+        UserError: the SQLite file does not exist.
+    """
+    uri = configure(mlflow_config)
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        if not path.is_file():
+            raise UserError(f"{uri}: no MLflow tracking store at {path}; train a model first or point "
+                            "MLFLOW_TRACKING_URI (or mlflow.tracking_uri) at your store")
+    return uri
+
+
+@contextlib.contextmanager
+def store_errors(mlflow_config: MlflowConfig) -> Iterator[None]:
+    """Turn a failure to read the tracking store (not a database, unreachable) into one :class:`UserError`."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (MlflowException, SQLAlchemyError, OSError) as err:
+        message = " ".join(str(err).split())[:300]
+        raise UserError(f"{mlflow_config.resolved_tracking_uri()}: cannot read the MLflow tracking store ({message})") from err
 
 
 def git_commit(path: str | os.PathLike = ".") -> str | None:

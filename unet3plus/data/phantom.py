@@ -35,7 +35,7 @@ from tqdm import tqdm
 from unet3plus.config import DATASET_OF_LAYOUT
 from unet3plus.data.sources import check_layout, discover_cases, organ_mask, read_volume
 from unet3plus.errors import ConfigError, DataError
-from unet3plus.utils import atomic_path
+from unet3plus.utils import atomic_path, check_replaceable, record_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -628,7 +628,8 @@ def _msd_description(seed: int, labelled: list[int], unlabelled: list[int]) -> d
 
 
 def write_dataset(
-    layout: str, out_dir: str | Path, *, cases: int, seed: int, size: int = 128, slices: int = 48
+    layout: str, out_dir: str | Path, *, cases: int, seed: int, size: int = 128, slices: int = 48,
+    force: bool = False,
 ) -> list[Path]:
     """Write a synthetic dataset in the published LiTS or MSD Task09_Spleen layout.
 
@@ -640,7 +641,9 @@ def write_dataset(
 
     Args:
         layout: ``"lits"`` or ``"msd-spleen"``.
-        out_dir: destination folder; must be absent, empty, or an earlier synthetic dataset.
+        out_dir: destination folder; must be absent, empty, or an earlier synthetic dataset that
+            nobody added files to or changed since (see :func:`unet3plus.utils.check_replaceable`).
+        force: replace ``out_dir`` whatever it holds.
         cases: number of volumes (LiTS at most 131), including MSD's unlabelled test images.
         seed: random seed.
         size: in-plane voxels (128 for CPU work, 512 like the real scans).
@@ -660,15 +663,16 @@ def write_dataset(
             f"synth needs cases >= 1, size >= 32 and slices >= 8; got cases={cases}, size={size}, slices={slices}"
         )
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
-        raise DataError(
-            f"{out_dir}: folder is not empty and was not written by `unet3plus synth`; refusing to overwrite it"
-        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder; choose another --out")
+    if not force:
+        check_replaceable(out_dir, [out_dir], "use another --out, or --force to replace the whole folder")
     layout_code = {"lits": 0, "msd-spleen": 1}[layout]
     labelled, unlabelled = _case_ids(layout, cases, np.random.default_rng([seed, layout_code]))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the dataset gets the usual permissions
         images = []
         for number in tqdm(sorted(labelled + unlabelled), desc=f"synth {layout}", unit="case", disable=None):
             rng = np.random.default_rng([seed, layout_code, number])
@@ -694,11 +698,18 @@ def write_dataset(
             )
         parameters = {"layout": layout, "cases": cases, "seed": seed, "size": size, "slices": slices}
         (staging / MARKER).write_text(json.dumps(parameters, indent=2) + "\n")
+        record_outputs(staging, [staging])
         _replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return images
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace_folder(new: Path, target: Path) -> None:

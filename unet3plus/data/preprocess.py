@@ -285,6 +285,13 @@ def preprocess_dataset(
     labelled = [case for case in cases if case.label is not None]
     if not labelled:
         raise DataError(f"{raw_dir}: no labelled case to preprocess (every case lacks a label file)")
+    splits = assign_splits(layout, cases, data_config)
+    if "train" in splits.values() and "val" not in splits.values():
+        raise DataError(
+            f"{raw_dir}: the validation split would be empty ({list(splits.values()).count('train')} training "
+            f"case(s), data.val_fraction = {data_config.val_fraction}); training needs at least 2 training cases "
+            "and data.val_fraction > 0"
+        )
 
     created = _missing_folders(out_dir)
     staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
@@ -309,7 +316,6 @@ def preprocess_dataset(
     for warning in (warning for case in cases for warning in results[case.case_id]["warnings"]):
         logger.warning("%s", warning)
 
-    splits = assign_splits(layout, cases, data_config)
     case_entries = {}
     for case in cases:
         result = results[case.case_id]
