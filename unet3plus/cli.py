@@ -42,6 +42,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
         size=args.size if args.size is not None else data.synth_size,
         slices=args.slices if args.slices is not None else data.synth_slices,
         force=args.force,
+        fov_range=tuple(args.fov_range),
     )
     logger.info("wrote %d synthetic %s cases to %s", len(written), args.layout, args.out)
     if args.preview:
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=None, help="slices per volume (default: data.synth_slices)")
     p.add_argument("--preview", type=Path, default=None, metavar="PNG", help="also render a few axial slices with organ outlines to this PNG")
     p.add_argument("--force", action="store_true", help="replace --out even if it holds files synth did not write (they are deleted)")
+    p.add_argument("--fov-range", type=float, nargs=2, default=(1.0, 1.0), metavar=("LOW", "HIGH"),
+                   help="vary the field of view: each case shows the same kind of body in a field of view (and "
+                   "pixel spacing) LOW to HIGH times larger, padded with air (default 1 1: the standard phantom)")
 
     p = verb("validate", cmd_validate, "check every raw case and report all problems at once",
              "Read every case of a raw dataset and list every problem (unreadable or truncated files, shape or affine "

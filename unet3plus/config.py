@@ -33,7 +33,8 @@ class DataConfig:
 
     size: int = 320  # output in-plane size of every sample (paper: 320)
     hu_window: tuple[float, float] = (-200.0, 250.0)  # HU range mapped to [0, 1]
-    resize_mode: str = "resize"  # "resize" (bilinear image, nearest mask) or "crop" (centre crop/pad)
+    resize_mode: str = "resize"  # "resize" (bilinear image, nearest mask), "crop" (centre crop/pad) or "spacing"
+    spacing_mm: float = 1.4  # spacing mode: in-plane pixel spacing (mm) before the centre crop/pad to size
     val_fraction: float = 0.15  # share of training cases held out for validation
     test_fraction: float = 0.2  # share of cases used for test when the layout has no fixed split
     split_seed: int = 0
@@ -46,7 +47,8 @@ class DataConfig:
     def validate(self) -> None:
         _check(self.size >= 16, "data.size", self.size, "an integer >= 16")
         _check(self.hu_window[0] < self.hu_window[1], "data.hu_window", self.hu_window, "[low, high] with low < high")
-        _check(self.resize_mode in ("resize", "crop"), "data.resize_mode", self.resize_mode, "'resize' or 'crop'")
+        _check(self.resize_mode in ("resize", "crop", "spacing"), "data.resize_mode", self.resize_mode, "'resize', 'crop' or 'spacing'")
+        _check(self.spacing_mm > 0, "data.spacing_mm", self.spacing_mm, "a number > 0 (mm)")
         for name in ("val_fraction", "test_fraction"):
             _check(0.0 <= getattr(self, name) < 1.0, f"data.{name}", getattr(self, name), "a number in [0, 1)")
         _check(self.workers >= 1, "data.workers", self.workers, "an integer >= 1")

@@ -62,7 +62,7 @@ OVERLAY_COLOURS = {
     "false positive": (0.0, 0.8, 0.2),  # green
 }
 OVERLAY_ALPHA = 0.55
-PREPROCESSING_KEYS = ("size", "hu_window", "resize_mode")
+PREPROCESSING_KEYS = ("size", "hu_window", "resize_mode", "spacing_mm")
 
 
 def _test_cases(data_dir: Path, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -72,7 +72,7 @@ from unet3plus.utils import atomic_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_PARAMS = ("size", "hu_window", "resize_mode", "val_fraction", "test_fraction", "split_seed")
+OUTPUT_PARAMS = ("size", "hu_window", "resize_mode", "spacing_mm", "val_fraction", "test_fraction", "split_seed")
 """DataConfig fields that change what preprocessing writes (and so enter the fingerprint)."""
 
 UNLABELLED = "unlabelled"
@@ -94,7 +94,8 @@ def prepare_volume(
 
     Maps ``data_config.hu_window`` linearly onto [0, 1] (clipping outside), reorients to the
     canonical orientation (see :mod:`unet3plus.data.geometry`), resizes every axial plane to
-    ``size x size`` bilinearly (or centre crops/pads with 0 in ``"crop"`` mode) and stacks each
+    ``size x size`` bilinearly (or centre crops/pads with 0 in ``"crop"`` mode, or resamples to
+    ``spacing_mm`` then crops/pads in ``"spacing"`` mode) and stacks each
     slice with its neighbours (previous, current, next; the first and last slice repeat themselves).
 
     Args:
@@ -109,7 +110,7 @@ def prepare_volume(
     Raises:
         ValueError: not a 3-D volume, NaN voxels, bad affine, or invalid ``data_config``.
     """
-    geometry = volume_geometry(np.shape(image_hu), affine, data_config.size, data_config.resize_mode)
+    geometry = volume_geometry(np.shape(image_hu), affine, data_config.size, data_config.resize_mode, data_config.spacing_mm)
     _, planes = canonical_slab(np.asarray(image_hu), 0, geometry)
     stacks = np.concatenate([image_chunk(chunk, geometry, data_config.hu_window) for _, chunk in chunks(planes)])
     return stacks[neighbour_index(len(stacks))], geometry
@@ -161,7 +162,7 @@ def prepare_label(labels: np.ndarray, affine: np.ndarray, data_config: DataConfi
     Raises:
         ValueError: not 3-D, bad affine or unknown layout.
     """
-    geometry = volume_geometry(np.shape(labels), affine, data_config.size, data_config.resize_mode)
+    geometry = volume_geometry(np.shape(labels), affine, data_config.size, data_config.resize_mode, data_config.spacing_mm)
     return organ_mask(resample_to_slices(np.asarray(labels), geometry, "nearest"), layout)
 
 
@@ -499,7 +500,9 @@ def _process_case(case: Case, layout: str, staging: Path | None, data_config: Da
     geometry = None
     if not scan.errors and scan.label is not None and staging is not None:
         try:
-            geometry = volume_geometry(scan.image.shape, scan.image.affine, data_config.size, data_config.resize_mode)
+            geometry = volume_geometry(
+                scan.image.shape, scan.image.affine, data_config.size, data_config.resize_mode, data_config.spacing_mm
+            )
         except ValueError as err:  # e.g. a singular affine, which opening and checking accept
             scan.errors.append(f"{case.image}: cannot be preprocessed: {err}")
     if geometry is None:
