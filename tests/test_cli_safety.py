@@ -279,6 +279,7 @@ def test_file_system_and_tracking_errors_are_one_line(workspace, tmp_path):
         ([*predict, "--output", str(tmp_path / "mask.png")], ["mask.png", ".nii.gz"]),
         ([*predict, "--output", str(tmp_path / "mask.nii.gzz")], ["mask.nii.gzz"]),
         (["train", "--data", str(root / "proc"), "--out", str(tmp_path / "afile/run"), *TINY], ["afile"]),
+        (["train", "--data", str(root / "proc"), "--out", str(tmp_path / "afile"), *TINY], ["afile", "not a folder"]),
         (["evaluate", "--checkpoint", str(root / "m/best.pt"), "--data", str(root / "proc"), "--raw", str(root / "raw"),
           "--out", str(tmp_path / "afile"), *TINY], ["afile"]),
         (["report", "--out", str(tmp_path / "afile/table.md")], ["afile"]),

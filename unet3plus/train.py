@@ -449,6 +449,8 @@ def _stack(slices: dict[int, np.ndarray]) -> np.ndarray:
 
 def _check_fresh_out_dir(out_dir: Path) -> None:
     """Refuse an ``out_dir`` holding an earlier run, or files of ours changed by someone, or foreign files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: --out is a file, not a folder; choose another --out")
     for name in ("last.pt", "best.pt"):
         if (out_dir / name).exists():
             raise UserError(

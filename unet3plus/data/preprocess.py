@@ -43,6 +43,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -463,7 +464,7 @@ def _process_all(cases: list[Case], layout: str, staging: Path, data_config: Dat
         # fork starts workers in milliseconds (spawn re-imports torch: seconds per worker)
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         context = multiprocessing.get_context(method)
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
             running = {pool.submit(_process_case, *job) for job in itertools.islice(iter(next_job, None), workers)}
             while running:
                 done, running = wait(running, return_when=FIRST_COMPLETED)
@@ -472,6 +473,12 @@ def _process_all(cases: list[Case], layout: str, staging: Path, data_config: Dat
                     if (job := next_job()) is not None:
                         running.add(pool.submit(_process_case, *job))
     return results
+
+
+def _init_worker() -> None:
+    """One torch thread per worker; Ctrl-C is the parent's to handle (no traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
 
 
 @contextlib.contextmanager
