@@ -43,12 +43,12 @@ def load_config(params: str, overrides: Optional[List[str]] = None) -> Any:
     """
     import yaml
 
-    from unet3plus.config import apply_overrides, config_from_dict
+    from unet3plus.config import apply_overrides, config_from_dict, parse_yaml
     from unet3plus.errors import ConfigError
 
     hint = "pass the text of params.yaml (python -m pipeline submit --params params.yaml does)"
     try:
-        raw = yaml.safe_load(params)
+        raw = parse_yaml(params)
     except yaml.YAMLError as err:
         raise ConfigError(f"params: not valid YAML ({err}); {hint}") from err
     if not isinstance(raw, dict):

@@ -21,6 +21,7 @@ from unet3plus.data.preprocess import preprocess_dataset
 from unet3plus.errors import CheckpointError, DataError
 from unet3plus.evaluate import OVERLAY_ALPHA, OVERLAY_COLOURS, evaluate, largest_organ_slice, overlay_rgb
 from unet3plus.models import create_model
+from unet3plus.utils import OUTPUTS_RECORD
 
 SUMMARY_KEYS = {"dice", "iou", "precision", "recall", "hd95", "assd", "dice_no_gate", "cases", "dataset"}
 PER_CASE_KEYS = {"case_id", "dice", "iou", "precision", "recall", "hd95", "assd", "dice_no_gate"}
@@ -90,7 +91,10 @@ def test_evaluate_writes_metrics_per_case_predictions_and_overlays(evaluated):
     assert sorted(p.name for p in (out / "predictions").iterdir()) == [f"{c}.nii.gz" for c in test_ids]
     overlays = sorted(p.name for p in (out / "overlays").iterdir())
     assert len(overlays) == 2 and overlays[0].startswith("best_1_") and overlays[1].startswith("worst_1_")
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [OUTPUTS_RECORD], "temporary files left behind"
+    assert sorted(json.loads((out / OUTPUTS_RECORD).read_text())) == sorted(  # what a rerun may replace
+        ["metrics.json", "per_case.csv", *(f"predictions/{c}.nii.gz" for c in test_ids), *(f"overlays/{o}" for o in overlays)]
+    )
 
 
 def test_per_case_numbers_equal_an_independent_dice_of_the_written_predictions(evaluated):

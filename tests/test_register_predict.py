@@ -21,6 +21,7 @@ from unet3plus.data.preprocess import prepare_volume
 from unet3plus.errors import CheckpointError, DataError, UserError
 from unet3plus.models import create_model, predict_proba
 from unet3plus.register import register
+from unet3plus.utils import file_digest
 
 SIZE = 32
 NAME = "unet3plus-liver"
@@ -50,8 +51,10 @@ def write_checkpoint(path: Path, config: Config, run_id: str | None = None) -> P
     return save_checkpoint(path, payload)
 
 
-def write_metrics(path: Path, dice: float) -> Path:
-    path.write_text(json.dumps({"dice": dice, "iou": dice / 2, "hd95": None, "cases": 2, "dataset": "liver"}))
+def write_metrics(path: Path, dice: float, checkpoint: Path) -> Path:
+    """evaluate's metrics.json for ``checkpoint`` (which it records by content hash)."""
+    metrics = {"dice": dice, "iou": dice / 2, "hd95": None, "cases": 2, "dataset": "liver"}
+    path.write_text(json.dumps({**metrics, "checkpoint_sha256": file_digest(checkpoint)}))
     return path
 
 
@@ -84,7 +87,7 @@ def registry(tmp_path_factory) -> dict:
     checkpoint = write_checkpoint(root / "best.pt", config, run_id)
     results, champions = [], []
     for index, dice in enumerate((0.5, 0.4, 0.6)):
-        results.append(register(config, checkpoint, write_metrics(root / f"metrics{index}.json", dice)))
+        results.append(register(config, checkpoint, write_metrics(root / f"metrics{index}.json", dice, checkpoint)))
         champions.append(str(client.get_model_version_by_alias(NAME, "champion").version))
     return {"root": root, "config": config, "client": client, "checkpoint": checkpoint, "run_id": run_id,
             "results": results, "champions": champions, "training_tags": training_tags}  # fmt: skip
@@ -180,7 +183,7 @@ def test_missing_or_corrupt_checkpoint_is_a_checkpoint_error_naming_it(tmp_path,
         assert str(checkpoint) in error
         assert not (tmp_path / "mask.nii.gz").exists()
         with pytest.raises(CheckpointError, match=checkpoint.name):
-            register(tiny_config(f"sqlite:///{tmp_path / 'm.db'}"), checkpoint, write_metrics(tmp_path / "metrics.json", 0.5))
+            register(tiny_config(f"sqlite:///{tmp_path / 'm.db'}"), checkpoint, write_metrics(tmp_path / "metrics.json", 0.5, checkpoint))
 
 
 @pytest.mark.slow
@@ -211,14 +214,14 @@ def test_registry_failure_is_a_user_error_naming_the_store(tmp_path):
     config = tiny_config(f"sqlite:///{tmp_path / 'not_a_folder' / 'm.db'}")
     checkpoint = write_checkpoint(tmp_path / "best.pt", config)
     with pytest.raises(UserError, match="MLflow model registry at sqlite:///.*not_a_folder"):
-        register(config, checkpoint, write_metrics(tmp_path / "metrics.json", 0.5))
+        register(config, checkpoint, write_metrics(tmp_path / "metrics.json", 0.5, checkpoint))
 
 
 @pytest.mark.slow
 def test_register_against_a_live_mlflow_server(mlflow_server, tmp_path):
     config = tiny_config(mlflow_server.url)
     checkpoint = write_checkpoint(tmp_path / "best.pt", config, run_id="f" * 32)  # unknown run: a new run is used
-    result = register(config, checkpoint, write_metrics(tmp_path / "metrics.json", 0.7))
+    result = register(config, checkpoint, write_metrics(tmp_path / "metrics.json", 0.7, checkpoint))
     assert result == {"name": NAME, "version": 1, "champion": True}
     api = f"{mlflow_server.url}/api/2.0/mlflow"
     alias = requests.get(f"{api}/registered-models/alias", params={"name": NAME, "alias": "champion"}, timeout=30)

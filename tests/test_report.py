@@ -66,12 +66,15 @@ def test_cli_prints_markdown_and_writes_csv(tracking, tmp_path, monkeypatch, cap
 def test_no_experiment_or_no_evaluated_run_is_a_clear_error(tmp_path, monkeypatch, capsys):
     uri = f"sqlite:///{tmp_path / 'empty.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with pytest.raises(UserError, match="no such experiment"):
+    with pytest.raises(UserError, match="no MLflow tracking store"):  # and a read creates none
         results_table(MlflowConfig(experiment="nothing-here"))
+    assert not (tmp_path / "empty.db").exists()
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("trained-only")
     with mlflow.start_run():
         mlflow.log_metric("val_dice", 0.3)
+    with pytest.raises(UserError, match="no such experiment"):
+        results_table(MlflowConfig(experiment="nothing-here"))
     monkeypatch.chdir(tmp_path)
     assert main(["report", "--set", "mlflow.experiment=trained-only", "--out", "table.md"]) == 2
     assert "no evaluated run" in capsys.readouterr().err

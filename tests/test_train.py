@@ -311,7 +311,7 @@ def test_two_process_ddp_run_writes_one_checkpoint_set_and_one_mlflow_run(data_d
     assert result.returncode == 0, result.stderr[-5000:]
 
     written = sorted(path.name for path in out.iterdir())
-    assert written == ["best.pt", "curves.png", "history.csv", "last.pt", "train_summary.json"]
+    assert written == [".unet3plus-outputs.json", "best.pt", "curves.png", "history.csv", "last.pt", "train_summary.json"]
     last = load_checkpoint(out / "last.pt")
     assert len(last["rng"]) == 2  # both ranks trained (their RNG states are gathered into the checkpoint)
     assert not any(name.startswith("module.") for name in last["model"])  # the unwrapped model is saved

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from unet3plus.config import LAYOUTS, Config, load_config
 from unet3plus.errors import DataError, UserError
-from unet3plus.utils import setup_logging
+from unet3plus.utils import check_outputs, setup_logging
 
 logger = logging.getLogger("unet3plus")
 
@@ -33,6 +33,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from unet3plus.data.phantom import render_preview, write_dataset
 
     data = _config(args).data
+    check_outputs({"--out": args.out, "--preview": args.preview}, {})
     written = write_dataset(
         args.layout,
         args.out,
@@ -40,6 +41,8 @@ def cmd_synth(args: argparse.Namespace) -> None:
         seed=args.seed if args.seed is not None else data.synth_seed,
         size=args.size if args.size is not None else data.synth_size,
         slices=args.slices if args.slices is not None else data.synth_slices,
+        force=args.force,
+        fov_range=tuple(args.fov_range),
     )
     logger.info("wrote %d synthetic %s cases to %s", len(written), args.layout, args.out)
     if args.preview:
@@ -51,7 +54,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from unet3plus.data.validation import validate_dataset
     from unet3plus.utils import write_json_atomic
 
-    report = validate_dataset(args.layout, args.raw, workers=_config(args).data.workers)
+    config = _config(args)
+    check_outputs({"--report": args.report}, {"--raw": args.raw})
+    report = validate_dataset(args.layout, args.raw, workers=config.data.workers)
     for warning in report.warnings:
         logger.warning("%s", warning)
     if args.report:
@@ -68,6 +73,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
     if args.size is not None:
         config.data.size = args.size
         config.data.validate()
+    check_outputs({"--out": args.out}, {"--raw": args.raw})
     manifest = preprocess_dataset(args.layout, args.raw, args.out, config.data)
     logger.info("manifest: %s", manifest)
 
@@ -75,20 +81,27 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from unet3plus.train import train
 
-    train(_config(args), data_dir=args.data, out_dir=args.out, resume=args.resume, compile_model=args.compile)
+    config = _config(args)
+    check_outputs({"--out": args.out}, {"--data": args.data})
+    train(config, data_dir=args.data, out_dir=args.out, resume=args.resume, force=args.force,
+          compile_model=args.compile)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from unet3plus.evaluate import evaluate
 
-    evaluate(_config(args), checkpoint=args.checkpoint, data_dir=args.data, raw_dir=args.raw, out_dir=args.out)
+    config = _config(args)
+    check_outputs({"--out": args.out}, {"--checkpoint": args.checkpoint, "--data": args.data, "--raw": args.raw})
+    evaluate(config, checkpoint=args.checkpoint, data_dir=args.data, raw_dir=args.raw, out_dir=args.out, force=args.force)
 
 
 def cmd_register(args: argparse.Namespace) -> None:
     from unet3plus.register import register
     from unet3plus.utils import write_json_atomic
 
-    result = register(_config(args), checkpoint=args.checkpoint, metrics_path=args.metrics)
+    config = _config(args)
+    check_outputs({"--output": args.output}, {"--checkpoint": args.checkpoint, "--metrics": args.metrics})
+    result = register(config, checkpoint=args.checkpoint, metrics_path=args.metrics)
     logger.info("registered %s version %s%s", result["name"], result["version"], " (champion)" if result["champion"] else "")
     if args.output:
         write_json_atomic(args.output, result)
@@ -96,9 +109,13 @@ def cmd_register(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from unet3plus.report import results_table, to_markdown
+    from unet3plus.tracking import store_errors
     from unet3plus.utils import atomic_path, write_text_atomic
 
-    table = results_table(_config(args).mlflow)
+    config = _config(args)
+    check_outputs({"--out": args.out}, {})
+    with store_errors(config.mlflow):
+        table = results_table(config.mlflow)
     if args.out is None:
         sys.stdout.write(to_markdown(table))
     elif args.out.suffix == ".csv":
@@ -111,9 +128,12 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from unet3plus.predict import predict_file
+    from unet3plus.predict import is_mlflow_uri, predict_file
 
-    predict_file(args.model, args.input, args.output, config=_config(args))
+    config = _config(args)
+    model = None if is_mlflow_uri(args.model) else args.model
+    check_outputs({"--output": args.output}, {"--input": args.input, "--model": model})
+    predict_file(args.model, args.input, args.output, config=config)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="in-plane voxels, e.g. 128 or 512 (default: data.synth_size)")
     p.add_argument("--slices", type=int, default=None, help="slices per volume (default: data.synth_slices)")
     p.add_argument("--preview", type=Path, default=None, metavar="PNG", help="also render a few axial slices with organ outlines to this PNG")
+    p.add_argument("--force", action="store_true", help="replace --out even if it holds files synth did not write (they are deleted)")
+    p.add_argument("--fov-range", type=float, nargs=2, default=(1.0, 1.0), metavar=("LOW", "HIGH"),
+                   help="vary the field of view: each case shows the same kind of body in a field of view (and "
+                   "pixel spacing) LOW to HIGH times larger, padded with air (default 1 1: the standard phantom)")
 
     p = verb("validate", cmd_validate, "check every raw case and report all problems at once",
              "Read every case of a raw dataset and list every problem (unreadable or truncated files, shape or affine "
@@ -176,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (opt-in: off by default because it costs minutes of compilation "
                         "and was slower than eager on the official code; measure with benchmarks/gpu_check.py)")
+    p.add_argument("--force", action="store_true", help="start afresh in an --out that holds an earlier run (its checkpoints are replaced)")
 
     p = verb("evaluate", cmd_evaluate, "score a checkpoint per 3D volume on the test split",
              "Predict every test volume, map predictions back to the original voxel grid and score Dice, IoU, "
@@ -185,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="preprocessed dataset directory")
     p.add_argument("--raw", type=Path, required=True, help="raw dataset directory (original labels and geometry)")
     p.add_argument("--out", type=Path, required=True, help="output directory for metrics and predictions")
+    p.add_argument("--force", action="store_true", help="replace predictions/ and overlays/ even if they hold files evaluate did not write")
 
     p = verb("register", cmd_register, "log the model to MLflow and register it; move 'champion' if better",
              "Log the checkpoint as an MLflow model (signature and input example), register it as "
@@ -215,17 +241,30 @@ def main(argv: list[str] | None = None) -> int:
 def run_parsed(args: argparse.Namespace) -> int:
     """Run a parsed command line (``args.func`` with ``args.verbose``); the one error convention.
 
-    A :class:`UserError` becomes one ``error: ...`` paragraph on stderr and exit status 2 (the
-    traceback only with ``-v``); anything else is a bug and propagates.
+    A :class:`UserError` becomes one ``error: ...`` paragraph on stderr and exit status 2, and so
+    does a file-system error (naming the path); Ctrl-C prints ``interrupted`` and exits 130 (the
+    traceback only with ``-v``). Anything else is a bug and propagates.
     """
     setup_logging(args.verbose)
     try:
         args.func(args)
-    except UserError as err:
+    except KeyboardInterrupt:
+        logger.debug("interrupted", exc_info=True)
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (UserError, OSError) as err:
         logger.debug("error details", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_describe(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _describe(err: Exception) -> str:
+    """The message of a :class:`UserError`; ``path: reason`` of a file-system error."""
+    if isinstance(err, OSError) and not isinstance(err, UserError) and err.strerror:
+        paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+        return f"{paths}: {err.strerror}" if paths else err.strerror
+    return str(err)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ the offending ``section.key``, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ import yaml
 
 from unet3plus.errors import ConfigError
 
+logger = logging.getLogger(__name__)
 LAYOUTS = ("lits", "msd-spleen")
 DATASET_OF_LAYOUT = {"lits": "liver", "msd-spleen": "spleen"}
 
@@ -29,7 +33,8 @@ class DataConfig:
 
     size: int = 320  # output in-plane size of every sample (paper: 320)
     hu_window: tuple[float, float] = (-200.0, 250.0)  # HU range mapped to [0, 1]
-    resize_mode: str = "resize"  # "resize" (bilinear image, nearest mask) or "crop" (centre crop/pad)
+    resize_mode: str = "resize"  # "resize" (bilinear image, nearest mask), "crop" (centre crop/pad) or "spacing"
+    spacing_mm: float = 1.4  # spacing mode: in-plane pixel spacing (mm) before the centre crop/pad to size
     val_fraction: float = 0.15  # share of training cases held out for validation
     test_fraction: float = 0.2  # share of cases used for test when the layout has no fixed split
     split_seed: int = 0
@@ -42,7 +47,8 @@ class DataConfig:
     def validate(self) -> None:
         _check(self.size >= 16, "data.size", self.size, "an integer >= 16")
         _check(self.hu_window[0] < self.hu_window[1], "data.hu_window", self.hu_window, "[low, high] with low < high")
-        _check(self.resize_mode in ("resize", "crop"), "data.resize_mode", self.resize_mode, "'resize' or 'crop'")
+        _check(self.resize_mode in ("resize", "crop", "spacing"), "data.resize_mode", self.resize_mode, "'resize', 'crop' or 'spacing'")
+        _check(self.spacing_mm > 0, "data.spacing_mm", self.spacing_mm, "a number > 0 (mm)")
         for name in ("val_fraction", "test_fraction"):
             _check(0.0 <= getattr(self, name) < 1.0, f"data.{name}", getattr(self, name), "a number in [0, 1)")
         _check(self.workers >= 1, "data.workers", self.workers, "an integer >= 1")
@@ -72,6 +78,11 @@ class ModelConfig:
         _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "an integer >= 1")
         _check(self.num_classes >= 1, "model.num_classes", self.num_classes, "an integer >= 1")
         _check(self.skip_impl in ("auto", "naive", "factored"), "model.skip_impl", self.skip_impl, "'auto', 'naive' or 'factored'")
+        # The data are 3-slice stacks (previous, current, next) with one organ mask each.
+        _check(self.in_channels == 3, "model.in_channels", self.in_channels, "3 (the preprocessed samples are 3-slice stacks)")
+        _check(self.num_classes == 1, "model.num_classes", self.num_classes, "1 (one organ mask per dataset; multi-class is not supported)")
+        _check(self.encoder_weights is None or self.encoder in ("vgg16", "resnet101"), "model.encoder_weights",
+               self.encoder_weights, "null for model.encoder 'unet' (weights load only into 'vgg16' or 'resnet101')")
 
 
 @dataclass
@@ -117,6 +128,10 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check(self.optimizer in ("sgd", "adamw"), "train.optimizer", self.optimizer, "'sgd' or 'adamw'")
         _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        for name in ("momentum", "weight_decay"):
+            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "a number >= 0")
+        _check(self.poly_power > 0, "train.poly_power", self.poly_power, "a number > 0")
+        _check(_DEVICE.fullmatch(self.device) is not None, "train.device", self.device, DEVICE_CHOICES)
         _check(self.schedule in ("poly", "cosine", "constant"), "train.schedule", self.schedule, "'poly', 'cosine' or 'constant'")
         _check(0.0 <= self.organ_fraction < 1.0, "train.organ_fraction", self.organ_fraction, "a number in [0, 1)")
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, "an integer >= 0")
@@ -136,6 +151,7 @@ class EvaluateConfig:
         _check(0.0 < self.threshold < 1.0, "evaluate.threshold", self.threshold, "a number in (0, 1)")
         _check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
         _check(self.overlays >= 0, "evaluate.overlays", self.overlays, "an integer >= 0")
+        _check(_DEVICE.fullmatch(self.device) is not None, "evaluate.device", self.device, DEVICE_CHOICES)
 
 
 @dataclass
@@ -203,6 +219,38 @@ class Config:
 
 
 SECTIONS = ("data", "model", "loss", "train", "evaluate", "register", "mlflow")
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+DEVICE_CHOICES = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """YAML for parameters: ``1e-4`` is a float (YAML 1.2, not a string as in 1.1); a key twice is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and first.setdefault(key, line) != line:
+                raise _DuplicateKey(f"line {line}: duplicate key {key!r} (first given on line {first[key]}); give each key once")
+        return super().construct_mapping(node, deep=deep)
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse parameters YAML with :class:`ParamsLoader` (raises ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -246,6 +294,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} = {value!r} is invalid: expected a finite number")
             return float(value)
     elif annotation is str:
         if isinstance(value, str):
@@ -311,7 +361,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         if name not in raw[section]:
             raise ConfigError(f"override {item!r}: unknown key {key}; allowed keys in {section!r}: {', '.join(sorted(raw[section]))}")
         try:
-            raw[section][name] = yaml.safe_load(text)
+            raw[section][name] = parse_yaml(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
     return config_from_dict(raw)
@@ -330,16 +380,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not path.is_file():
             raise ConfigError(f"{path}: parameters file not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = parse_yaml(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a text file; expected YAML parameters like the repository's params.yaml") from err
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the parameters file ({err.strerror})") from err
+        if raw is None:
+            logger.warning("%s is empty: using the built-in defaults, which differ from the repository's params.yaml", path)
+            raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     try:
         config = config_from_dict(raw)
-        return apply_overrides(config, overrides) if overrides else config
     except ConfigError as err:
         raise ConfigError(f"{path or 'defaults'}: {err}") from err
+    try:
+        return apply_overrides(config, overrides) if overrides else config
+    except ConfigError as err:
+        raise ConfigError(f"--set: {err}") from err
 
 
 def ablation_config(config: Config, ablation: AblationConfig) -> Config:

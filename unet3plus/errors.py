@@ -19,3 +19,7 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError):
     """A model checkpoint is missing, truncated or not a unet3plus checkpoint."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on: the loss or the weights became NaN or infinite."""

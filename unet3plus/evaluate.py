@@ -48,8 +48,16 @@ from unet3plus.errors import DataError
 from unet3plus.metrics import METRIC_NAMES, dice, summarise, volume_metrics
 from unet3plus.models import predict_proba
 from unet3plus.predict import predict_slices, write_mask
-from unet3plus.tracking import open_run
-from unet3plus.utils import atomic_path, prepare_model, select_device, write_json_atomic
+from unet3plus.tracking import data_hash, open_run
+from unet3plus.utils import (
+    atomic_path,
+    check_replaceable,
+    file_digest,
+    prepare_model,
+    record_outputs,
+    select_device,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +70,7 @@ OVERLAY_COLOURS = {
     "false positive": (0.0, 0.8, 0.2),  # green
 }
 OVERLAY_ALPHA = 0.55
-PREPROCESSING_KEYS = ("size", "hu_window", "resize_mode")
+PREPROCESSING_KEYS = ("size", "hu_window", "resize_mode", "spacing_mm")
 
 
 def _test_cases(data_dir: Path, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -242,7 +250,7 @@ def _replace_dir(source: Path, destination: Path) -> None:
 
 
 def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.PathLike,
-             raw_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
+             raw_dir: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on every test case of a preprocessed dataset.
 
     Args:
@@ -252,15 +260,20 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         checkpoint: checkpoint file (``best.pt``); its ``mlflow_run_id`` receives the results.
         data_dir: preprocessed dataset (``manifest.csv``, ``cases.json``, ``samples/``).
         raw_dir: the raw dataset it was made from (original labels, images and geometry).
-        out_dir: output folder (created).
+        out_dir: output folder (created). Its outputs are replaced only when evaluate wrote them
+            (listed in its :data:`unet3plus.utils.OUTPUTS_RECORD`, unchanged since).
+        force: replace them whatever they hold.
 
     Returns:
-        The content of ``metrics.json`` (NaN means written as None).
+        The content of ``metrics.json`` (NaN means written as None), which also records what was
+        scored: ``checkpoint_sha256`` (content hash of ``checkpoint``) and ``data_hash``
+        (:func:`unet3plus.tracking.data_hash` of ``data_dir``), checked by ``register``.
 
     Raises:
         CheckpointError: the checkpoint is missing or corrupt.
         DataError: the preprocessed dataset is missing or corrupt, has no test case, a raw label
             is missing or unreadable, or the dataset is not the checkpoint's organ.
+        UserError: ``out_dir`` holds files evaluate did not write (without ``force``).
     """
     checkpoint, data_dir, raw_dir, out_dir = Path(checkpoint), Path(data_dir), Path(raw_dir), Path(out_dir)
     payload = load_checkpoint(checkpoint)
@@ -269,6 +282,10 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         raise DataError(f"{data_dir}: a {metadata['dataset']} dataset, but {checkpoint} is a {payload['dataset']} model"
                         " (evaluate each organ with its own model)")
     _warn_on_preprocessing_mismatch(payload, metadata, checkpoint, data_dir)
+    outputs = [out_dir / name for name in ("predictions", "overlays", "per_case.csv", "metrics.json")]
+    if not force:
+        check_replaceable(out_dir, outputs, "use another --out, or --force")
+    scored = {"checkpoint_sha256": file_digest(checkpoint), "data_hash": data_hash(data_dir)}
     device = select_device(config.evaluate.device)
     network = prepare_model(model_from_checkpoint(payload), device, config.train.mixed_precision)
     forward = _both_probabilities(network)
@@ -287,12 +304,13 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         per_case = pd.DataFrame(rows, columns=list(PER_CASE_COLUMNS))
         _overlays(per_case, metadata, config, raw_dir, predictions_tmp, overlays_tmp)
         summary = _json_safe({**summarise(rows, SUMMARY_METRICS), "dataset": metadata["dataset"],
-                              "threshold": config.evaluate.threshold})
+                              "threshold": config.evaluate.threshold, **scored})
         _replace_dir(predictions_tmp, out_dir / "predictions")
         _replace_dir(overlays_tmp, out_dir / "overlays")
     with atomic_path(out_dir / "per_case.csv") as tmp:
         per_case.to_csv(tmp, index=False)
     write_json_atomic(out_dir / "metrics.json", summary)
+    record_outputs(out_dir, outputs)
     logger.info("%s: %d test volumes, mean Dice %.4f (without CGM gate %.4f)", checkpoint, summary["cases"],
                 summary["dice"], summary["dice_no_gate"])
     _log_to_mlflow(config, payload, summary, out_dir)

@@ -179,12 +179,17 @@ def predict_file(model: str | os.PathLike, input: str | os.PathLike, output: str
         CheckpointError: the checkpoint is missing or corrupt.
         UserError: the MLflow model cannot be loaded.
     """
+    if not str(output).endswith((".nii", ".nii.gz")):
+        raise UserError(f"{output}: the mask is written as NIfTI; give an --output ending in .nii.gz or .nii")
     scan = read_volume(input)
     if is_mlflow_uri(model):
-        from unet3plus.tracking import configure
+        from unet3plus.tracking import configure_for_reading, store_errors
 
-        configure(config.mlflow)
-    network, data_config, device = load_predictor(model, config.evaluate.device, config.train.mixed_precision)
+        configure_for_reading(config.mlflow)
+        with store_errors(config.mlflow):
+            network, data_config, device = load_predictor(model, config.evaluate.device, config.train.mixed_precision)
+    else:
+        network, data_config, device = load_predictor(model, config.evaluate.device, config.train.mixed_precision)
     image_hu = np.asarray(scan.get_fdata(dtype=np.float32))
     stacks, geometry = prepare_volume(image_hu, scan.affine, data_config)
     probabilities = predict_slices(network, stacks, config.evaluate.batch_size, device, description=Path(input).name,

@@ -36,6 +36,7 @@ from unet3plus.config import Config
 from unet3plus.errors import DataError, UserError
 from unet3plus.predict import METADATA_KEY, ProbabilityModel
 from unet3plus.tracking import check_access, configure, explain_failure, git_commit
+from unet3plus.utils import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,25 @@ def _read_metrics(path: Path, metric: str) -> dict[str, Any]:
     if not isinstance(metrics, dict) or not isinstance(metrics.get(metric), (int, float)):
         raise DataError(f"{path}: no numeric {metric!r} (register.metric) in the metrics; expected evaluate's output")
     return metrics
+
+
+def _check_scored(metrics: dict[str, Any], path: Path, checkpoint: Path, payload: dict[str, Any]) -> None:
+    """Refuse metrics that are not finite, or that evaluate computed for another checkpoint or other data."""
+    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        raise DataError(f"{path}: non-finite {', '.join(bad)}; a broken model or evaluation cannot be registered")
+    digest = file_digest(checkpoint)
+    if metrics.get("checkpoint_sha256") != digest:
+        raise DataError(
+            f"{path}: scores checkpoint {metrics.get('checkpoint_sha256')}, not {checkpoint} (sha256 {digest}); "
+            f"run `unet3plus evaluate --checkpoint {checkpoint}` first"
+        )
+    trained_on = payload.get("data_hash")
+    if trained_on is not None and metrics.get("data_hash") != trained_on:
+        raise DataError(
+            f"{path}: was computed on data {metrics.get('data_hash')}, but {checkpoint} was trained on data "
+            f"{trained_on}; evaluate on the test split of the model's own preprocessed data"
+        )
 
 
 def is_better(new: float, current: float | None, metric: str) -> bool:
@@ -137,6 +157,7 @@ def register(config: Config, checkpoint: str | os.PathLike, metrics_path: str | 
     dataset = payload["dataset"]
     if metrics.get("dataset", dataset) != dataset:
         raise DataError(f"{metrics_path}: metrics are for {metrics['dataset']!r} but {checkpoint} is a {dataset!r} model")
+    _check_scored(metrics, metrics_path, checkpoint, payload)
     name = f"{config.register.name_prefix}-{dataset}"
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     network = ProbabilityModel(model_from_checkpoint(payload)).eval()

@@ -16,7 +16,7 @@ import pandas as pd
 
 from unet3plus.config import MlflowConfig
 from unet3plus.errors import UserError
-from unet3plus.tracking import check_access
+from unet3plus.tracking import check_access, configure_for_reading
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ def results_table(mlflow_config: MlflowConfig) -> pd.DataFrame:
     Raises:
         UserError: the experiment does not exist or holds no evaluated run.
     """
-    uri = mlflow_config.resolved_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = configure_for_reading(mlflow_config)  # capped HTTP retries; never creates a store
     check_access(uri)
     where = f"experiment {mlflow_config.experiment!r} at {uri}"
     if mlflow.get_experiment_by_name(mlflow_config.experiment) is None:

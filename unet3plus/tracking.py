@@ -113,6 +113,34 @@ def check_access(uri: str, registry: bool = False) -> None:
             client.search_registered_models(max_results=1)
     except MlflowException as err:
         raise UserError(explain_failure(err, uri)) from err
+def configure_for_reading(mlflow_config: MlflowConfig) -> str:
+    """:func:`configure` for commands that only read (``report``, ``predict models:/...``).
+
+    A SQLite store that does not exist is refused rather than created, so a read never leaves an
+    empty ``mlflow.db`` behind.
+
+    Raises:
+        UserError: the SQLite file does not exist.
+    """
+    uri = configure(mlflow_config)
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        if not path.is_file():
+            raise UserError(f"{uri}: no MLflow tracking store at {path}; train a model first or point "
+                            "MLFLOW_TRACKING_URI (or mlflow.tracking_uri) at your store")
+    return uri
+
+
+@contextlib.contextmanager
+def store_errors(mlflow_config: MlflowConfig) -> Iterator[None]:
+    """Turn a failure to read the tracking store (not a database, unreachable) into one :class:`UserError`."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (MlflowException, SQLAlchemyError, OSError) as err:
+        message = " ".join(str(err).split())[:300]
+        raise UserError(f"{mlflow_config.resolved_tracking_uri()}: cannot read the MLflow tracking store ({message})") from err
 
 
 def git_commit(path: str | os.PathLike = ".") -> str | None:

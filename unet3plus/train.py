@@ -50,15 +50,17 @@ from unet3plus import tracking
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
 from unet3plus.config import Config, TrainConfig, config_from_dict
 from unet3plus.data.dataset import SliceDataset, load_preprocessed
-from unet3plus.errors import CheckpointError, DataError
+from unet3plus.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
 from unet3plus.losses import Criterion
 from unet3plus.metrics import dice
 from unet3plus.models import create_model, predict_proba
 from unet3plus.utils import (
     atomic_path,
     autocast_context,
+    check_replaceable,
     memory_format_for,
     prepare_model,
+    record_outputs,
     select_device,
     write_json_atomic,
 )
@@ -70,7 +72,7 @@ VAL_THRESHOLD = 0.5  # probability above which a pixel counts as organ in the va
 
 def train(
     config: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, resume: bool = False,
-    compile_model: bool = False,
+    force: bool = False, compile_model: bool = False,
 ) -> dict[str, Any]:
     """Train the model of ``config`` on a preprocessed dataset and track the run in MLflow.
 
@@ -81,7 +83,10 @@ def train(
         out_dir: where checkpoints, history and summary go (created).
         resume: continue from ``out_dir/last.pt`` (same model section and dataset) up to
             ``config.train.epochs``, and continue its MLflow run when the store still has it;
-            metrics the run missed while tracking was unavailable are logged then.
+            metrics the run missed while tracking was unavailable are logged then. The dataset
+            must be the one ``last.pt`` was trained on (same data hash).
+        force: start afresh even if ``out_dir`` holds an earlier run or files training did not
+            write (they are replaced). Without it such an ``out_dir`` is refused.
 
     Returns:
         On the master process, the summary also written to ``out_dir/train_summary.json``:
@@ -92,6 +97,8 @@ def train(
     Raises:
         DataError: ``data_dir`` is missing or corrupt, or its train or val split is empty.
         CheckpointError: resuming from a missing, corrupt or incompatible ``last.pt``.
+        UserError: ``out_dir`` holds an earlier run or foreign files (without ``resume``/``force``).
+        TrainingError: the loss or the weights became NaN or infinite (nothing of that epoch is saved).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     train_config = config.train
@@ -108,10 +115,21 @@ def train(
                 f"{data_dir / 'manifest.csv'}: the {split!r} split has no samples; "
                 "preprocess more cases or change data.val_fraction"
             )
+    weights = config.model.encoder_weights
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"model.encoder_weights = {weights!r}: file not found")
+    fingerprint = tracking.data_hash(data_dir)
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(out_dir / "last.pt")
-        _check_resumable(checkpoint, config, dataset_name, out_dir / "last.pt")
+        _check_resumable(checkpoint, config, dataset_name, out_dir / "last.pt", fingerprint)
+        if checkpoint["epoch"] >= train_config.epochs:
+            logger.info("%s: all %d epochs are already done (train.epochs = %d); nothing to do. Raise train.epochs "
+                        "to train longer.", out_dir / "last.pt", checkpoint["epoch"], train_config.epochs)
+            summary_path = out_dir / "train_summary.json"
+            return json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    elif not force:
+        _check_fresh_out_dir(out_dir)
 
     # -- setup: distributed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK), device, precision, seeds
     ddp = "RANK" in os.environ
@@ -198,6 +216,7 @@ def train(
                 losses = train_one_epoch(
                     model, progress, criterion, optimizer, scheduler, device, autocast, memory_format
                 )
+                _check_finite_weights(raw_model, epoch)
                 val_dice = validation_dice(raw_model, val_loader, device, autocast, memory_format) if master else None
                 rng = _gather_rng(generator, ddp, world_size)  # after validation, whose loader draws a seed
                 if master:
@@ -222,11 +241,13 @@ def train(
                             "dataset": dataset_name,
                             "rng": rng,
                             "mlflow_run_id": run.run_id,
+                            "data_hash": fingerprint,
                         },
                     )
                     if improved:
                         with atomic_path(out_dir / "best.pt") as tmp:
                             shutil.copyfile(out_dir / "last.pt", tmp)
+                    record_outputs(out_dir, [out_dir / name for name in ("history.csv", "last.pt", "best.pt")])
                     summary_line = _epoch_summary(history[-1], best_val_dice, best_epoch)
                     logger.info("epoch %d/%d: %s", epoch, train_config.epochs, summary_line)
                 if ddp:
@@ -247,6 +268,7 @@ def train(
                 "epochs": len(history),
             }
             write_json_atomic(out_dir / "train_summary.json", summary)
+            record_outputs(out_dir, [out_dir / name for name in ("curves.png", "train_summary.json")])
             run.log_artifact(out_dir / "train_summary.json")
             if run.offline:
                 logger.warning(
@@ -345,6 +367,11 @@ def train_one_epoch(
         scheduler.step()
         for name, value in losses.items():
             sums[name] += value.item()
+        if not math.isfinite(sums["total"]):
+            raise TrainingError(
+                f"the training loss became {losses['total'].item()} at step {batch_count + 1} of this epoch; "
+                "stopped without saving it. Lower train.lr, or check the data and loss weights"
+            )
         batch_count += 1
         if isinstance(batches, tqdm):
             batches.set_postfix(loss=f"{losses['total'].item():.4f}")
@@ -431,7 +458,31 @@ def _stack(slices: dict[int, np.ndarray]) -> np.ndarray:
     return np.stack([slices[index] for index in sorted(slices)])
 
 
-def _check_resumable(checkpoint: dict[str, Any], config: Config, dataset_name: str, path: Path) -> None:
+def _check_fresh_out_dir(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` holding an earlier run, or files of ours changed by someone, or foreign files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: --out is a file, not a folder; choose another --out")
+    for name in ("last.pt", "best.pt"):
+        if (out_dir / name).exists():
+            raise UserError(
+                f"{out_dir / name}: {out_dir} holds an earlier training run; continue it with --resume, "
+                "replace it with --force, or train into another --out"
+            )
+    outputs = [out_dir / name for name in ("history.csv", "curves.png", "train_summary.json")]
+    check_replaceable(out_dir, outputs, "use another --out, or --force")
+
+
+def _check_finite_weights(model: nn.Module, epoch: int) -> None:
+    """Stop before a checkpoint with NaN or infinite weights can be written."""
+    bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise TrainingError(
+            f"weights became NaN or infinite in epoch {epoch} ({', '.join(bad[:3])}); stopped without saving them. "
+            "Lower train.lr"
+        )
+
+
+def _check_resumable(checkpoint: dict[str, Any], config: Config, dataset_name: str, path: Path, fingerprint: str) -> None:
     missing = [key for key in ("optimizer", "scheduler", "rng", "history", "best_epoch") if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path}: not a training checkpoint (lacks {', '.join(missing)}); cannot resume from it")
@@ -449,6 +500,11 @@ def _check_resumable(checkpoint: dict[str, Any], config: Config, dataset_name: s
         raise CheckpointError(
             f"{path}: was trained on {checkpoint['dataset']!r} data, not {dataset_name!r}; "
             "train into a new output directory"
+        )
+    if checkpoint.get("data_hash", fingerprint) != fingerprint:
+        raise CheckpointError(
+            f"{path}: was trained on other data (data hash {checkpoint['data_hash']}, this --data has {fingerprint}); "
+            "resume only on the same preprocessed data, or train into a new output directory"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -104,3 +105,124 @@ def setup_logging(verbosity: int = 0) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("urllib3", "git", "alembic", "matplotlib", "PIL", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+OUTPUTS_RECORD = ".unet3plus-outputs.json"
+"""File beside a verb's outputs listing what it wrote (relative path -> sha256); see :func:`record_outputs`."""
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file's content, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` name one file: same real path, or same inode (hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
+def check_outputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """Refuse to run when an output cannot be written, or would be written over or inside an input.
+
+    Spellings are resolved (relative paths, ``..``, symbolic links) and hard links are detected by
+    inode, so every name of an input counts. The nearest existing folder above each output must
+    be a writable folder. Call before anything is computed or written.
+
+    Args:
+        outputs: ``{"--option": path}`` of what the verb writes (None values are skipped).
+        inputs: ``{"--option": path}`` of what it reads; a folder input also protects everything
+            inside it.
+
+    Raises:
+        UserError: naming both options and paths.
+    """
+    from unet3plus.errors import UserError
+
+    for out_name, out_path in outputs.items():
+        if out_path is None:
+            continue
+        ancestor = Path(os.path.abspath(out_path)).parent
+        while not ancestor.exists() and not ancestor.is_symlink():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise UserError(f"{out_path}: cannot write {out_name} there: {ancestor} is a file, not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise UserError(f"{out_path}: cannot write {out_name} there: no write permission on {ancestor}")
+        for in_name, in_path in inputs.items():
+            if in_path is None:
+                continue
+            out_path, in_path = Path(out_path), Path(in_path)
+            if _same_file(out_path, in_path) or (in_path.is_dir() and _inside(out_path, in_path)):
+                raise UserError(
+                    f"{out_path}: {out_name} would overwrite the input {in_name} {in_path}; choose another {out_name}"
+                )
+
+
+def _recorded(folder: Path) -> dict[str, str]:
+    try:
+        record = json.loads((folder / OUTPUTS_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def record_outputs(folder: str | os.PathLike, paths: list[str | os.PathLike]) -> None:
+    """Add ``paths`` (files, or folders whose files are all added) with their hashes to ``folder``'s record.
+
+    The record (:data:`OUTPUTS_RECORD`) is what :func:`check_replaceable` trusts: a file may be
+    replaced or deleted later only if it is listed there with the same content.
+    """
+    folder = Path(folder)
+    record = _recorded(folder)
+    for path in map(Path, paths):
+        files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
+        for file in files:
+            if file.is_file() and file.name != OUTPUTS_RECORD:
+                record[file.relative_to(folder).as_posix()] = file_digest(file)
+    write_json_atomic(folder / OUTPUTS_RECORD, record)
+
+
+def check_replaceable(folder: str | os.PathLike, paths: list[str | os.PathLike], how: str) -> None:
+    """Refuse when replacing ``paths`` (files or whole folders) would lose a file this project did not write.
+
+    Every existing file among ``paths`` (recursively for folders) must be listed in ``folder``'s
+    :data:`OUTPUTS_RECORD` with its current hash: a file the user put there, or one of ours that
+    the user edited since, stops the verb before anything is written.
+
+    Args:
+        folder: the output folder holding the record.
+        paths: the files and folders the verb is about to replace.
+        how: what the user can do instead (e.g. "use --force or another --out").
+
+    Raises:
+        DataError: naming the first foreign file.
+    """
+    from unet3plus.errors import DataError
+
+    folder = Path(folder)
+    record = _recorded(folder)
+    for path in map(Path, paths):
+        if path.is_symlink() or (path.exists() and not path.is_dir() and not path.is_file()):
+            raise DataError(f"{path}: exists and is not a regular file written by unet3plus; refusing to overwrite it ({how})")
+        files = sorted(p for p in path.rglob("*") if not p.is_dir() or p.is_symlink()) if path.is_dir() else [path]
+        for file in files:
+            if (not file.exists() and not file.is_symlink()) or file == folder / OUTPUTS_RECORD:
+                continue
+            key = file.relative_to(folder).as_posix()
+            if file.is_symlink() or not file.is_file() or record.get(key) != file_digest(file):
+                raise DataError(
+                    f"{file}: not written by unet3plus (or changed since); refusing to overwrite or delete it ({how})"
+                )

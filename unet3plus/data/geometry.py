@@ -1,7 +1,9 @@
 """The map between a scan's own voxel grid and the (Z, S, S) slice stack the network sees, both ways.
 
 Forward (:func:`resample_to_slices`): reorient the volume to the canonical orientation, put the
-axial axis first, then resize (or centre crop/pad) every axial plane to ``size x size``.
+axial axis first, then resize (or centre crop/pad) every axial plane to ``size x size``; the
+``"spacing"`` mode first resamples every plane to a fixed pixel spacing in mm, then centre
+crops/pads it, so a scan with a larger field of view shows its anatomy at the same scale.
 Backward (:func:`restore_volume`): undo the in-plane step, then the reorientation, so a predicted
 mask lands on the original voxel grid and overlays the original scan under its original affine.
 
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 CANONICAL_AXCODES = ("P", "L", "S")
-RESIZE_MODES = ("resize", "crop")
+RESIZE_MODES = ("resize", "crop", "spacing")
 INTERPOLATIONS = ("linear", "nearest")
 CHUNK_SLICES = 8
 """Slices resampled at a time: small enough for the CPU cache (a whole 512 x 512 x 100 float32
@@ -45,10 +47,14 @@ class VolumeGeometry:
             the original array to the canonical ``("P", "L", "S")`` array.
         canonical_shape: (H, W, Z) of the reoriented array; Z is the number of axial slices.
         size: S, the side of every output plane.
-        resize_mode: ``"resize"`` (planes scaled from H x W to S x S) or ``"crop"`` (planes
-            centre-cropped or zero-padded to S x S, no scaling).
-        offsets: crop mode only, (row, column) position of the canonical plane's pixel (0, 0)
-            inside the S x S plane; negative means cropped, positive means padded. (0, 0) for resize.
+        resize_mode: ``"resize"`` (planes scaled from H x W to S x S), ``"crop"`` (planes
+            centre-cropped or zero-padded to S x S, no scaling) or ``"spacing"`` (planes scaled
+            to ``scaled_shape``, i.e. to a fixed pixel spacing in mm, then centre-cropped/padded).
+        offsets: crop and spacing modes, (row, column) position of the (scaled) canonical plane's
+            pixel (0, 0) inside the S x S plane; negative means cropped, positive means padded.
+            (0, 0) for resize.
+        scaled_shape: spacing mode only, (rows, columns) of a canonical plane resampled to the
+            target spacing; (0, 0) otherwise.
     """
 
     original_shape: tuple[int, int, int]
@@ -58,6 +64,7 @@ class VolumeGeometry:
     size: int
     resize_mode: str
     offsets: tuple[int, int] = (0, 0)
+    scaled_shape: tuple[int, int] = (0, 0)
 
     @property
     def affine(self) -> np.ndarray:
@@ -94,6 +101,7 @@ class VolumeGeometry:
                 size=int(payload["size"]),
                 resize_mode=str(payload["resize_mode"]),
                 offsets=tuple(int(v) for v in payload["offsets"]),
+                scaled_shape=tuple(int(v) for v in payload.get("scaled_shape", (0, 0))),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a VolumeGeometry dict ({err!r}): {payload!r}") from err
@@ -103,14 +111,17 @@ def _listify(value: Any) -> Any:
     return [_listify(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
-def volume_geometry(shape: tuple[int, ...], affine: np.ndarray, size: int, resize_mode: str) -> VolumeGeometry:
+def volume_geometry(
+    shape: tuple[int, ...], affine: np.ndarray, size: int, resize_mode: str, spacing_mm: float = 1.0
+) -> VolumeGeometry:
     """Plan the forward and backward transforms of one volume.
 
     Args:
         shape: (X, Y, Z) of the stored array.
         affine: (4, 4) voxel-to-world matrix of the file.
         size: S, side of the output planes.
-        resize_mode: ``"resize"`` or ``"crop"``.
+        resize_mode: ``"resize"``, ``"crop"`` or ``"spacing"``.
+        spacing_mm: spacing mode only, the in-plane pixel spacing of the output planes in mm.
 
     Returns:
         The :class:`VolumeGeometry`.
@@ -131,9 +142,19 @@ def volume_geometry(shape: tuple[int, ...], affine: np.ndarray, size: int, resiz
     canonical_shape = [0, 0, 0]
     for source_axis, (target_axis, _) in enumerate(orientation):
         canonical_shape[target_axis] = int(shape[source_axis])
-    offsets = (0, 0)
-    if resize_mode == "crop":
-        offsets = ((size - canonical_shape[0]) // 2, (size - canonical_shape[1]) // 2)
+    offsets, scaled_shape = (0, 0), (0, 0)
+    if resize_mode == "spacing":
+        if not spacing_mm > 0:
+            raise ValueError(f"spacing_mm must be > 0, got {spacing_mm}")
+        voxel_mm = nib.affines.voxel_sizes(affine)
+        scaled_shape = [0, 0]
+        for source_axis, (target_axis, _) in enumerate(orientation):
+            if target_axis < 2:
+                scaled_shape[target_axis] = max(1, round(shape[source_axis] * voxel_mm[source_axis] / spacing_mm))
+        scaled_shape = tuple(scaled_shape)
+    if resize_mode in ("crop", "spacing"):
+        plane = scaled_shape if resize_mode == "spacing" else canonical_shape
+        offsets = ((size - plane[0]) // 2, (size - plane[1]) // 2)
     return VolumeGeometry(
         original_shape=tuple(int(v) for v in shape),
         original_affine=tuple(tuple(float(v) for v in row) for row in affine),
@@ -142,6 +163,7 @@ def volume_geometry(shape: tuple[int, ...], affine: np.ndarray, size: int, resiz
         size=int(size),
         resize_mode=resize_mode,
         offsets=offsets,
+        scaled_shape=scaled_shape,
     )
 
 
@@ -207,6 +229,8 @@ def resample_planes(planes: np.ndarray, geometry: VolumeGeometry, interpolation:
     side = (geometry.size, geometry.size)
     if geometry.resize_mode == "crop":
         return _place(planes, side, geometry.offsets)
+    if geometry.resize_mode == "spacing":
+        return _place(_resize(planes, geometry.scaled_shape, interpolation), side, geometry.offsets)
     return _resize(planes, side, interpolation)
 
 
@@ -214,7 +238,7 @@ def restore_volume(slices: np.ndarray, geometry: VolumeGeometry, interpolation: 
     """Canonical planes of side S -> the original voxel grid (inverse of :func:`resample_to_slices`).
 
     Use ``"linear"`` for probabilities (threshold afterwards) and ``"nearest"`` for label masks.
-    In crop mode the voxels that were cropped away come back as 0.
+    In crop and spacing modes the voxels that were cropped away come back as 0.
 
     Args:
         slices: (Z, S, S) array, e.g. predicted probabilities or a binary mask.
@@ -238,6 +262,9 @@ def restore_volume(slices: np.ndarray, geometry: VolumeGeometry, interpolation: 
     if geometry.resize_mode == "crop":
         offsets = (-geometry.offsets[0], -geometry.offsets[1])
         planes = _place(np.asarray(slices), (height, width), offsets)
+    elif geometry.resize_mode == "spacing":
+        offsets = (-geometry.offsets[0], -geometry.offsets[1])
+        planes = _resize(_place(np.asarray(slices), geometry.scaled_shape, offsets), (height, width), interpolation)
     else:
         planes = _resize(np.asarray(slices), (height, width), interpolation)
     canonical = np.moveaxis(planes, 0, -1)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from unet3plus.config import DATASET_OF_LAYOUT
 from unet3plus.data.sources import check_layout, discover_cases, organ_mask, read_volume
 from unet3plus.errors import ConfigError, DataError
-from unet3plus.utils import atomic_path
+from unet3plus.utils import atomic_path, check_replaceable, record_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -523,7 +523,7 @@ def tissue_labels(tissue: np.ndarray, layout: str) -> np.ndarray:
 
 
 def synthesize_volume(
-    rng: np.random.Generator, size: int = 128, slices: int = 48, flip_ap: bool = False
+    rng: np.random.Generator, size: int = 128, slices: int = 48, flip_ap: bool = False, fov_scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One random abdominal CT volume.
 
@@ -532,6 +532,9 @@ def synthesize_volume(
         size: in-plane voxels (X = Y = size).
         slices: number of axial slices Z.
         flip_ap: store the antero-posterior axis reversed (positive ``y`` spacing in the affine).
+        fov_scale: >= 1; the anatomy is drawn on ``size / fov_scale`` voxels and padded with air
+            to ``size``: the same body in a field of view (and pixel spacing) ``fov_scale`` times
+            larger, as a scan reconstructed with a wider field of view. 1 draws on all voxels.
 
     Returns:
         ``(image, tissue, affine)``: image int16 (X, Y, Z) in HU (-1024 outside the reconstruction
@@ -542,11 +545,18 @@ def synthesize_volume(
     """
     if size < 32 or slices < 8:
         raise ValueError(f"phantom needs size >= 32 and slices >= 8, got size={size}, slices={slices}")
+    if not fov_scale >= 1:
+        raise ValueError(f"fov_scale must be >= 1, got {fov_scale}")
+    inner = size if fov_scale == 1 else max(32, round(size / fov_scale))  # voxels across the anatomy
     field_of_view = rng.uniform(0.6, 0.9) * 512  # mm: 0.6-0.9 mm pixels at 512
     thickness = float(np.clip(rng.uniform(200, 260) / slices, 0.7, 5.0))
-    spacing = (field_of_view / size, field_of_view / size, thickness)
-    tissue = _draw_anatomy(rng, size, slices, si_to_units=slices * thickness / (field_of_view / 2))
+    spacing = (field_of_view / inner, field_of_view / inner, thickness)
+    tissue = _draw_anatomy(rng, inner, slices, si_to_units=slices * thickness / (field_of_view / 2))
     image = _render_hu(rng, tissue, pixel_mm=spacing[0])
+    if inner < size:
+        pad = ((size - inner) // 2, size - inner - (size - inner) // 2)
+        image = np.pad(image, (pad, pad, (0, 0)), constant_values=-1024)
+        tissue = np.pad(tissue, (pad, pad, (0, 0)), constant_values=Tissue.AIR)
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
     affine[:3, 3] = [
         (size - 1) / 2 * spacing[0] + rng.uniform(-20, 20),
@@ -628,7 +638,8 @@ def _msd_description(seed: int, labelled: list[int], unlabelled: list[int]) -> d
 
 
 def write_dataset(
-    layout: str, out_dir: str | Path, *, cases: int, seed: int, size: int = 128, slices: int = 48
+    layout: str, out_dir: str | Path, *, cases: int, seed: int, size: int = 128, slices: int = 48,
+    force: bool = False, fov_range: tuple[float, float] = (1.0, 1.0),
 ) -> list[Path]:
     """Write a synthetic dataset in the published LiTS or MSD Task09_Spleen layout.
 
@@ -640,7 +651,11 @@ def write_dataset(
 
     Args:
         layout: ``"lits"`` or ``"msd-spleen"``.
-        out_dir: destination folder; must be absent, empty, or an earlier synthetic dataset.
+        out_dir: destination folder; must be absent, empty, or an earlier synthetic dataset that
+            nobody added files to or changed since (see :func:`unet3plus.utils.check_replaceable`).
+        force: replace ``out_dir`` whatever it holds.
+        fov_range: each case's ``fov_scale`` (:func:`synthesize_volume`) is drawn uniformly from
+            this range (from its own random stream, so (1, 1) gives the default phantom's bytes).
         cases: number of volumes (LiTS at most 131), including MSD's unlabelled test images.
         seed: random seed.
         size: in-plane voxels (128 for CPU work, 512 like the real scans).
@@ -659,21 +674,27 @@ def write_dataset(
         raise ConfigError(
             f"synth needs cases >= 1, size >= 32 and slices >= 8; got cases={cases}, size={size}, slices={slices}"
         )
+    if not 1 <= fov_range[0] <= fov_range[1] <= 8:
+        raise ConfigError(f"synth --fov-range {fov_range[0]:g} {fov_range[1]:g}: expected 1 <= LOW <= HIGH <= 8")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
-        raise DataError(
-            f"{out_dir}: folder is not empty and was not written by `unet3plus synth`; refusing to overwrite it"
-        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder; choose another --out")
+    if not force:
+        check_replaceable(out_dir, [out_dir], "use another --out, or --force to replace the whole folder")
     layout_code = {"lits": 0, "msd-spleen": 1}[layout]
     labelled, unlabelled = _case_ids(layout, cases, np.random.default_rng([seed, layout_code]))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the dataset gets the usual permissions
         images = []
         for number in tqdm(sorted(labelled + unlabelled), desc=f"synth {layout}", unit="case", disable=None):
             rng = np.random.default_rng([seed, layout_code, number])
             flip_ap = layout == "lits" and rng.random() < 0.25
-            image, tissue, affine = synthesize_volume(rng, size, slices, flip_ap)
+            fov_scale = 1.0
+            if tuple(fov_range) != (1.0, 1.0):
+                fov_scale = float(np.random.default_rng([seed, layout_code, number, 1]).uniform(*fov_range))
+            image, tissue, affine = synthesize_volume(rng, size, slices, flip_ap, fov_scale)
             logger.debug("case %d: voxel spacing %s mm", number, np.abs(np.diag(affine)[:3]).round(3))
             if layout == "lits":
                 image_path, label_path = Path(f"volume-{number}.nii"), Path(f"segmentation-{number}.nii")
@@ -693,12 +714,21 @@ def write_dataset(
                 json.dumps(_msd_description(seed, labelled, unlabelled), indent=4) + "\n"
             )
         parameters = {"layout": layout, "cases": cases, "seed": seed, "size": size, "slices": slices}
+        if tuple(fov_range) != (1.0, 1.0):
+            parameters["fov_range"] = list(fov_range)
         (staging / MARKER).write_text(json.dumps(parameters, indent=2) + "\n")
+        record_outputs(staging, [staging])
         _replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return images
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace_folder(new: Path, target: Path) -> None:

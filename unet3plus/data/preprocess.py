@@ -43,6 +43,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -72,7 +73,7 @@ from unet3plus.utils import atomic_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_PARAMS = ("size", "hu_window", "resize_mode", "val_fraction", "test_fraction", "split_seed")
+OUTPUT_PARAMS = ("size", "hu_window", "resize_mode", "spacing_mm", "val_fraction", "test_fraction", "split_seed")
 """DataConfig fields that change what preprocessing writes (and so enter the fingerprint)."""
 
 UNLABELLED = "unlabelled"
@@ -94,7 +95,8 @@ def prepare_volume(
 
     Maps ``data_config.hu_window`` linearly onto [0, 1] (clipping outside), reorients to the
     canonical orientation (see :mod:`unet3plus.data.geometry`), resizes every axial plane to
-    ``size x size`` bilinearly (or centre crops/pads with 0 in ``"crop"`` mode) and stacks each
+    ``size x size`` bilinearly (or centre crops/pads with 0 in ``"crop"`` mode, or resamples to
+    ``spacing_mm`` then crops/pads in ``"spacing"`` mode) and stacks each
     slice with its neighbours (previous, current, next; the first and last slice repeat themselves).
 
     Args:
@@ -109,7 +111,7 @@ def prepare_volume(
     Raises:
         ValueError: not a 3-D volume, NaN voxels, bad affine, or invalid ``data_config``.
     """
-    geometry = volume_geometry(np.shape(image_hu), affine, data_config.size, data_config.resize_mode)
+    geometry = volume_geometry(np.shape(image_hu), affine, data_config.size, data_config.resize_mode, data_config.spacing_mm)
     _, planes = canonical_slab(np.asarray(image_hu), 0, geometry)
     stacks = np.concatenate([image_chunk(chunk, geometry, data_config.hu_window) for _, chunk in chunks(planes)])
     return stacks[neighbour_index(len(stacks))], geometry
@@ -161,7 +163,7 @@ def prepare_label(labels: np.ndarray, affine: np.ndarray, data_config: DataConfi
     Raises:
         ValueError: not 3-D, bad affine or unknown layout.
     """
-    geometry = volume_geometry(np.shape(labels), affine, data_config.size, data_config.resize_mode)
+    geometry = volume_geometry(np.shape(labels), affine, data_config.size, data_config.resize_mode, data_config.spacing_mm)
     return organ_mask(resample_to_slices(np.asarray(labels), geometry, "nearest"), layout)
 
 
@@ -285,6 +287,13 @@ def preprocess_dataset(
     labelled = [case for case in cases if case.label is not None]
     if not labelled:
         raise DataError(f"{raw_dir}: no labelled case to preprocess (every case lacks a label file)")
+    splits = assign_splits(layout, cases, data_config)
+    if "train" in splits.values() and "val" not in splits.values():
+        raise DataError(
+            f"{raw_dir}: the validation split would be empty ({list(splits.values()).count('train')} training "
+            f"case(s), data.val_fraction = {data_config.val_fraction}); training needs at least 2 training cases "
+            "and data.val_fraction > 0"
+        )
 
     created = _missing_folders(out_dir)
     staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
@@ -309,7 +318,6 @@ def preprocess_dataset(
     for warning in (warning for case in cases for warning in results[case.case_id]["warnings"]):
         logger.warning("%s", warning)
 
-    splits = assign_splits(layout, cases, data_config)
     case_entries = {}
     for case in cases:
         result = results[case.case_id]
@@ -456,7 +464,7 @@ def _process_all(cases: list[Case], layout: str, staging: Path, data_config: Dat
         # fork starts workers in milliseconds (spawn re-imports torch: seconds per worker)
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         context = multiprocessing.get_context(method)
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
             running = {pool.submit(_process_case, *job) for job in itertools.islice(iter(next_job, None), workers)}
             while running:
                 done, running = wait(running, return_when=FIRST_COMPLETED)
@@ -465,6 +473,12 @@ def _process_all(cases: list[Case], layout: str, staging: Path, data_config: Dat
                     if (job := next_job()) is not None:
                         running.add(pool.submit(_process_case, *job))
     return results
+
+
+def _init_worker() -> None:
+    """One torch thread per worker; Ctrl-C is the parent's to handle (no traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
 
 
 @contextlib.contextmanager
@@ -493,7 +507,9 @@ def _process_case(case: Case, layout: str, staging: Path | None, data_config: Da
     geometry = None
     if not scan.errors and scan.label is not None and staging is not None:
         try:
-            geometry = volume_geometry(scan.image.shape, scan.image.affine, data_config.size, data_config.resize_mode)
+            geometry = volume_geometry(
+                scan.image.shape, scan.image.affine, data_config.size, data_config.resize_mode, data_config.spacing_mm
+            )
         except ValueError as err:  # e.g. a singular affine, which opening and checking accept
             scan.errors.append(f"{case.image}: cannot be preprocessed: {err}")
     if geometry is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -162,6 +163,8 @@ def open_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
                 image = type(image).from_bytes(stream.read())
     except _READ_ERRORS as err:
         raise DataError(f"{path}: cannot read the NIfTI file (truncated or corrupt?): {err}") from err
+    if image.get_data_dtype().kind == "c":
+        raise DataError(f"{path}: complex-valued voxels ({image.get_data_dtype()}); a real-valued CT or label volume is expected")
     if len(image.shape) != 3:
         raise DataError(f"{path}: image is {len(image.shape)}-D with shape {image.shape}; a 3-D volume is expected")
     if 0 in image.shape:
@@ -233,12 +236,17 @@ def organ_mask(label: np.ndarray, layout: str) -> np.ndarray:
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    """Files under ``folder`` (recursively), without macOS ``._*`` forks or hidden folders."""
-    return [
-        path
-        for path in folder.rglob("*")
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    ]
+    """Files under ``folder`` (recursively, through symbolic links to folders such as a linked
+    "Training Batch 1"), without macOS ``._*`` forks or hidden folders."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(root))
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        files += [Path(root) / name for name in sorted(names) if not name.startswith(".")]
+    return [path for path in files if path.is_file()]
 
 
 def _scan_lits(raw_dir: Path) -> tuple[list[Case], list[str]]:

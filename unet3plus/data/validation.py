@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -247,7 +248,8 @@ def _check_all(cases: list[Case], layout: str, workers: int) -> list[tuple[list[
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
         try:
-            with ProcessPoolExecutor(max_workers=min(workers, len(cases)), mp_context=context) as pool:
+            with ProcessPoolExecutor(max_workers=min(workers, len(cases)), mp_context=context,
+                                     initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
                 return list(tqdm(pool.map(_check_case_safely, cases, [layout] * len(cases)), **progress))
         except (OSError, BrokenProcessPool, NotImplementedError) as err:
             logger.warning("parallel validation unavailable (%s); checking cases one by one", err)
