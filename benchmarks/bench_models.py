@@ -44,7 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -94,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's choice)")
     parser.add_argument("--memory", action="store_true", help="measure peak memory (CPU: one subprocess each)")
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per variant and mode")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument(
         "--params-table", action="store_true", help="print the parameter table of the README and exit"
@@ -211,10 +212,10 @@ def probe_cpu_memory(variant: str, mode: str, args: argparse.Namespace) -> None:
     before = _status_bytes("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        peak = lambda: _status_bytes("VmHWM")  # noqa: E731
+        peak = lambda: _status_bytes("VmHWM")
     except OSError:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     for _ in range(args.warmup + 1):
         runner.step(mode)
     print(json.dumps({"peak_bytes": peak() - before + runner.weights_bytes}))
@@ -235,6 +236,19 @@ def cuda_peak_memory(runner: Runner, mode: str) -> float:
     runner.step(mode)
     synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before + runner.weights_bytes) / 2**20
+
+
+def print_profile(name: str, runner: Runner, mode: str) -> None:
+    """The ops that take the time in one step (after one warm-up step), by self CPU time."""
+    runner.step(mode)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if runner.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        runner.step(mode)
+        synchronize(runner.device)
+    sort_by = "self_cuda_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n{name}, {mode}:\n{profiler.key_averages().table(sort_by=sort_by, row_limit=12)}")
 
 
 def time_variants(
@@ -281,6 +295,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name in runners:
             results[name][f"gflops_fwd_{FLOP_SIZE}"] = forward_gflops(name, args)
     for mode in args.modes:
+        if args.profile:
+            for name, runner in runners.items():
+                print_profile(name, runner, mode)
         seconds, cpu_seconds = time_variants(runners, mode, args)
         for name, times in seconds.items():
             results[name][f"{mode}_img_s"] = args.batch / statistics.median(times)
@@ -300,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {
         "device": device_name(device),
         "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python benchmarks/bench_models.py " + " ".join(argv),
         **{key: value for key, value in vars(args).items() if key not in ("device", "probe", "json", "params_table")},
     }

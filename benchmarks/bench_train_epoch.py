@@ -19,7 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -86,7 +86,7 @@ def main() -> None:
         for impl, times in seconds.items()
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {args.params}: UNet 3+ width {config.model.width}, "
+          f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {args.params}: UNet 3+ width {config.model.width}, "
           f"{data.size}x{data.size}, batch {train_config.batch_size}, {steps} steps per epoch; "
           f"medians of {args.rounds} interleaved epochs\n")
     print("| model.skip_impl | epoch s (median) | speed-up vs naive |\n|---|---|---|")

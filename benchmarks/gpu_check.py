@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_models  # noqa: E402
+import bench_models
 
-from unet3plus.models import create_model  # noqa: E402
-from unet3plus.utils import prepare_model, select_device, write_json_atomic  # noqa: E402
+from unet3plus.models import create_model
+from unet3plus.utils import prepare_model, select_device, write_json_atomic
 
 
 def parse_args() -> argparse.Namespace:
