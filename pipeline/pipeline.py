@@ -20,11 +20,12 @@ from components import evaluate_model, preprocess_data, raw_data, register_model
 PIPELINE_NAME = "unet3plus"
 
 # The paper's Table 1 baselines next to the main model: UNet, UNet++ (deep supervision) and
-# UNet 3+ without deep supervision.
+# UNet 3+ without deep supervision: params.yaml's ablations.run (a test keeps them equal).
+# `python -m pipeline submit` sends the params file's own selection instead.
 DEFAULT_ABLATIONS = [
-    {"name": "unet", "overrides": ["model.arch=unet", "model.deep_supervision=false", "model.cgm=false"]},
-    {"name": "unet2plus", "overrides": ["model.arch=unet2plus", "model.cgm=false"]},
-    {"name": "unet3plus-no-deep-supervision", "overrides": ["model.deep_supervision=false"]},
+    {"name": "unet", "overrides": ["model.arch=\"unet\"", "model.deep_supervision=false", "model.cgm=false"]},
+    {"name": "unet2plus", "overrides": ["model.arch=\"unet2plus\"", "model.cgm=false"]},
+    {"name": "unet3plus_no_ds", "overrides": ["model.deep_supervision=false", "model.cgm=false"]},
 ]
 
 PipelineOutputs = NamedTuple("PipelineOutputs", [("test_dice", float), ("model_name", str), ("model_version", str)])

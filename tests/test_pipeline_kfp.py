@@ -85,7 +85,7 @@ def test_default_ablations_are_valid_overrides():
     variants = {ablation["name"]: apply_overrides(base, ablation["overrides"]).model for ablation in DEFAULT_ABLATIONS}
     assert variants["unet"].arch == "unet"
     assert variants["unet2plus"].arch == "unet2plus"
-    assert variants["unet3plus-no-deep-supervision"].deep_supervision is False
+    assert variants["unet3plus_no_ds"].deep_supervision is False
 
 
 def test_only_training_asks_for_a_gpu_and_every_step_runs_in_the_project_image(compiled):
@@ -169,19 +169,25 @@ def test_submit_checks_the_parameters_before_contacting_the_cluster(tmp_path):
 def test_run_arguments_carry_params_overrides_and_ablations(tmp_path):
     params = tmp_path / "params.yaml"
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["ablations"] = [{"name": "no-cgm", "overrides": {"model.cgm": False, "loss.cgm_weight": 0}},
-                        {"name": "unet", "overrides": {"model.arch": "unet"}}]
+    raw["ablations"] = {"variants": {"no_cgm": {"model.cgm": False, "loss.cgm_weight": 0},
+                                     "unet": {"model.arch": "unet"}, "unused": {}}, "run": ["no_cgm", "unet"]}
     params.write_text(yaml.safe_dump(raw))
     arguments = run_arguments(params, ["train.epochs=3"], "spleen", "")
     assert arguments["dataset"] == "spleen"
     sent = component_config(arguments["params"])  # what every component will read
     assert sent.train.epochs == 3
     assert sent.flat() == load_config(params, ["train.epochs=3"]).flat()
-    assert sent.ablations == []  # they travel as their own argument
-    assert [a["name"] for a in arguments["ablations"]] == ["no-cgm", "unet"]
+    assert sent.ablations.run == []  # they travel as their own argument
+    assert [a["name"] for a in arguments["ablations"]] == ["no_cgm", "unet"]
     no_cgm = apply_overrides(sent, arguments["ablations"][0]["overrides"])
     assert (no_cgm.model.cgm, no_cgm.loss.cgm_weight) == (False, 0.0)
     assert apply_overrides(sent, arguments["ablations"][1]["overrides"]).model.arch == "unet"
+
+
+def test_default_ablations_are_the_shipped_params_selection():
+    """The ParallelFor's default variants are those `dvc repro` runs (params.yaml ablations.run)."""
+    arguments = run_arguments(ROOT / "params.yaml", [], "liver", "")
+    assert arguments["ablations"] == DEFAULT_ABLATIONS
 
 
 def test_dockerfile_builds_the_project_with_the_pinned_dependencies():

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from unet3plus.config import LAYOUTS, Config, load_config
+from unet3plus.config import LAYOUTS, Config, ablation_config, load_config
 from unet3plus.errors import DataError, UserError
 from unet3plus.utils import setup_logging
 
@@ -26,7 +26,10 @@ def _config(args: argparse.Namespace) -> Config:
     params = args.params
     if params is None and Path("params.yaml").is_file():
         params = "params.yaml"
-    return load_config(params, args.overrides)
+    config = load_config(params, args.overrides)
+    if getattr(args, "ablation", None):
+        return ablation_config(config, config.ablations.get(args.ablation))
+    return config
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -75,7 +78,9 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from unet3plus.train import train
 
-    train(_config(args), data_dir=args.data, out_dir=args.out, resume=args.resume)
+    base = _config(argparse.Namespace(**{**vars(args), "ablation": None}))
+    train(_config(args), data_dir=args.data, out_dir=args.out, resume=args.resume,
+          ablation=args.ablation or "main", base=base)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -95,19 +100,13 @@ def cmd_register(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from unet3plus.report import results_table, to_markdown
-    from unet3plus.utils import atomic_path, write_text_atomic
+    from unet3plus.report import collect_runs, configuration_table, report_markdown, write_report
 
-    table = results_table(_config(args).mlflow)
+    config = _config(args)
     if args.out is None:
-        sys.stdout.write(to_markdown(table))
-    elif args.out.suffix == ".csv":
-        with atomic_path(args.out) as tmp:
-            table.to_csv(tmp, index=False)
+        sys.stdout.write(report_markdown(configuration_table(collect_runs(config.mlflow, config.ablations.run))))
     else:
-        write_text_atomic(args.out, to_markdown(table))
-    if args.out is not None:
-        logger.info("%d configuration(s) written to %s", len(table), args.out)
+        write_report(config, args.out, readme=args.readme)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -138,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
+    ablation_help = ("train/evaluate the variant NAME of ablations.variants (its overrides applied to the main "
+                     "configuration; the MLflow run is tagged ablation=NAME)")
     layout_help = "raw data layout: 'lits' (LiTS 2017: volume-N.nii, segmentation-N.nii) or 'msd-spleen' (Decathlon Task09: dataset.json, imagesTr/, labelsTr/)"
 
     p = verb("synth", cmd_synth, "write a synthetic CT phantom dataset in the LiTS or MSD layout",
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="preprocessed dataset directory (from `preprocess`)")
     p.add_argument("--out", type=Path, required=True, help="directory for checkpoints and the run summary")
     p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
+    p.add_argument("--ablation", default=None, metavar="NAME", help=ablation_help)
 
     p = verb("evaluate", cmd_evaluate, "score a checkpoint per 3D volume on the test split",
              "Predict every test volume, map predictions back to the original voxel grid and score Dice, IoU, "
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="preprocessed dataset directory")
     p.add_argument("--raw", type=Path, required=True, help="raw dataset directory (original labels and geometry)")
     p.add_argument("--out", type=Path, required=True, help="output directory for metrics and predictions")
+    p.add_argument("--ablation", default=None, metavar="NAME", help=ablation_help)
 
     p = verb("register", cmd_register, "log the model to MLflow and register it; move 'champion' if better",
              "Log the checkpoint as an MLflow model (signature and input example), register it as "
@@ -197,11 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=Path, required=True, help="CT volume, .nii or .nii.gz")
     p.add_argument("--output", type=Path, required=True, help="mask to write, .nii.gz")
 
-    p = verb("report", cmd_report, "the paper's results table from MLflow: test Dice per model and organ",
-             "Collect every evaluated run of the MLflow experiment (mlflow.experiment, MLFLOW_TRACKING_URI wins) into "
-             "one table like the paper's Tables 1 and 2: a row per configuration (model, encoder, deep supervision, "
-             "CGM, loss weights), per organ the mean test Dice and the number of runs.")
-    p.add_argument("--out", type=Path, default=None, help="write the table here (.csv, else markdown); default: print markdown")
+    p = verb("report", cmd_report, "the ablation study's tables and plots, read back from MLflow",
+             "Collect the latest study's training runs per organ from MLflow (the main model and the variants of "
+             "ablations.run) into the paper's Table 1 (model x encoder: parameters, test Dice per organ) and Table 2 "
+             "(UNet 3+ by loss and CGM, with the CGM's ROC AUC / AP and false positives on organ-free slices), mean "
+             "+/- spread over seeds. Failed runs are shown with their error.")
+    p.add_argument("--out", type=Path, default=None, metavar="MD",
+                   help="write the markdown here, with .csv and .json beside it and plots in <stem>_plots/ "
+                   "(default: print the markdown)")
+    p.add_argument("--readme", type=Path, default=None, metavar="README",
+                   help="also rewrite the results block between the markers of this README (with --out)")
     return parser
 
 

@@ -62,7 +62,8 @@ VAL_THRESHOLD = 0.5  # probability above which a pixel counts as organ in the va
 
 
 def train(
-    config: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, resume: bool = False
+    config: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, resume: bool = False,
+    ablation: str = "main", base: Config | None = None,
 ) -> dict[str, Any]:
     """Train the model of ``config`` on a preprocessed dataset and track the run in MLflow.
 
@@ -74,6 +75,10 @@ def train(
         resume: continue from ``out_dir/last.pt`` (same model section and dataset) up to
             ``config.train.epochs``, and continue its MLflow run when the store still has it;
             metrics the run missed while tracking was unavailable are logged then.
+        ablation: the variant's name (``ablations.variants``), tagged ``ablation`` on the run;
+            ``main`` for the main model.
+        base: the configuration the variant was derived from (default ``config``): the run is a
+            child of the parent run of the study (dataset, data hash, ``base``'s parameters).
 
     Returns:
         On the master process, the summary also written to ``out_dir/train_summary.json``:
@@ -85,7 +90,33 @@ def train(
         DataError: ``data_dir`` is missing or corrupt, or its train or val split is empty.
         CheckpointError: resuming from a missing, corrupt or incompatible ``last.pt``.
     """
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    try:
+        return _train(config, Path(data_dir), Path(out_dir), resume, ablation, base)
+    except Exception as err:
+        # A failure before the MLflow run started (e.g. a variant's missing encoder weights) still
+        # leaves a FAILED run with the error, so the report and the UI show it.
+        if "RANK" not in os.environ or os.environ["RANK"] == "0":
+            recorded = hasattr(err, "mlflow_run_id")
+            readable = all((Path(data_dir) / name).is_file() for name in ("cases.json", "manifest.csv"))
+            if not recorded and not resume and readable:
+                dataset_name = json.loads((Path(data_dir) / "cases.json").read_text()).get("dataset", "unknown")
+                tracking.record_failure(config.mlflow, error=err, **_run_identity(
+                    config, base, Path(data_dir), dataset_name, ablation, new=True))
+        raise
+
+
+def _run_identity(config: Config, base: Config | None, data_dir: Path, dataset: str, ablation: str,
+                  new: bool) -> dict[str, Any]:
+    """Name, tags, params and study parent of a training run (the parent only for a ``new`` run)."""
+    parent = None
+    if new:
+        parent = tracking.study_parent(config.mlflow, dataset, tracking.data_hash(data_dir), base or config)
+    return {"run_name": tracking.run_name(config, dataset), "params": config.flat(), "parent_run_id": parent,
+            "tags": {**tracking.run_tags(data_dir, dataset), "ablation": ablation}}
+
+
+def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, ablation: str, base: Config | None
+           ) -> dict[str, Any]:
     train_config = config.train
 
     # -- check inputs before anything is written -------------------------------------------------
@@ -167,12 +198,12 @@ def train(
         with tracking.open_run(
             config.mlflow,
             run_id=run_id,
-            run_name=f"{config.model.arch}-{dataset_name}",
-            tags=tracking.run_tags(data_dir, dataset_name) if master else None,
-            params=config.flat(),
             enabled=master,
+            **_run_identity(config, base, data_dir, dataset_name, ablation, new=master and run_id is None),
         ) as run:
             run.log_text(_config_yaml(config), "config.yaml")
+            if not run.resumed:
+                tracking.log_datasets(run, data_dir, dataset_name, manifest)
             logged_epochs = _log_history(run, history, run.last_step("val_dice"))
 
             # -- the loop ---------------------------------------------------------------------------
