@@ -111,17 +111,18 @@ def collect_runs(mlflow_config: MlflowConfig, ablations: list[str] | None = None
 
 
 def configuration_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per configuration and organ: mean and spread (sample std) of the test Dice over seeds, and more.
+    """Per variant (configuration) and organ: mean and spread (sample std) of the test Dice over seeds, and more.
 
-    A configuration whose runs all failed or were never evaluated has NaN Dice and its ``status``
+    A variant whose runs all failed or were never evaluated has NaN Dice and its ``status``
     and ``error`` say why.
     """
     rows = []
-    for (dataset, *key), group in runs.groupby(["dataset", *KEY], sort=False):
+    for (dataset, variant), group in runs.groupby(["dataset", "ablation"], sort=False):
+        key = [group[column].iloc[0] for column in KEY]
         dice = group["test_dice"].dropna() if "test_dice" in group else pd.Series(dtype=float)
         failed = group[group["status"] == "FAILED"]
         status = "ok" if len(dice) else ("FAILED" if len(failed) else "not evaluated")
-        row = {"dataset": dataset, **dict(zip(KEY, key)), "variants": ", ".join(sorted(set(group["ablation"]))),
+        row = {"dataset": dataset, "variant": variant, **dict(zip(KEY, key)),
                "params_m": group["params_m"].iloc[0], "paper_params_m": PAPER_PARAMS.get((key[0], key[1])),
                "dice_mean": dice.mean() if len(dice) else math.nan,
                "dice_std": dice.std() if len(dice) > 1 else math.nan, "seeds": len(dice),
@@ -133,7 +134,7 @@ def configuration_table(runs: pd.DataFrame) -> pd.DataFrame:
     order = {"unet": 0, "unet2plus": 1, "unet3plus": 2}
     table = pd.DataFrame(rows)
     table["_order"] = table["model"].map(order)
-    return table.sort_values(["dataset", "encoder", "_order", "DS", "CGM", "loss"]).drop(columns="_order")
+    return table.sort_values(["dataset", "encoder", "_order", "DS", "CGM", "loss", "variant"]).drop(columns="_order")
 
 
 def _dice_cell(row: pd.Series) -> str:
@@ -166,13 +167,13 @@ def _label(row: Any) -> str:
 def table1_markdown(table: pd.DataFrame) -> str:
     """The paper's Table 1: a row per configuration, parameters (M) and Dice per organ, per encoder."""
     datasets = sorted(table["dataset"].unique())
-    header = ["model", "encoder", "CGM", "loss", "params (M)", "paper params (M, width 64)",
+    header = ["variant", "model", "encoder", "CGM", "loss", "params (M)", "paper params (M, width 64)",
               *[f"Dice {d}" for d in datasets], *[f"paper Dice {d}" for d in datasets]]
     rows = []
-    for key, group in table.groupby(KEY, sort=False):
+    for variant, group in table.groupby("variant", sort=False):
         by_dataset = {row["dataset"]: row for _, row in group.iterrows()}
         first = group.iloc[0]
-        rows.append([_label(first), ENCODER_LABELS.get(first["encoder"], first["encoder"]),
+        rows.append([variant, _label(first), ENCODER_LABELS.get(first["encoder"], first["encoder"]),
                      "yes" if first["CGM"] else "no", first["loss"], _number(first["params_m"], 3),
                      _number(first["paper_params_m"], 2),
                      *[_dice_cell(by_dataset[d]) if d in by_dataset else "not run" for d in datasets],
@@ -183,9 +184,9 @@ def table1_markdown(table: pd.DataFrame) -> str:
 def table2_markdown(table: pd.DataFrame) -> str:
     """The paper's Table 2: UNet 3+ with deep supervision by loss and CGM, with the CGM's measurements."""
     part = table[(table["model"] == "unet3plus") & table["DS"]]
-    header = ["organ", "encoder", "loss", "CGM", "Dice", "Dice without gate", "CGM ROC AUC", "CGM AP",
+    header = ["organ", "variant", "encoder", "loss", "CGM", "Dice", "Dice without gate", "CGM ROC AUC", "CGM AP",
               "FP voxels on organ-free slices", "... without gate", "paper Dice"]
-    rows = [[row["dataset"], ENCODER_LABELS.get(row["encoder"], row["encoder"]), row["loss"],
+    rows = [[row["dataset"], row["variant"], ENCODER_LABELS.get(row["encoder"], row["encoder"]), row["loss"],
              "yes" if row["CGM"] else "no", _dice_cell(row), _number(row["dice_no_gate"]),
              _number(row["cgm_roc_auc"]), _number(row["cgm_average_precision"]),
              _number(row["fp_organ_free"], 0), _number(row["fp_organ_free_no_gate"], 0), _number(row["paper_dice"])]
@@ -201,7 +202,7 @@ def report_markdown(table: pd.DataFrame) -> str:
             "Dice of UNet 3+ ResNet-101 hybrid + CGM).", ""]
     if len(failed):
         text += [f"**{len(failed)} configuration(s) failed**: " + "; ".join(
-            f"{r['dataset']} {r['variants']} ({r['error'][:200] or 'no error recorded'})" for _, r in failed.iterrows()), ""]
+            f"{r['dataset']} {r['variant']} ({r['error'][:200] or 'no error recorded'})" for _, r in failed.iterrows()), ""]
     text += ["## Table 1: architectures and encoders", "", table1_markdown(table),
              "## Table 2: UNet 3+ by loss and CGM", "", table2_markdown(table),
              "CGM ROC AUC / AP: the CGM as a per-slice classifier of 'organ present' on the test slices; FP voxels: "
@@ -229,7 +230,7 @@ def plot_dice_vs_params(table: pd.DataFrame, path: Path) -> Path:
         axes.errorbar(group["params_m"], group["dice_mean"], yerr=group["dice_std"].fillna(0), fmt="o",
                       capsize=3, label=dataset)
         for _, row in group.iterrows():
-            axes.annotate(f"{_label(row)}{' +CGM' if row['CGM'] else ''}", (row["params_m"], row["dice_mean"]),
+            axes.annotate(row["variant"], (row["params_m"], row["dice_mean"]),
                           fontsize=7, xytext=(4, 2), textcoords="offset points")
     axes.set(xlabel="parameters (millions)", ylabel="test Dice (mean over volumes)", title="Dice vs parameters")
     axes.legend()
@@ -254,9 +255,8 @@ def plot_per_case_dice(runs: pd.DataFrame, path: Path) -> Path:
     figure = _figure(max(6, 2.2 * runs.groupby("dataset").size().max()), 4 * len(datasets))
     for axes, dataset in zip(np.atleast_1d(figure.subplots(len(datasets), 1, squeeze=False)[:, 0]), datasets):
         labels = []
-        for position, (_, group) in enumerate(runs[runs["dataset"] == dataset].groupby(KEY, sort=False)):
-            row = group.iloc[0]
-            labels.append(f"{_label(row)}\n{row['encoder']} {row['loss']}{' CGM' if row['CGM'] else ''}")
+        for position, (variant, group) in enumerate(runs[runs["dataset"] == dataset].groupby("ablation", sort=False)):
+            labels.append(variant)
             values = [frame["dice"].to_numpy() for frame in map(_per_case_dice, group["run_id"]) if frame is not None]
             values = np.concatenate(values) if values else np.array([])
             jitter = np.random.default_rng(position).uniform(-0.12, 0.12, len(values))
@@ -287,7 +287,7 @@ def plot_overlay_grid(runs: pd.DataFrame, dataset: str, path: Path, cases: int =
 
     available = runs[(runs["dataset"] == dataset) & runs["evaluation_dir"].map(
         lambda d: isinstance(d, str) and (Path(d) / "predictions").is_dir())]
-    available = available.drop_duplicates(KEY)
+    available = available.drop_duplicates("ablation")
     if available.empty:
         return None
     first = available.iloc[0]
@@ -317,7 +317,7 @@ def plot_overlay_grid(runs: pd.DataFrame, dataset: str, path: Path, cases: int =
             if r == 0:
                 axes.set_title(f"case {case_id}, slice {z}", fontsize=8)
             if c == 0:
-                axes.set_ylabel(f"{_label(run)}\n{run['encoder']} {run['loss']}{' CGM' if run['CGM'] else ''}", fontsize=7)
+                axes.set_ylabel(run["ablation"], fontsize=8)
     figure.legend(handles=[Patch(color=colour, label=name) for name, colour in OVERLAY_COLOURS.items()],
                   loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     return _save(figure, path)
@@ -347,7 +347,7 @@ def write_report(config: Config, out: str | os.PathLike, readme: str | os.PathLi
         plot_overlay_grid(runs, dataset, plots / f"overlays_{dataset}.png")
     with atomic_path(out.with_suffix(".csv")) as tmp:
         table.to_csv(tmp, index=False)
-    numbers = {f"{row['dataset']}/{row['variants'].replace(', ', '+')}": {"dice": None if math.isnan(row["dice_mean"])
+    numbers = {f"{row['dataset']}/{row['variant']}": {"dice": None if math.isnan(row["dice_mean"])
                else row["dice_mean"], "status": row["status"]} for _, row in table.iterrows()}
     write_json_atomic(out.with_suffix(".json"), numbers)
     write_text_atomic(out, report_markdown(table))
@@ -360,8 +360,8 @@ def write_report(config: Config, out: str | os.PathLike, readme: str | os.PathLi
 def readme_block(runs: pd.DataFrame, table: pd.DataFrame) -> str:
     """The README's results: the main model per organ (Dice, IoU, HD95, ASSD), then Table 1."""
     main = runs[(runs["ablation"] == "main") & runs["test_dice"].notna()] if "test_dice" in runs else runs.iloc[:0]
-    rows = [[row["dataset"], str(int(row["test_cases"])), _number(row["test_dice"], 3), _number(row["test_iou"], 3),
-             _number(row["test_hd95"], 2), _number(row["test_assd"], 2)]
+    rows = [[row["dataset"], _number(row.get("test_cases"), 0), _number(row["test_dice"], 3),
+             _number(row.get("test_iou"), 3), _number(row.get("test_hd95"), 2), _number(row.get("test_assd"), 2)]
             for _, row in main.sort_values("dataset").iterrows()]
     return (_markdown(["dataset", "test volumes", "Dice", "IoU", "HD95 (mm)", "ASSD (mm)"], rows)
             + "\nThe ablation grid (`reports/ablations.md`):\n\n" + table1_markdown(table))
