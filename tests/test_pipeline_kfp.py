@@ -91,7 +91,7 @@ def test_default_ablations_are_valid_overrides():
 def test_only_training_asks_for_a_gpu_and_every_step_runs_in_the_project_image(compiled):
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 8  # six steps plus the ablation's train and evaluate
+    assert len(executors) == 9  # six steps, the ablation's train and evaluate, the report
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == DEFAULT_IMAGE, name
@@ -242,6 +242,20 @@ def test_pipeline_runs_end_to_end_with_kfp_local(tmp_path, monkeypatch):
     assert len(client.search_model_versions("name='unet3plus-liver'")) == 1  # the ablation is not registered
     runs = client.search_runs([client.get_experiment_by_name(params["mlflow"]["experiment"]).experiment_id])
     trained = {found.data.tags.get("ablation", ""): found for found in runs if "val_dice" in found.data.metrics}
-    assert set(trained) == {"", "unet"}  # one training run each, the ablation tagged with its name
-    assert (trained[""].data.params["model.arch"], trained["unet"].data.params["model.arch"]) == ("unet3plus", "unet")
+    assert set(trained) == {"main", "unet"}  # one training run each, the ablation tagged with its name
+    assert (trained["main"].data.params["model.arch"], trained["unet"].data.params["model.arch"]) == ("unet3plus", "unet")
     assert all("test_dice" in found.data.metrics for found in trained.values())  # evaluation reached each run
+    # one study: both are children of the same parent run
+    assert len({found.data.tags["mlflow.parentRunId"] for found in trained.values()}) == 1
+    report = next(root.glob("*/report-ablations/report")).read_text()  # the Markdown artifact
+    assert "| main | UNet 3+ |" in report and "| unet | UNet |" in report
+
+
+def test_report_step_runs_after_everything_even_when_an_ablation_failed(compiled):
+    spec, _ = compiled
+    task = next(t for t in spec["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == "report")
+    assert task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # ignore_upstream_failure
+    loop = next(name for name, t in spec["root"]["dag"]["tasks"].items() if "parameterIterator" in t)
+    assert set(task["dependentTasks"]) == {"evaluate-model", loop}
+    outputs = spec["components"][task["componentRef"]["name"]]["outputDefinitions"]["artifacts"]
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.Markdown"
