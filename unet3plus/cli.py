@@ -109,6 +109,12 @@ def cmd_report(args: argparse.Namespace) -> None:
         write_report(config, args.out, readme=args.readme)
 
 
+def cmd_extract(args: argparse.Namespace) -> None:
+    from unet3plus.data.archive import extract_dataset
+
+    extract_dataset(args.archive, args.out)
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from unet3plus.predict import predict_file
 
@@ -199,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="MLflow model URI (models:/NAME@ALIAS, runs:/...) or checkpoint path")
     p.add_argument("--input", type=Path, required=True, help="CT volume, .nii or .nii.gz")
     p.add_argument("--output", type=Path, required=True, help="mask to write, .nii.gz")
+
+    p = verb("extract", cmd_extract, "safely unpack a downloaded dataset archive (MSD Task09_Spleen.tar)",
+             "Extract a tar archive with Python's 'data' filter (no absolute paths, no '..', no links outside, no "
+             "device files) into --out, unwrapping its single top-level folder. Used by data/real/dvc.yaml.")
+    p.add_argument("--archive", type=Path, required=True, help="the .tar (or .tar.gz) file")
+    p.add_argument("--out", type=Path, required=True, help="raw dataset folder to create (must not exist or be empty)")
 
     p = verb("report", cmd_report, "the ablation study's tables and plots, read back from MLflow",
              "Collect the latest study's training runs per organ from MLflow (the main model and the variants of "

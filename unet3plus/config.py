@@ -28,6 +28,7 @@ DATASET_OF_LAYOUT = {"lits": "liver", "msd-spleen": "spleen"}
 class DataConfig:
     """Synthesis, validation and preprocessing of the raw CT volumes."""
 
+    root: str = "data/raw"  # raw datasets <root>/<organ>: data/raw (synthetic phantom) or data/real (DVC-versioned)
     size: int = 320  # output in-plane size of every sample (paper: 320)
     hu_window: tuple[float, float] = (-200.0, 250.0)  # HU range mapped to [0, 1]
     resize_mode: str = "resize"  # "resize" (bilinear image, nearest mask) or "crop" (centre crop/pad)
@@ -41,6 +42,7 @@ class DataConfig:
     synth_slices: int = 48  # slices of synthetic volumes (before spacing)
 
     def validate(self) -> None:
+        _check(bool(self.root.strip()), "data.root", self.root, "a folder such as 'data/raw' (synthetic) or 'data/real'")
         _check(self.size >= 16, "data.size", self.size, "an integer >= 16")
         _check(self.hu_window[0] < self.hu_window[1], "data.hu_window", self.hu_window, "[low, high] with low < high")
         _check(self.resize_mode in ("resize", "crop"), "data.resize_mode", self.resize_mode, "'resize' or 'crop'")
