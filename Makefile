@@ -19,7 +19,7 @@ setup: $(STAMP)
 run: $(STAMP)
 	test -d .git || git init --quiet
 	test -d .dvc || $(VENV)/bin/dvc init --quiet
-	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro --keep-going || \
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro --keep-going dvc.yaml || \
 	  { PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro --single-item report; exit 1; }
 
 ## readme-results: rewrite the README's results block from the runs in mlflow.db (after `make run`)
