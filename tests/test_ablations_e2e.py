@@ -109,6 +109,9 @@ def test_ablation_grid_with_a_failing_variant_end_to_end(tmp_path):
         assert {d.dataset.digest for d in inputs.values()} == {digest}
         assert {d.dataset.source for d in inputs.values()} == {f'{{"uri": "data/raw/{organ}"}}'}
         assert "test_cgm_roc_auc" in main.data.metrics and "test_fp_organ_free_no_gate" in main.data.metrics
+        description = client.get_model_version(f"unet3plus-{organ}", "1").description
+        assert description.startswith("unet3plus (unet encoder, width 4, DS, CGM, hybrid loss)")
+        assert f"on {organ} data {digest[:12]}" in description and "Test: dice " in description
 
     # -- the report: both configurations per organ, the failure marked, the plots ---------------
     report = (repo / "reports" / "ablations.md").read_text()

@@ -3,7 +3,7 @@
 Every training run carries an ``ablation`` tag (``main`` or a name of ``ablations.variants``) and is
 the child of its study's parent run (:func:`unet3plus.tracking.study_parent`); evaluation adds the
 test metrics to it. :func:`collect_runs` takes, per organ, the children of the latest study, the
-latest run per (variant, seed); :func:`configuration_table` groups them by model configuration
+latest run per (variant, seed); :func:`configuration_table` gives a row per variant and organ
 (architecture, encoder, deep supervision, CGM, loss) with mean and spread over seeds;
 :func:`write_report` writes the markdown tables, a CSV, a JSON of the numbers (DVC metrics) and the
 plots. A failed run is shown as such, with its error, next to the rows that finished.
