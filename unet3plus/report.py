@@ -304,7 +304,7 @@ def plot_overlay_grid(runs: pd.DataFrame, dataset: str, path: Path, cases: int =
         image = apply_orientation(read_volume(Path(first["raw_dir"]) / entry["image"]).get_fdata(dtype=np.float32),
                                   orientation)[:, :, z]
         slices.append((case_id, orientation, z, window_hu(image, metadata["data_config"]["hu_window"]), target[:, :, z]))
-    figure = _figure(2.6 * len(slices), 2.6 * len(available) + 0.6)
+    figure = _figure(max(6.0, 2.6 * len(slices)), 2.6 * len(available) + 0.6)
     grid = figure.subplots(len(available), len(slices), squeeze=False)
     for r, (_, run) in enumerate(available.iterrows()):
         for c, (case_id, orientation, z, grey, target) in enumerate(slices):
