@@ -38,11 +38,23 @@ def log_training(base: Config, variant: str, dataset: str, digest: str, dice: fl
         pass
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A tracking store holding two studies' runs (made once: logging runs is the slow part)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('report') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        _log_runs(config_from_dict({"ablations": GRID, "mlflow": {"system_metrics": False}}))
+    return uri
+
+
 @pytest.fixture
-def base(tmp_path, monkeypatch) -> Config:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    config = config_from_dict({"ablations": GRID, "mlflow": {"system_metrics": False}})
+def base(store, monkeypatch) -> Config:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    return config_from_dict({"ablations": GRID, "mlflow": {"system_metrics": False}})
+
+
+def _log_runs(config: Config) -> None:
     log_training(config, "main", "liver", "old-data", 0.10)  # an older study: not reported
     for seed, dice in ((0, 0.90), (1, 0.94)):  # two seeds: mean and spread
         log_training(config, "main", "liver", "d1", dice, seed=seed)
@@ -51,7 +63,6 @@ def base(tmp_path, monkeypatch) -> Config:
     log_training(config, "broken", "liver", "d1", None, fail=True)
     log_training(config, "dropped", "liver", "d1", 0.99)  # not in ablations.run: not reported
     log_training(config, "main", "spleen", "d2", 0.80)
-    return config
 
 
 def test_latest_study_latest_run_per_variant_and_seed_with_mean_spread_and_failures(base):
