@@ -1,6 +1,6 @@
 """Component: the ablation study's tables, read back from MLflow, as a Markdown artifact of the run."""
 
-from typing import List
+from typing import List, Optional
 
 from kfp import dsl
 
@@ -8,7 +8,7 @@ from components.common import component, load_config
 
 
 @component
-def report_ablations(report: dsl.Output[dsl.Markdown], params: str, dataset: str, ablations: List[dict] = []) -> None:
+def report_ablations(report: dsl.Output[dsl.Markdown], params: str, dataset: str, ablations: Optional[List[dict]] = None) -> None:
     """Write the paper-style Tables 1 and 2 of this run's study (``unet3plus report``) for the KFP UI.
 
     The pipeline runs it with ``ignore_upstream_failure``: after a failed ablation it still
@@ -29,6 +29,6 @@ def report_ablations(report: dsl.Output[dsl.Markdown], params: str, dataset: str
 
     setup_logging()
     config = load_config(params)
-    runs = collect_runs(config.mlflow, [ablation["name"] for ablation in ablations])
+    runs = collect_runs(config.mlflow, [ablation["name"] for ablation in ablations or []])
     with open(report.path, "w") as handle:
         handle.write(report_markdown(configuration_table(runs[runs["dataset"] == dataset])))

@@ -13,8 +13,15 @@ from unet3plus import tracking
 from unet3plus.cli import main
 from unet3plus.config import Config, ablation_config, config_from_dict
 from unet3plus.errors import UserError
-from unet3plus.report import (README_BEGIN, README_END, collect_runs, configuration_table, parameter_count,
-                              replace_readme_block, write_report)
+from unet3plus.report import (
+    README_BEGIN,
+    README_END,
+    collect_runs,
+    configuration_table,
+    parameter_count,
+    replace_readme_block,
+    write_report,
+)
 
 GRID = {"variants": {"unet": {"model.arch": "unet", "model.deep_supervision": False, "model.cgm": False},
                      "broken": {"model.width": 2}, "dropped": {"model.width": 3}},

@@ -194,19 +194,26 @@ def table2_markdown(table: pd.DataFrame) -> str:
     return _markdown(header, rows)
 
 
+INTRODUCTION = (
+    "Test Dice per 3D volume, mean ± sample standard deviation over seeds (n) where repeated; read back from "
+    "MLflow. Paper figures are shown only where the source is certain (parameter counts at width 64; Dice of "
+    "UNet 3+ ResNet-101 hybrid + CGM)."
+)
+FOOTNOTE = (
+    "CGM ROC AUC / AP: the CGM as a per-slice classifier of 'organ present' on the test slices; FP voxels: "
+    "predicted organ voxels on test slices without the organ, with and without the CGM gate."
+)
+
+
 def report_markdown(table: pd.DataFrame) -> str:
+    """The whole ``ablations.md``: introduction, failures (if any), Table 1, Table 2."""
     failed = table[table["status"] == "FAILED"]
-    text = ["# Ablation study", "",
-            "Test Dice per 3D volume, mean ± sample standard deviation over seeds (n) where repeated; read back "
-            "from MLflow. Paper figures are shown only where the source is certain (parameter counts at width 64; "
-            "Dice of UNet 3+ ResNet-101 hybrid + CGM).", ""]
+    text = ["# Ablation study", "", INTRODUCTION, ""]
     if len(failed):
         text += [f"**{len(failed)} configuration(s) failed**: " + "; ".join(
             f"{r['dataset']} {r['variant']} ({r['error'][:200] or 'no error recorded'})" for _, r in failed.iterrows()), ""]
     text += ["## Table 1: architectures and encoders", "", table1_markdown(table),
-             "## Table 2: UNet 3+ by loss and CGM", "", table2_markdown(table),
-             "CGM ROC AUC / AP: the CGM as a per-slice classifier of 'organ present' on the test slices; FP voxels: "
-             "predicted organ voxels on test slices without the organ, with and without the CGM gate.", ""]
+             "## Table 2: UNet 3+ by loss and CGM", "", table2_markdown(table), FOOTNOTE, ""]
     return "\n".join(text)
 
 

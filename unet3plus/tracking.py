@@ -266,7 +266,7 @@ def runs_view_url(mlflow_config: MlflowConfig, server: str = "http://127.0.0.1:5
     return f"{server.rstrip('/')}/{page}?workflowType=machine_learning"
 
 
-def log_datasets(run: "TrackedRun", data_dir: str | os.PathLike, dataset: str, manifest: Any) -> None:
+def log_datasets(run: TrackedRun, data_dir: str | os.PathLike, dataset: str, manifest: Any) -> None:
     """Attach the train/val/test manifests of ``data_dir`` to ``run`` as MLflow datasets.
 
     Each split becomes ``mlflow.data.from_pandas`` with digest = :func:`data_hash` (so the UI
