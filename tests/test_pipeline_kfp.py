@@ -248,7 +248,7 @@ def test_pipeline_runs_end_to_end_with_kfp_local(tmp_path, monkeypatch):
     # one study: both are children of the same parent run
     assert len({found.data.tags["mlflow.parentRunId"] for found in trained.values()}) == 1
     report = next(root.glob("*/report-ablations/report")).read_text()  # the Markdown artifact
-    assert "| main | UNet 3+ |" in report and "| unet | UNet |" in report
+    assert "| main | UNet 3+ |" in report and "| unet | UNet w/o DS |" in report
 
 
 def test_report_step_runs_after_everything_even_when_an_ablation_failed(compiled):
