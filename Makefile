@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-fast bench ui tracking-server tracking-server-stop clean-venv
+.PHONY: setup run test test-fast bench ui tracking-server tracking-server-stop clean-venv readme-results
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +19,12 @@ setup: $(STAMP)
 run: $(STAMP)
 	test -d .git || git init --quiet
 	test -d .dvc || $(VENV)/bin/dvc init --quiet
-	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro --keep-going dvc.yaml || \
+	  { PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro --single-item report; exit 1; }
+
+## readme-results: rewrite the README's results block from the runs in mlflow.db (after `make run`)
+readme-results: $(STAMP)
+	$(VENV)/bin/unet3plus report --out reports/ablations.md --readme README.md
 
 ## test: set up, then run the test suite
 test: $(STAMP)
@@ -40,6 +45,7 @@ tracking-server: $(STAMP)
 tracking-server-stop: $(STAMP)
 	$(PY) -m unet3plus.tracking_server stop --root .tracking
 
-## ui: browse runs and registered models at http://127.0.0.1:5000
+## ui: browse runs and registered models; open the printed URL (the runs table, not the GenAI overview)
 ui: $(STAMP)
+	@echo "Runs: $$($(PY) -c 'from unet3plus.config import load_config; from unet3plus.tracking import runs_view_url; print(runs_view_url(load_config("params.yaml").mlflow))')"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

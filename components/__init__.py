@@ -9,7 +9,8 @@ from components.evaluate import evaluate_model
 from components.preprocess import preprocess_data
 from components.raw_data import raw_data
 from components.register import register_model
+from components.report import report_ablations
 from components.train import train_model
 from components.validate import validate_data
 
-__all__ = ["IMAGE", "evaluate_model", "preprocess_data", "raw_data", "register_model", "train_model", "validate_data"]
+__all__ = ["IMAGE", "evaluate_model", "preprocess_data", "raw_data", "register_model", "report_ablations", "train_model", "validate_data"]

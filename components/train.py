@@ -30,7 +30,7 @@ def train_model(
         params: text of ``params.yaml``.
         overrides: ``section.key=value`` overrides (an ablation's changes).
         ablation: the ablation's name, set as the ``ablation`` tag of the MLflow run (``""``:
-            the main model, no tag).
+            the main model, tagged ``main``).
 
     Returns:
         The best validation Dice.
@@ -39,17 +39,14 @@ def train_model(
         ConfigError: invalid parameters or overrides.
         DataError: the preprocessed input is missing or incomplete.
     """
-    from unet3plus.tracking import open_run
     from unet3plus.train import train
     from unet3plus.utils import setup_logging
 
     setup_logging()
     config = load_config(params, overrides)
     data_dir = input_dir(processed, "preprocessed dataset", "preprocess_data", required="manifest.csv")
-    summary = train(config, data_dir=data_dir, out_dir=model.path)
-    if ablation and summary.get("mlflow_run_id"):
-        with open_run(config.mlflow, run_id=summary["mlflow_run_id"], tags={"ablation": ablation}):
-            pass
+    # The run is tagged with the variant and grouped under the study of the base parameters.
+    summary = train(config, data_dir=data_dir, out_dir=model.path, ablation=ablation or "main", base=load_config(params))
     model.metadata.update({
         "framework": "pytorch",
         "dataset": summary["dataset"],

@@ -81,7 +81,7 @@ def run_arguments(params_path: Optional[Path], overrides: List[str], dataset: st
     ablations = [
         {"name": ablation.name,
          "overrides": [f"{key}={json.dumps(value)}" for key, value in ablation.overrides.items()]}
-        for ablation in config.ablations
+        for ablation in config.ablations.selected()
     ]
     return {"params": yaml.safe_dump(raw, sort_keys=False), "dataset": dataset, "ablations": ablations,
             "source_dir": source_dir}

@@ -60,8 +60,14 @@ def test_flat_has_one_entry_per_knob():
         ({"train": {"optimizer": "adam"}}, "'sgd' or 'adamw'"),
         ({"loss": {"focal_weight": 0, "ms_ssim_weight": 0, "iou_weight": 0}}, "at least one positive"),
         ({"train": []}, "section 'train' must be a mapping"),
-        ({"ablations": [{"name": "a", "overrides": {"model.archh": "unet"}}]}, "unknown key"),
-        ({"ablations": [{"name": "a"}, {"name": "a"}]}, "unique names"),
+        ({"ablations": {"variants": {"a": {"model.archh": "unet"}}}}, "ablation 'a': override 'model.archh=unet': unknown key"),
+        ({"ablations": {"variants": {"a": {}}, "run": ["a", "a"]}}, "ablations.run = ['a', 'a'] is invalid: expected unique names"),
+        ({"ablations": {"variants": {"a": {}}, "run": ["b"]}}, "ablations.run = ['b'] is invalid: expected names of ablations.variants (a)"),
+        ({"ablations": {"variants": {"No DS": {}}}}, "ablations.variants = 'No DS' is invalid"),
+        ({"ablations": {"variants": {"a": "model.arch=unet"}}}, "ablations.variants.a = 'model.arch=unet' is invalid"),
+        ({"ablations": {"run": "a"}}, "ablations.run = 'a' has the wrong type: expected a list"),
+        ({"ablations": {"variants": {"a": {"loss.cgm_weight": 0}}}}, "ablation 'a': model.cgm = true with loss.cgm_weight = 0 is refused"),
+        ({"loss": {"cgm_weight": 0}}, "model.cgm = true with loss.cgm_weight = 0 is refused"),
     ],
 )
 def test_bad_params_raise_config_error_naming_the_key(raw, message):
@@ -89,7 +95,32 @@ def test_params_file_errors_name_the_file(tmp_path):
 
 
 def test_ablation_config_applies_its_overrides():
-    base = config_from_dict({"ablations": [{"name": "unet-focal", "overrides": {"model.arch": "unet", "loss.iou_weight": 0}}]})
-    variant = ablation_config(base, base.ablations[0])
+    base = config_from_dict({"ablations": {"variants": {"unet_focal": {"model.arch": "unet", "loss.iou_weight": 0},
+                                                        "spare": {}}, "run": ["unet_focal"]}})
+    assert [a.name for a in base.ablations.selected()] == ["unet_focal"]
+    variant = ablation_config(base, base.ablations.get("unet_focal"))
     assert variant.model.arch == "unet" and variant.loss.iou_weight == 0.0
-    assert base.model.arch == "unet3plus"
+    assert base.model.arch == "unet3plus" and variant.ablations.run == []
+    with pytest.raises(ConfigError, match="no variant 'nope'; defined: unet_focal, spare"):
+        base.ablations.get("nope")
+
+
+def test_cgm_without_its_loss_is_refused_but_no_cgm_without_its_loss_is_fine():
+    assert config_from_dict({"model": {"cgm": False}, "loss": {"cgm_weight": 0}}).model.cgm is False
+
+
+@pytest.mark.parametrize("params", ["params.yaml", "configs/paper.yaml"])
+def test_shipped_grids(params):
+    """Default: the paper's Table 1 rows at CPU size; paper.yaml: Table 1 x 2 encoders, Table 2's loss/CGM rows."""
+    config = load_config(ROOT / params)
+    variants = {a.name: ablation_config(config, a) for a in config.ablations.selected()}
+    rows = {(v.model.arch, v.model.encoder, v.model.deep_supervision, v.model.cgm, v.loss.ms_ssim_weight > 0)
+            for v in [config, *variants.values()]}
+    assert len(rows) == len(variants) + 1  # every variant differs from the main model and from each other
+    encoders = ("unet", "resnet101") if params.startswith("configs") else ("unet",)
+    for encoder in encoders:
+        for arch, ds in (("unet", False), ("unet2plus", True), ("unet3plus", False)):
+            assert any(r[0] == arch and r[1] == encoder and r[2] == ds and not r[3] for r in rows), (arch, encoder)
+    if params.startswith("configs"):
+        table2 = {(r[3], r[4]) for r in rows if r[:3] == ("unet3plus", "resnet101", True)}
+        assert table2 == {(False, False), (False, True), (True, True)}  # focal, hybrid, hybrid + CGM

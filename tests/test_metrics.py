@@ -160,3 +160,36 @@ def test_summarise_is_nan_aware_and_counts_surface_cases():
     assert summary["dice"] == pytest.approx(0.5)
     assert summary["hd95"] == pytest.approx(3.0) and summary["hd95_cases"] == 2
     assert summary["assd"] == pytest.approx(2.0) and summary["assd_cases"] == 2
+
+
+def _kdtree_surface_distances(pred, target, spacing):
+    """Independent reference: surface voxels (mask minus its 6-connected erosion) in world coordinates (mm),
+    nearest-neighbour distances both ways with scipy's KD-tree; HD95 = max of the two directed 95th
+    percentiles, ASSD = mean over both directions' distances."""
+    from scipy.ndimage import binary_erosion
+    from scipy.spatial import cKDTree
+
+    def surface_points(mask):
+        return np.argwhere(mask & ~binary_erosion(mask)) * np.asarray(spacing, dtype=np.float64)
+
+    a, b = surface_points(pred), surface_points(target)
+    a_to_b, b_to_a = cKDTree(b).query(a)[0], cKDTree(a).query(b)[0]
+    hd95 = max(np.percentile(a_to_b, 95), np.percentile(b_to_a, 95))
+    return hd95, np.concatenate([a_to_b, b_to_a]).mean()
+
+
+def test_hd95_and_assd_match_a_kdtree_over_surface_points_with_unequal_spacing():
+    grid = np.stack(np.meshgrid(np.arange(40), np.arange(36), np.arange(24), indexing="ij"), axis=-1).astype(float)
+    spacing = (0.7, 1.3, 2.5)  # mm along x, y, z: all different
+
+    def ellipsoid(centre, radii):
+        return (((grid - centre) / radii) ** 2).sum(axis=-1) <= 1.0
+
+    target = ellipsoid((20, 18, 12), (12, 9, 6))
+    pred = ellipsoid((23, 16, 13), (10, 10, 5)) | ellipsoid((8, 8, 5), (2, 2, 1.5))  # shifted, plus a blob
+    result = volume_metrics(pred, target, spacing)
+    hd95, assd = _kdtree_surface_distances(pred, target, spacing)
+    assert result["hd95"] == pytest.approx(hd95, rel=1e-6)
+    assert result["assd"] == pytest.approx(assd, rel=1e-6)
+    # The spacing is applied per axis: the reference with the axes' spacings swapped differs.
+    assert _kdtree_surface_distances(pred, target, spacing[::-1])[1] != pytest.approx(assd, rel=1e-3)

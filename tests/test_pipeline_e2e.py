@@ -27,6 +27,7 @@ def _tiny_params() -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
+    params["ablations"]["run"] = []  # no ablation stages: the main pipeline runs alone
     return params
 
 

@@ -85,13 +85,13 @@ def test_default_ablations_are_valid_overrides():
     variants = {ablation["name"]: apply_overrides(base, ablation["overrides"]).model for ablation in DEFAULT_ABLATIONS}
     assert variants["unet"].arch == "unet"
     assert variants["unet2plus"].arch == "unet2plus"
-    assert variants["unet3plus-no-deep-supervision"].deep_supervision is False
+    assert variants["unet3plus_no_ds"].deep_supervision is False
 
 
 def test_only_training_asks_for_a_gpu_and_every_step_runs_in_the_project_image(compiled):
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 8  # six steps plus the ablation's train and evaluate
+    assert len(executors) == 9  # six steps, the ablation's train and evaluate, the report
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == DEFAULT_IMAGE, name
@@ -169,19 +169,25 @@ def test_submit_checks_the_parameters_before_contacting_the_cluster(tmp_path):
 def test_run_arguments_carry_params_overrides_and_ablations(tmp_path):
     params = tmp_path / "params.yaml"
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["ablations"] = [{"name": "no-cgm", "overrides": {"model.cgm": False, "loss.cgm_weight": 0}},
-                        {"name": "unet", "overrides": {"model.arch": "unet"}}]
+    raw["ablations"] = {"variants": {"no_cgm": {"model.cgm": False, "loss.cgm_weight": 0},
+                                     "unet": {"model.arch": "unet"}, "unused": {}}, "run": ["no_cgm", "unet"]}
     params.write_text(yaml.safe_dump(raw))
     arguments = run_arguments(params, ["train.epochs=3"], "spleen", "")
     assert arguments["dataset"] == "spleen"
     sent = component_config(arguments["params"])  # what every component will read
     assert sent.train.epochs == 3
     assert sent.flat() == load_config(params, ["train.epochs=3"]).flat()
-    assert sent.ablations == []  # they travel as their own argument
-    assert [a["name"] for a in arguments["ablations"]] == ["no-cgm", "unet"]
+    assert sent.ablations.run == []  # they travel as their own argument
+    assert [a["name"] for a in arguments["ablations"]] == ["no_cgm", "unet"]
     no_cgm = apply_overrides(sent, arguments["ablations"][0]["overrides"])
     assert (no_cgm.model.cgm, no_cgm.loss.cgm_weight) == (False, 0.0)
     assert apply_overrides(sent, arguments["ablations"][1]["overrides"]).model.arch == "unet"
+
+
+def test_default_ablations_are_the_shipped_params_selection():
+    """The ParallelFor's default variants are those `dvc repro` runs (params.yaml ablations.run)."""
+    arguments = run_arguments(ROOT / "params.yaml", [], "liver", "")
+    assert arguments["ablations"] == DEFAULT_ABLATIONS
 
 
 def test_dockerfile_builds_the_project_with_the_pinned_dependencies():
@@ -236,6 +242,20 @@ def test_pipeline_runs_end_to_end_with_kfp_local(tmp_path, monkeypatch):
     assert len(client.search_model_versions("name='unet3plus-liver'")) == 1  # the ablation is not registered
     runs = client.search_runs([client.get_experiment_by_name(params["mlflow"]["experiment"]).experiment_id])
     trained = {found.data.tags.get("ablation", ""): found for found in runs if "val_dice" in found.data.metrics}
-    assert set(trained) == {"", "unet"}  # one training run each, the ablation tagged with its name
-    assert (trained[""].data.params["model.arch"], trained["unet"].data.params["model.arch"]) == ("unet3plus", "unet")
+    assert set(trained) == {"main", "unet"}  # one training run each, the ablation tagged with its name
+    assert (trained["main"].data.params["model.arch"], trained["unet"].data.params["model.arch"]) == ("unet3plus", "unet")
     assert all("test_dice" in found.data.metrics for found in trained.values())  # evaluation reached each run
+    # one study: both are children of the same parent run
+    assert len({found.data.tags["mlflow.parentRunId"] for found in trained.values()}) == 1
+    report = next(root.glob("*/report-ablations/report")).read_text()  # the Markdown artifact
+    assert "| main | UNet 3+ |" in report and "| unet | UNet w/o DS |" in report
+
+
+def test_report_step_runs_after_everything_even_when_an_ablation_failed(compiled):
+    spec, _ = compiled
+    task = next(t for t in spec["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == "report")
+    assert task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # ignore_upstream_failure
+    loop = next(name for name, t in spec["root"]["dag"]["tasks"].items() if "parameterIterator" in t)
+    assert set(task["dependentTasks"]) == {"evaluate-model", loop}
+    outputs = spec["components"][task["componentRef"]["name"]]["outputDefinitions"]["artifacts"]
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.Markdown"

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from unet3plus.config import LAYOUTS, Config, load_config
+from unet3plus.config import LAYOUTS, Config, ablation_config, load_config
 from unet3plus.errors import DataError, UserError
 from unet3plus.utils import check_outputs, setup_logging
 
@@ -26,7 +26,10 @@ def _config(args: argparse.Namespace) -> Config:
     params = args.params
     if params is None and Path("params.yaml").is_file():
         params = "params.yaml"
-    return load_config(params, args.overrides)
+    config = load_config(params, args.overrides)
+    if getattr(args, "ablation", None):
+        return ablation_config(config, config.ablations.get(args.ablation))
+    return config
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -83,8 +86,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = _config(args)
     check_outputs({"--out": args.out}, {"--data": args.data})
+    base = _config(argparse.Namespace(**{**vars(args), "ablation": None}))
     train(config, data_dir=args.data, out_dir=args.out, resume=args.resume, force=args.force,
-          compile_model=args.compile)
+          compile_model=args.compile, ablation=args.ablation or "main", base=base)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -108,23 +112,22 @@ def cmd_register(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from unet3plus.report import results_table, to_markdown
+    from unet3plus.report import collect_runs, configuration_table, report_markdown, write_report
     from unet3plus.tracking import store_errors
-    from unet3plus.utils import atomic_path, write_text_atomic
 
     config = _config(args)
     check_outputs({"--out": args.out}, {})
     with store_errors(config.mlflow):
-        table = results_table(config.mlflow)
-    if args.out is None:
-        sys.stdout.write(to_markdown(table))
-    elif args.out.suffix == ".csv":
-        with atomic_path(args.out) as tmp:
-            table.to_csv(tmp, index=False)
-    else:
-        write_text_atomic(args.out, to_markdown(table))
-    if args.out is not None:
-        logger.info("%d configuration(s) written to %s", len(table), args.out)
+        if args.out is None:
+            sys.stdout.write(report_markdown(configuration_table(collect_runs(config.mlflow, config.ablations.run))))
+        else:
+            write_report(config, args.out, readme=args.readme)
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from unet3plus.data.archive import extract_dataset
+
+    extract_dataset(args.archive, args.out)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -158,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
+    ablation_help = ("train/evaluate the variant NAME of ablations.variants (its overrides applied to the main "
+                     "configuration; the MLflow run is tagged ablation=NAME)")
     layout_help = "raw data layout: 'lits' (LiTS 2017: volume-N.nii, segmentation-N.nii) or 'msd-spleen' (Decathlon Task09: dataset.json, imagesTr/, labelsTr/)"
 
     p = verb("synth", cmd_synth, "write a synthetic CT phantom dataset in the LiTS or MSD layout",
@@ -201,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (opt-in: off by default because it costs minutes of compilation "
                         "and was slower than eager on the official code; measure with benchmarks/gpu_check.py)")
     p.add_argument("--force", action="store_true", help="start afresh in an --out that holds an earlier run (its checkpoints are replaced)")
+    p.add_argument("--ablation", default=None, metavar="NAME", help=ablation_help)
 
     p = verb("evaluate", cmd_evaluate, "score a checkpoint per 3D volume on the test split",
              "Predict every test volume, map predictions back to the original voxel grid and score Dice, IoU, "
@@ -211,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", type=Path, required=True, help="raw dataset directory (original labels and geometry)")
     p.add_argument("--out", type=Path, required=True, help="output directory for metrics and predictions")
     p.add_argument("--force", action="store_true", help="replace predictions/ and overlays/ even if they hold files evaluate did not write")
+    p.add_argument("--ablation", default=None, metavar="NAME", help=ablation_help)
 
     p = verb("register", cmd_register, "log the model to MLflow and register it; move 'champion' if better",
              "Log the checkpoint as an MLflow model (signature and input example), register it as "
@@ -226,11 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=Path, required=True, help="CT volume, .nii or .nii.gz")
     p.add_argument("--output", type=Path, required=True, help="mask to write, .nii.gz")
 
-    p = verb("report", cmd_report, "the paper's results table from MLflow: test Dice per model and organ",
-             "Collect every evaluated run of the MLflow experiment (mlflow.experiment, MLFLOW_TRACKING_URI wins) into "
-             "one table like the paper's Tables 1 and 2: a row per configuration (model, encoder, deep supervision, "
-             "CGM, loss weights), per organ the mean test Dice and the number of runs.")
-    p.add_argument("--out", type=Path, default=None, help="write the table here (.csv, else markdown); default: print markdown")
+    p = verb("extract", cmd_extract, "safely unpack a downloaded dataset archive (MSD Task09_Spleen.tar)",
+             "Extract a tar archive with Python's 'data' filter (no absolute paths, no '..', no links outside, no "
+             "device files) into --out, unwrapping its single top-level folder. Used by data/real/dvc.yaml.")
+    p.add_argument("--archive", type=Path, required=True, help="the .tar (or .tar.gz) file")
+    p.add_argument("--out", type=Path, required=True, help="raw dataset folder to create (must not exist or be empty)")
+
+    p = verb("report", cmd_report, "the ablation study's tables and plots, read back from MLflow",
+             "Collect the latest study's training runs per organ from MLflow (the main model and the variants of "
+             "ablations.run) into the paper's Table 1 (model x encoder: parameters, test Dice per organ) and Table 2 "
+             "(UNet 3+ by loss and CGM, with the CGM's ROC AUC / AP and false positives on organ-free slices), mean "
+             "+/- spread over seeds. Failed runs are shown with their error.")
+    p.add_argument("--out", type=Path, default=None, metavar="MD",
+                   help="write the markdown here, with .csv and .json beside it and plots in <stem>_plots/ "
+                   "(default: print the markdown)")
+    p.add_argument("--readme", type=Path, default=None, metavar="README",
+                   help="also rewrite the results block between the markers of this README (with --out)")
     return parser
 
 

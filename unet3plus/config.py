@@ -31,6 +31,7 @@ DATASET_OF_LAYOUT = {"lits": "liver", "msd-spleen": "spleen"}
 class DataConfig:
     """Synthesis, validation and preprocessing of the raw CT volumes."""
 
+    root: str = "data/raw"  # raw datasets <root>/<organ>: data/raw (synthetic phantom) or data/real (DVC-versioned)
     size: int = 320  # output in-plane size of every sample (paper: 320)
     hu_window: tuple[float, float] = (-200.0, 250.0)  # HU range mapped to [0, 1]
     resize_mode: str = "resize"  # "resize" (bilinear image, nearest mask), "crop" (centre crop/pad) or "spacing"
@@ -45,6 +46,7 @@ class DataConfig:
     synth_slices: int = 48  # slices of synthetic volumes (before spacing)
 
     def validate(self) -> None:
+        _check(bool(self.root.strip()), "data.root", self.root, "a folder such as 'data/raw' (synthetic) or 'data/real'")
         _check(self.size >= 16, "data.size", self.size, "an integer >= 16")
         _check(self.hu_window[0] < self.hu_window[1], "data.hu_window", self.hu_window, "[low, high] with low < high")
         _check(self.resize_mode in ("resize", "crop", "spacing"), "data.resize_mode", self.resize_mode, "'resize', 'crop' or 'spacing'")
@@ -190,6 +192,47 @@ class AblationConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9_]*")
+
+
+@dataclass
+class AblationsConfig:
+    """Named variants of the main model, and which of them run (``dvc repro``, the Kubeflow ParallelFor).
+
+    ``variants`` maps a name (lower case letters, digits, ``_``: it becomes part of DVC stage names
+    such as ``ablate@liver-unet3plus_no_ds`` and of folders) to ``section.key: value`` overrides of
+    the base configuration; ``run`` lists the names to train, in order. An empty ``run`` trains the
+    main model only.
+    """
+
+    variants: dict[str, Any] = field(default_factory=dict)
+    run: list[str] = field(default_factory=list)
+
+    def selected(self) -> list[AblationConfig]:
+        """The variants named in ``run``, in that order."""
+        return [AblationConfig(name, dict(self.variants[name])) for name in self.run]
+
+    def get(self, name: str) -> AblationConfig:
+        """The variant ``name``.
+
+        Raises:
+            ConfigError: no such variant (the message lists the defined ones).
+        """
+        if name not in self.variants:
+            raise ConfigError(f"ablations.variants has no variant {name!r}; defined: {', '.join(self.variants) or 'none'}")
+        return AblationConfig(name, dict(self.variants[name]))
+
+    def validate(self) -> None:
+        for name, overrides in self.variants.items():
+            _check(isinstance(name, str) and VARIANT_NAME.fullmatch(name) is not None, "ablations.variants", name,
+                   "variant names of lower-case letters, digits and '_' (they become DVC stage names)")
+            _check(isinstance(overrides, dict), f"ablations.variants.{name}", overrides,
+                   "a mapping of section.key: value overrides")
+        _check(len(self.run) == len(set(self.run)), "ablations.run", self.run, "unique names")
+        unknown = [name for name in self.run if name not in self.variants]
+        _check(not unknown, "ablations.run", unknown, f"names of ablations.variants ({', '.join(self.variants) or 'none defined'})")
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -199,15 +242,20 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    ablations: list[AblationConfig] = field(default_factory=list)
+    ablations: AblationsConfig = field(default_factory=AblationsConfig)
 
     def validate(self) -> Config:
         for section in SECTIONS:
             getattr(self, section).validate()
-        names = [a.name for a in self.ablations]
-        _check(len(names) == len(set(names)), "ablations", names, "unique names")
-        for ablation in self.ablations:
-            ablation_config(self, ablation)
+        if self.model.cgm and self.loss.cgm_weight == 0:
+            raise ConfigError(
+                "model.cgm = true with loss.cgm_weight = 0 is refused: the CGM would never be trained and would gate "
+                "slices at random at inference (and leave unused parameters that crash DDP); set loss.cgm_weight > 0, "
+                "or model.cgm = false for a model without the CGM"
+            )
+        self.ablations.validate()
+        for name in self.ablations.variants:
+            ablation_config(self, self.ablations.get(name))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -282,6 +330,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise ConfigError(f"{key} = {value!r} has the wrong type: expected a list of {len(items)} numbers")
         return tuple(_coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, items)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a list")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} = {value!r} has the wrong type: expected a mapping")
@@ -337,10 +390,7 @@ def config_from_dict(raw: dict[str, Any] | None) -> Config:
         raise ConfigError(f"unknown section {unknown[0]!r}; allowed sections: {', '.join(allowed)}")
     hints = typing.get_type_hints(Config)
     sections = {s: _build_section(hints[s], s, raw.get(s)) for s in SECTIONS}
-    ablations_raw = raw.get("ablations") or []
-    if not isinstance(ablations_raw, list):
-        raise ConfigError("section 'ablations' must be a list of {name, overrides} mappings")
-    ablations = [_build_section(AblationConfig, f"ablations[{i}]", a) for i, a in enumerate(ablations_raw)]
+    ablations = _build_section(AblationsConfig, "ablations", raw.get("ablations"))
     return Config(**sections, ablations=ablations).validate()
 
 
@@ -408,7 +458,7 @@ def ablation_config(config: Config, ablation: AblationConfig) -> Config:
     Raises:
         ConfigError: an override names an unknown key or gives an invalid value.
     """
-    base = dataclasses.replace(config, ablations=[])
+    base = dataclasses.replace(config, ablations=AblationsConfig())
     try:
         return apply_overrides(base, [f"{k}={_yaml_scalar(v)}" for k, v in ablation.overrides.items()])
     except ConfigError as err:

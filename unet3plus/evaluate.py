@@ -10,7 +10,9 @@ Outputs in ``out_dir`` (each written atomically; the two folders are replaced as
 
 - ``metrics.json``: means over cases of dice, iou, precision, recall, hd95, assd (mm) and
   dice_no_gate; ``hd95_cases``/``assd_cases`` (cases with a finite distance), ``cases``,
-  ``dataset``, ``threshold``. A mean with no finite value is ``null``.
+  ``dataset``, ``threshold``; ``fp_organ_free``/``fp_organ_free_no_gate``: predicted voxels on
+  organ-free axial slices with and without the CGM gate (summed over cases); with a CGM, its
+  per-slice classifier scores (:func:`cgm_classifier_metrics`). A mean with no finite value is ``null``.
 - ``per_case.csv``: one row per case (NaN distances are empty cells).
 - ``predictions/<case_id>.nii.gz``: uint8 0/1 masks with the original affine.
 - ``overlays/{best,worst}_<rank>_<case_id>.png``: CT slice with the largest organ area, true
@@ -62,7 +64,8 @@ from unet3plus.utils import (
 logger = logging.getLogger(__name__)
 
 SUMMARY_METRICS = (*METRIC_NAMES, "dice_no_gate")
-PER_CASE_COLUMNS = ("case_id", *SUMMARY_METRICS, "true_voxels", "predicted_voxels", "slices")
+PER_CASE_COLUMNS = ("case_id", *SUMMARY_METRICS, "true_voxels", "predicted_voxels", "slices", "fp_organ_free",
+                    "fp_organ_free_no_gate")
 # RGB of the paper's qualitative figure: true positive, false negative, false positive.
 OVERLAY_COLOURS = {
     "true positive": (1.0, 0.41, 0.71),  # pink
@@ -104,15 +107,52 @@ def _warn_on_preprocessing_mismatch(
 
 
 def _both_probabilities(network: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(B, 3, S, S) -> (B, 2, S, S): channel 0 with the CGM gate, channel 1 without it."""
+    """(B, 3, S, S) -> (B, 3, S, S): channel 0 with the CGM gate, channel 1 without it, channel 2 the
+    CGM's probability that the slice contains the organ (constant over the slice; NaN without CGM)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         output = network(x)
         # One forward pass serves both: predict_proba gates the output it is handed.
         gated = predict_proba(lambda _: output, x)
-        return torch.cat([gated[:, :1], torch.sigmoid(output.logits[:, :1].float())], dim=1)
+        ungated = torch.sigmoid(output.logits[:, :1].float())
+        if output.class_logits is None:
+            organ = torch.full_like(ungated, math.nan)
+        else:
+            organ = torch.softmax(output.class_logits.float(), dim=1)[:, 1, None, None, None].expand_as(ungated)
+        return torch.cat([gated[:, :1], ungated, organ], dim=1)
 
     return forward
+
+
+def organ_free_false_positives(prediction: np.ndarray, target: np.ndarray, axial_axis: int) -> int:
+    """Predicted voxels on the axial slices whose reference has no organ (over-segmentation the CGM should cut)."""
+    other = tuple(axis for axis in range(target.ndim) if axis != axial_axis)
+    free = ~target.any(axis=other)
+    return int(np.compress(free, prediction, axis=axial_axis).sum())
+
+
+def cgm_classifier_metrics(organ_probability: np.ndarray, organ_present: np.ndarray) -> dict[str, float]:
+    """The CGM as a per-slice classifier of "organ present", scored with scikit-learn.
+
+    Args:
+        organ_probability: (N,) the CGM's probability of the organ, per test slice.
+        organ_present: (N,) 0/1 truth per slice.
+
+    Returns:
+        ``cgm_roc_auc`` and ``cgm_average_precision`` (NaN when only one class is present), and
+        the confusion matrix of its verdict (probability > 0.5, as the gate decides):
+        ``cgm_tn``, ``cgm_fp``, ``cgm_fn``, ``cgm_tp``.
+    """
+    from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+
+    truth = np.asarray(organ_present).astype(int)
+    both = len(np.unique(truth)) == 2
+    matrix = confusion_matrix(truth, (organ_probability > 0.5).astype(int), labels=[0, 1]).ravel()
+    return {
+        "cgm_roc_auc": float(roc_auc_score(truth, organ_probability)) if both else math.nan,
+        "cgm_average_precision": float(average_precision_score(truth, organ_probability)) if both else math.nan,
+        **{f"cgm_{name}": int(count) for name, count in zip(("tn", "fp", "fn", "tp"), matrix)},
+    }
 
 
 def _score_case(
@@ -138,6 +178,7 @@ def _score_case(
     target = organ_mask(np.asanyarray(label.dataobj), layout).astype(bool)
     spacing = nib.affines.voxel_sizes(label.affine)
     write_mask(predictions_dir / f"{case_id}.nii.gz", gated, label)
+    axial_axis = int(np.flatnonzero(np.array(geometry.orientation)[:, 0] == 2)[0])
     return {
         "case_id": case_id,
         **volume_metrics(gated, target, spacing),
@@ -145,6 +186,10 @@ def _score_case(
         "true_voxels": int(target.sum()),
         "predicted_voxels": int(gated.sum()),
         "slices": len(rows),
+        "fp_organ_free": organ_free_false_positives(gated, target, axial_axis),
+        "fp_organ_free_no_gate": organ_free_false_positives(ungated, target, axial_axis),
+        "organ_probability": probabilities[:, 2, 0, 0],
+        "organ_present": rows["organ_present"].to_numpy(),
     }
 
 
@@ -303,8 +348,14 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         ]
         per_case = pd.DataFrame(rows, columns=list(PER_CASE_COLUMNS))
         _overlays(per_case, metadata, config, raw_dir, predictions_tmp, overlays_tmp)
-        summary = _json_safe({**summarise(rows, SUMMARY_METRICS), "dataset": metadata["dataset"],
-                              "threshold": config.evaluate.threshold, **scored})
+        cgm = {}
+        if not np.isnan(rows[0]["organ_probability"]).any():
+            cgm = cgm_classifier_metrics(np.concatenate([row["organ_probability"] for row in rows]),
+                                         np.concatenate([row["organ_present"] for row in rows]))
+        summary = _json_safe({**summarise(rows, SUMMARY_METRICS), **cgm,
+                              "fp_organ_free": int(per_case["fp_organ_free"].sum()),
+                              "fp_organ_free_no_gate": int(per_case["fp_organ_free_no_gate"].sum()),
+                              "dataset": metadata["dataset"], "threshold": config.evaluate.threshold, **scored})
         _replace_dir(predictions_tmp, out_dir / "predictions")
         _replace_dir(overlays_tmp, out_dir / "overlays")
     with atomic_path(out_dir / "per_case.csv") as tmp:
@@ -313,15 +364,19 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
     record_outputs(out_dir, outputs)
     logger.info("%s: %d test volumes, mean Dice %.4f (without CGM gate %.4f)", checkpoint, summary["cases"],
                 summary["dice"], summary["dice_no_gate"])
-    _log_to_mlflow(config, payload, summary, out_dir)
+    # Where `unet3plus report` finds the predictions, labels and images for its overlay grid.
+    places = {"evaluation_dir": out_dir, "raw_dir": raw_dir, "processed_dir": data_dir}
+    _log_to_mlflow(config, payload, summary, out_dir, {key: str(path.resolve()) for key, path in places.items()})
     return summary
 
 
-def _log_to_mlflow(config: Config, payload: dict[str, Any], summary: dict[str, Any], out_dir: Path) -> None:
-    """Add the test metrics and evaluation files to the training run (a new run if it is gone)."""
+def _log_to_mlflow(config: Config, payload: dict[str, Any], summary: dict[str, Any], out_dir: Path,
+                   tags: dict[str, str]) -> None:
+    """Add the test metrics, ``tags`` and evaluation files to the training run (a new run if it is gone)."""
     numbers = {f"test_{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     with open_run(config.mlflow, run_id=payload.get("mlflow_run_id"), run_name=f"evaluate-{summary['dataset']}") as run:
         run.log_metrics(numbers, step=0)
+        run.set_tags(tags)
         for name in ("metrics.json", "per_case.csv"):
             run.log_artifact(out_dir / name, "evaluation")
         for png in sorted((out_dir / "overlays").glob("*.png")):

@@ -173,6 +173,7 @@ def register(config: Config, checkpoint: str | os.PathLike, metrics_path: str | 
             tags["git_commit"] = commit
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
+        client.update_model_version(name, version, description=version_description(payload, tags, numbers))
         champion = _promote(client, name, version, float(numbers[metric]), config.register.alias, metric)
     except (MlflowException, OSError) as err:
         raise UserError(
@@ -181,6 +182,19 @@ def register(config: Config, checkpoint: str | os.PathLike, metrics_path: str | 
     moved = f"; alias {config.register.alias!r} moved to it" if champion else ""
     logger.info("registered %s version %s (test %s = %.4f)%s", name, version, metric, metrics[metric], moved)
     return {"name": name, "version": int(version), "champion": champion}
+
+
+def version_description(payload: dict[str, Any], tags: dict[str, str], numbers: dict[str, Any]) -> str:
+    """What a model version is, for the registry page: data, configuration, test scores."""
+    model, train = payload["config"]["model"], payload["config"]["train"]
+    loss = "hybrid" if all(float(payload["config"]["loss"][k]) > 0 for k in ("focal_weight", "ms_ssim_weight",
+                                                                            "iou_weight")) else "partial loss"
+    scores = ", ".join(f"{k} {float(numbers[k]):.4f}" for k in ("dice", "iou", "hd95", "assd")
+                       if k in numbers and numbers[k] is not None)
+    return (f"{model['arch']} ({model['encoder']} encoder, width {model['width']}, "
+            f"{'DS' if model['deep_supervision'] else 'no DS'}, {'CGM' if model['cgm'] else 'no CGM'}, {loss} loss), "
+            f"{train['epochs']} epochs, trained on {payload['dataset']} data {tags.get('data_hash', 'unknown')[:12]} "
+            f"(git {tags.get('git_commit', 'unknown')[:12]}). Test: {scores} over {numbers.get('cases', '?')} volumes.")
 
 
 def _log_model(

@@ -1,83 +1,389 @@
-"""The paper's results tables, rebuilt from the MLflow runs: test Dice per model configuration and organ.
+"""The ablation study's report, rebuilt from the MLflow runs: the paper's Tables 1 and 2, plots, README table.
 
-Every evaluated run (``unet3plus evaluate`` logs ``test_dice`` into the training run, tagged with
-its ``dataset``) becomes one cell: rows are model configurations (architecture, encoder, deep
-supervision, CGM, loss weights: the axes of the paper's Tables 1 and 2, ablations included),
-columns are organs. Repeated runs of one configuration are averaged, and the number of runs is
-shown, so a seed sweep reads as mean Dice over seeds.
+Every training run carries an ``ablation`` tag (``main`` or a name of ``ablations.variants``) and is
+the child of its study's parent run (:func:`unet3plus.tracking.study_parent`); evaluation adds the
+test metrics to it. :func:`collect_runs` takes, per organ, the children of the latest study, the
+latest run per (variant, seed); :func:`configuration_table` gives a row per variant and organ
+(architecture, encoder, deep supervision, CGM, loss) with mean and spread over seeds;
+:func:`write_report` writes the markdown tables, a CSV, a JSON of the numbers (DVC metrics) and the
+plots. A failed run is shown as such, with its error, next to the rows that finished.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
+import yaml
 
-from unet3plus.config import MlflowConfig
+from unet3plus.config import Config, MlflowConfig
 from unet3plus.errors import UserError
 from unet3plus.tracking import check_access, configure_for_reading
+from unet3plus.utils import atomic_path, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-CONFIGURATION = {
-    "params.model.arch": "model",
-    "params.model.encoder": "encoder",
-    "params.model.deep_supervision": "deep supervision",
-    "params.model.cgm": "CGM",
-    "params.loss.focal_weight": "focal",
-    "params.loss.ms_ssim_weight": "MS-SSIM",
-    "params.loss.iou_weight": "IoU",
+MODEL_LABELS = {"unet": "UNet", "unet2plus": "UNet++", "unet3plus": "UNet 3+"}
+ENCODER_LABELS = {"unet": '"VGG-16" (unet)', "vgg16": "VGG-16-BN", "resnet101": "ResNet-101"}
+PAPER_PARAMS = {
+    ("unet", "unet"): 39.39, ("unet2plus", "unet"): 47.18, ("unet3plus", "unet"): 26.97,
+    ("unet", "resnet101"): 55.90, ("unet2plus", "resnet101"): 63.76, ("unet3plus", "resnet101"): 43.55,
 }
-"""MLflow parameter -> column name of the configuration that identifies a row."""
+"""The paper's parameter counts (millions, width 64), by (architecture, encoder)."""
+PAPER_DICE = {("unet3plus", "resnet101", True, True, "hybrid"): {"liver": 0.9675, "spleen": 0.9620}}
+"""The paper's Dice where its source is certain: UNet 3+ ResNet-101, DS, CGM, hybrid loss (Table 2)."""
+KEY = ["model", "encoder", "DS", "CGM", "loss"]
+CGM_COLUMNS = ("test_cgm_roc_auc", "test_cgm_average_precision", "test_fp_organ_free", "test_fp_organ_free_no_gate",
+               "test_dice_no_gate")
+README_BEGIN, README_END = "<!-- results:begin (unet3plus report --readme) -->", "<!-- results:end -->"
 
 
-def results_table(mlflow_config: MlflowConfig) -> pd.DataFrame:
-    """Mean test Dice of every model configuration on every organ, from the experiment's runs.
+def _value(text: Any) -> Any:
+    return yaml.safe_load(text) if isinstance(text, str) else text
+
+
+def parameter_count(model: dict[str, Any]) -> float:
+    """Parameters (millions) of the model a run's ``model.*`` params describe, built on the meta device."""
+    import torch
+
+    from unet3plus.models import create_model
+
+    with torch.device("meta"):
+        network = create_model(**{**model, "encoder_weights": None})
+    return sum(p.numel() for p in network.parameters()) / 1e6
+
+
+def collect_runs(mlflow_config: MlflowConfig, ablations: list[str] | None = None) -> pd.DataFrame:
+    """One row per training run of the latest study of each organ (latest run per variant and seed).
 
     Args:
-        mlflow_config: tracking URI (``MLFLOW_TRACKING_URI`` wins) and experiment name.
+        mlflow_config: tracking URI (``MLFLOW_TRACKING_URI`` wins) and experiment.
+        ablations: keep only these variants (and ``main``); None keeps all.
 
     Returns:
-        One row per configuration (the :data:`CONFIGURATION` columns), then per dataset the
-        mean test Dice (``dice <dataset>``) and the number of runs (``runs <dataset>``), sorted
-        by model and encoder. A configuration not run on a dataset has NaN there.
+        Columns ``dataset, ablation, seed, status, error, run_id`` + :data:`KEY` + ``params_m`` and
+        every ``test_*`` metric, plus the ``evaluation_dir``/``raw_dir``/``processed_dir`` tags.
 
     Raises:
-        UserError: the experiment does not exist or holds no evaluated run.
+        UserError: no such experiment, or no training run in it.
     """
     uri = configure_for_reading(mlflow_config)  # capped HTTP retries; never creates a store
     check_access(uri)
     where = f"experiment {mlflow_config.experiment!r} at {uri}"
     if mlflow.get_experiment_by_name(mlflow_config.experiment) is None:
         raise UserError(f"{where}: no such experiment; train and evaluate a model first (e.g. `dvc repro`)")
-    runs = mlflow.search_runs(experiment_names=[mlflow_config.experiment])
-    needed = ["metrics.test_dice", "tags.dataset", *CONFIGURATION]
-    runs = runs.iloc[:0] if any(column not in runs for column in needed) else runs.dropna(subset=needed)
-    if runs.empty:
-        raise UserError(f"{where}: no evaluated run; run `unet3plus evaluate` (or `dvc repro`) first")
-    logger.info("%s: %d evaluated run(s)", where, len(runs))
-    grouped = runs.groupby([*CONFIGURATION, "tags.dataset"])["metrics.test_dice"].agg(["mean", "count"])
-    table = grouped.unstack("tags.dataset")
-    table.columns = [f"{'dice' if stat == 'mean' else 'runs'} {dataset}" for stat, dataset in table.columns]
-    datasets = sorted(runs["tags.dataset"].unique())
-    table = table[[f"{stat} {dataset}" for dataset in datasets for stat in ("dice", "runs")]]
-    return table.reset_index().rename(columns=CONFIGURATION)
+    runs = mlflow.search_runs(experiment_names=[mlflow_config.experiment], order_by=["attributes.start_time DESC"])
+    if "tags.ablation" not in runs or runs["tags.ablation"].isna().all():
+        raise UserError(f"{where}: no training run; run `dvc repro` (or `unet3plus train`) first")
+    parents = runs[runs["tags.study_parent"] == "true"] if "tags.study_parent" in runs else runs.iloc[:0]
+    children = runs[runs["tags.ablation"].notna()].copy()
+    parent_column = "tags.mlflow.parentRunId"
+    if parent_column in children and not parents.empty:
+        latest = parents.drop_duplicates("tags.dataset")["run_id"]  # runs are newest first
+        children = children[children[parent_column].isin(set(latest))]
+    if ablations is not None:
+        children = children[children["tags.ablation"].isin(["main", *ablations])]
+    children = children.drop_duplicates(["tags.dataset", "tags.ablation", "params.train.seed"])
+    rows = []
+    for _, run in children.iterrows():
+        model = {key.removeprefix("params.model."): _value(run[key]) for key in run.index
+                 if key.startswith("params.model.")}
+        loss = {key.removeprefix("params.loss."): _value(run[key]) for key in run.index if key.startswith("params.loss.")}
+        parts = [n for n, w in (("focal", "focal_weight"), ("ms-ssim", "ms_ssim_weight"), ("iou", "iou_weight"))
+                 if float(loss[w]) > 0]
+        rows.append({
+            "dataset": run["tags.dataset"], "ablation": run["tags.ablation"], "seed": _value(run["params.train.seed"]),
+            "status": run["status"], "error": run.get("tags.error") if isinstance(run.get("tags.error"), str) else "",
+            "run_id": run["run_id"], "model": model["arch"], "encoder": model["encoder"],
+            "DS": bool(model["deep_supervision"]), "CGM": bool(model["cgm"]),
+            "loss": "hybrid" if len(parts) == 3 else "+".join(parts), "params_m": parameter_count(model),
+            **{key.removeprefix("metrics."): run[key] for key in run.index if key.startswith("metrics.test_")},
+            **{name: run.get(f"tags.{name}") for name in ("evaluation_dir", "raw_dir", "processed_dir")},
+        })
+    logger.info("%s: %d training run(s) in the latest studies", where, len(rows))
+    return pd.DataFrame(rows)
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured markdown table: Dice with 4 decimals, run counts as integers, blanks for NaN."""
+def configuration_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per variant (configuration) and organ: mean and spread (sample std) of the test Dice over seeds, and more.
 
-    def cell(column: str, value: object) -> str:
-        if pd.isna(value):
-            return ""
-        if column.startswith("dice "):
-            return f"{value:.4f}"
-        if column.startswith("runs "):
-            return str(int(value))
-        return str(value)
+    A variant whose runs all failed or were never evaluated has NaN Dice and its ``status``
+    and ``error`` say why.
+    """
+    rows = []
+    for (dataset, variant), group in runs.groupby(["dataset", "ablation"], sort=False):
+        key = [group[column].iloc[0] for column in KEY]
+        dice = group["test_dice"].dropna() if "test_dice" in group else pd.Series(dtype=float)
+        failed = group[group["status"] == "FAILED"]
+        status = "ok" if len(dice) else ("FAILED" if len(failed) else "not evaluated")
+        row = {"dataset": dataset, "variant": variant, **dict(zip(KEY, key)),
+               "params_m": group["params_m"].iloc[0], "paper_params_m": PAPER_PARAMS.get((key[0], key[1])),
+               "dice_mean": dice.mean() if len(dice) else math.nan,
+               "dice_std": dice.std() if len(dice) > 1 else math.nan, "seeds": len(dice),
+               "paper_dice": PAPER_DICE.get(tuple(key), {}).get(dataset), "status": status,
+               "failed_runs": len(failed), "error": "; ".join(e for e in failed["error"] if e)}
+        for column in CGM_COLUMNS:
+            row[column.removeprefix("test_")] = group[column].mean() if column in group else math.nan
+        rows.append(row)
+    order = {"unet": 0, "unet2plus": 1, "unet3plus": 2}
+    table = pd.DataFrame(rows)
+    table["_order"] = table["model"].map(order)
+    return table.sort_values(["dataset", "encoder", "_order", "DS", "CGM", "loss", "variant"]).drop(columns="_order")
 
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    for row in table.itertuples(index=False):
-        lines.append("| " + " | ".join(cell(column, value) for column, value in zip(table.columns, row)) + " |")
+
+def _dice_cell(row: pd.Series) -> str:
+    if row["status"] == "FAILED":
+        return f"**FAILED**: {row['error'][:120]}" if row["error"] else "**FAILED**"
+    if row["status"] != "ok":
+        return row["status"]
+    text = f"{row['dice_mean']:.4f}"
+    if row["seeds"] > 1:
+        text += f" ± {row['dice_std']:.4f} (n={row['seeds']})"
+    if row["failed_runs"]:
+        text += f" ({row['failed_runs']} failed)"
+    return text
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _label(row: Any) -> str:
+    return MODEL_LABELS.get(row["model"], row["model"]) + ("" if row["DS"] else " w/o DS")
+
+
+def table1_markdown(table: pd.DataFrame) -> str:
+    """The paper's Table 1: a row per configuration, parameters (M) and Dice per organ, per encoder."""
+    datasets = sorted(table["dataset"].unique())
+    header = ["variant", "model", "encoder", "CGM", "loss", "params (M)", "paper params (M, width 64)",
+              *[f"Dice {d}" for d in datasets], *[f"paper Dice {d}" for d in datasets]]
+    rows = []
+    for variant, group in table.groupby("variant", sort=False):
+        by_dataset = {row["dataset"]: row for _, row in group.iterrows()}
+        first = group.iloc[0]
+        rows.append([variant, _label(first), ENCODER_LABELS.get(first["encoder"], first["encoder"]),
+                     "yes" if first["CGM"] else "no", first["loss"], _number(first["params_m"], 3),
+                     _number(first["paper_params_m"], 2),
+                     *[_dice_cell(by_dataset[d]) if d in by_dataset else "not run" for d in datasets],
+                     *[_number(by_dataset[d]["paper_dice"]) if d in by_dataset else "" for d in datasets]])
+    return _markdown(header, rows)
+
+
+def table2_markdown(table: pd.DataFrame) -> str:
+    """The paper's Table 2: UNet 3+ with deep supervision by loss and CGM, with the CGM's measurements."""
+    part = table[(table["model"] == "unet3plus") & table["DS"]]
+    header = ["organ", "variant", "encoder", "loss", "CGM", "Dice", "Dice without gate", "CGM ROC AUC", "CGM AP",
+              "FP voxels on organ-free slices", "... without gate", "paper Dice"]
+    rows = [[row["dataset"], row["variant"], ENCODER_LABELS.get(row["encoder"], row["encoder"]), row["loss"],
+             "yes" if row["CGM"] else "no", _dice_cell(row), _number(row["dice_no_gate"]),
+             _number(row["cgm_roc_auc"]), _number(row["cgm_average_precision"]),
+             _number(row["fp_organ_free"], 0), _number(row["fp_organ_free_no_gate"], 0), _number(row["paper_dice"])]
+            for _, row in part.iterrows()]
+    return _markdown(header, rows)
+
+
+INTRODUCTION = (
+    "Test Dice per 3D volume, mean ± sample standard deviation over seeds (n) where repeated; read back from "
+    "MLflow. Paper figures are shown only where the source is certain (parameter counts at width 64; Dice of "
+    "UNet 3+ ResNet-101 hybrid + CGM)."
+)
+FOOTNOTE = (
+    "CGM ROC AUC / AP: the CGM as a per-slice classifier of 'organ present' on the test slices; FP voxels: "
+    "predicted organ voxels on test slices without the organ, with and without the CGM gate."
+)
+
+
+def report_markdown(table: pd.DataFrame) -> str:
+    """The whole ``ablations.md``: introduction, failures (if any), Table 1, Table 2."""
+    failed = table[table["status"] == "FAILED"]
+    text = ["# Ablation study", "", INTRODUCTION, ""]
+    if len(failed):
+        text += [f"**{len(failed)} configuration(s) failed**: " + "; ".join(
+            f"{r['dataset']} {r['variant']} ({r['error'][:200] or 'no error recorded'})" for _, r in failed.iterrows()), ""]
+    text += ["## Table 1: architectures and encoders", "", table1_markdown(table),
+             "## Table 2: UNet 3+ by loss and CGM", "", table2_markdown(table), FOOTNOTE, ""]
+    return "\n".join(text)
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(figure: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
+    return path
+
+
+def plot_dice_vs_params(table: pd.DataFrame, path: Path) -> Path:
+    """Mean test Dice against parameters (millions), one marker per configuration and organ."""
+    figure = _figure(7, 5)
+    axes = figure.add_subplot()
+    for dataset, group in table.dropna(subset=["dice_mean"]).groupby("dataset"):
+        axes.errorbar(group["params_m"], group["dice_mean"], yerr=group["dice_std"].fillna(0), fmt="o",
+                      capsize=3, label=dataset)
+        for _, row in group.iterrows():
+            axes.annotate(row["variant"], (row["params_m"], row["dice_mean"]),
+                          fontsize=7, xytext=(4, 2), textcoords="offset points")
+    axes.set(xlabel="parameters (millions)", ylabel="test Dice (mean over volumes)", title="Dice vs parameters")
+    axes.legend()
+    return _save(figure, path)
+
+
+def _per_case_dice(run_id: str) -> pd.DataFrame | None:
+    """The run's ``evaluation/per_case.csv`` artifact, read back from MLflow (None when absent)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evaluation/per_case.csv",
+                                                        dst_path=scratch)
+        except Exception as err:  # no artifact (failed or unevaluated run), or an unreachable store
+            logger.warning("run %s: no per-case results (%s)", run_id, err)
+            return None
+        return pd.read_csv(local)
+
+
+def plot_per_case_dice(runs: pd.DataFrame, path: Path) -> Path:
+    """Per-case test Dice of every configuration (strip plot with the mean), one panel per organ."""
+    datasets = sorted(runs["dataset"].unique())
+    figure = _figure(max(6, 2.2 * runs.groupby("dataset").size().max()), 4 * len(datasets))
+    for axes, dataset in zip(np.atleast_1d(figure.subplots(len(datasets), 1, squeeze=False)[:, 0]), datasets):
+        labels = []
+        for position, (variant, group) in enumerate(runs[runs["dataset"] == dataset].groupby("ablation", sort=False)):
+            labels.append(variant)
+            values = [frame["dice"].to_numpy() for frame in map(_per_case_dice, group["run_id"]) if frame is not None]
+            values = np.concatenate(values) if values else np.array([])
+            jitter = np.random.default_rng(position).uniform(-0.12, 0.12, len(values))
+            axes.scatter(position + jitter, values, s=18, alpha=0.7)
+            if len(values):
+                axes.hlines(values.mean(), position - 0.3, position + 0.3, color="black")
+        axes.set_xticks(range(len(labels)), labels, fontsize=7)
+        axes.set(ylabel="test Dice per volume", title=f"{dataset}: per-case Dice (bar: mean)", ylim=(0, 1.02))
+    return _save(figure, path)
+
+
+def plot_overlay_grid(runs: pd.DataFrame, dataset: str, path: Path, cases: int = 3) -> Path | None:
+    """The same test slices (largest organ area of the first ``cases`` test volumes) for every configuration.
+
+    True positives pink, false negatives yellow, false positives green (:data:`unet3plus.evaluate.OVERLAY_COLOURS`).
+    Predictions come from each run's ``evaluation_dir``; None when none is on this machine.
+    """
+    import json
+
+    import nibabel as nib
+    from matplotlib.patches import Patch
+    from nibabel.orientations import apply_orientation
+
+    from unet3plus.data.geometry import VolumeGeometry
+    from unet3plus.data.preprocess import window_hu
+    from unet3plus.data.sources import organ_mask, read_volume
+    from unet3plus.evaluate import OVERLAY_COLOURS, overlay_rgb
+
+    available = runs[(runs["dataset"] == dataset) & runs["evaluation_dir"].map(
+        lambda d: isinstance(d, str) and (Path(d) / "predictions").is_dir())]
+    available = available.drop_duplicates("ablation")
+    if available.empty:
+        return None
+    first = available.iloc[0]
+    metadata = json.loads((Path(first["processed_dir"]) / "cases.json").read_text())
+    test_ids = sorted(c for c, e in metadata["cases"].items() if e["split"] == "test")[:cases]
+    slices = []
+    for case_id in test_ids:
+        entry = metadata["cases"][case_id]
+        orientation = np.array(VolumeGeometry.from_dict(entry["geometry"]).orientation)
+        label = apply_orientation(np.asanyarray(read_volume(Path(first["raw_dir"]) / entry["label"]).dataobj),
+                                  orientation)
+        target = organ_mask(label, metadata["layout"]).astype(bool)
+        z = int(np.argmax(target.sum(axis=(0, 1))))
+        image = apply_orientation(read_volume(Path(first["raw_dir"]) / entry["image"]).get_fdata(dtype=np.float32),
+                                  orientation)[:, :, z]
+        slices.append((case_id, orientation, z, window_hu(image, metadata["data_config"]["hu_window"]), target[:, :, z]))
+    figure = _figure(max(6.0, 2.6 * len(slices)), 2.6 * len(available) + 0.6)
+    grid = figure.subplots(len(available), len(slices), squeeze=False)
+    for r, (_, run) in enumerate(available.iterrows()):
+        for c, (case_id, orientation, z, grey, target) in enumerate(slices):
+            prediction = np.asanyarray(nib.load(Path(run["evaluation_dir"]) / "predictions" / f"{case_id}.nii.gz").dataobj)
+            prediction = apply_orientation(prediction, orientation)[:, :, z].astype(bool)
+            axes = grid[r, c]
+            axes.imshow(overlay_rgb(grey, prediction, target), interpolation="nearest")
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if r == 0:
+                axes.set_title(f"case {case_id}, slice {z}", fontsize=8)
+            if c == 0:
+                axes.set_ylabel(run["ablation"], fontsize=8)
+    figure.legend(handles=[Patch(color=colour, label=name) for name, colour in OVERLAY_COLOURS.items()],
+                  loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    return _save(figure, path)
+
+
+def write_report(config: Config, out: str | os.PathLike, readme: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Write ``out`` (markdown), ``out`` with ``.csv`` and ``.json`` and the plots in ``<out stem>_plots/``.
+
+    Only variants named in ``config.ablations.run`` (and the main model) are reported. With
+    ``readme``, the results block between :data:`README_BEGIN` and :data:`README_END` is replaced too.
+
+    Returns:
+        The configuration table.
+
+    Raises:
+        UserError: no runs (see :func:`collect_runs`), or ``readme`` lacks the markers.
+    """
+    out = Path(out)
+    readme_text = _check_readme(Path(readme)) if readme else None
+    runs = collect_runs(config.mlflow, config.ablations.run)
+    table = configuration_table(runs)
+    plots = out.parent / f"{out.stem}_plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    plot_dice_vs_params(table, plots / "dice_vs_params.png")
+    plot_per_case_dice(runs, plots / "per_case_dice.png")
+    for dataset in sorted(runs["dataset"].unique()):
+        plot_overlay_grid(runs, dataset, plots / f"overlays_{dataset}.png")
+    with atomic_path(out.with_suffix(".csv")) as tmp:
+        table.to_csv(tmp, index=False)
+    numbers = {f"{row['dataset']}/{row['variant']}": {"dice": None if math.isnan(row["dice_mean"])
+               else row["dice_mean"], "status": row["status"]} for _, row in table.iterrows()}
+    write_json_atomic(out.with_suffix(".json"), numbers)
+    write_text_atomic(out, report_markdown(table))
+    if readme_text is not None:
+        write_text_atomic(readme, replace_readme_block(readme_text, readme_block(runs, table)))
+    logger.info("%d configuration(s) of %d run(s) written to %s and %s", len(table), len(runs), out, plots)
+    return table
+
+
+def readme_block(runs: pd.DataFrame, table: pd.DataFrame) -> str:
+    """The README's results: the main model per organ (Dice, IoU, HD95, ASSD), then Table 1."""
+    main = runs[(runs["ablation"] == "main") & runs["test_dice"].notna()] if "test_dice" in runs else runs.iloc[:0]
+    rows = [[row["dataset"], _number(row.get("test_cases"), 0), _number(row["test_dice"], 3),
+             _number(row.get("test_iou"), 3), _number(row.get("test_hd95"), 2), _number(row.get("test_assd"), 2)]
+            for _, row in main.sort_values("dataset").iterrows()]
+    return (_markdown(["dataset", "test volumes", "Dice", "IoU", "HD95 (mm)", "ASSD (mm)"], rows)
+            + "\nThe ablation grid (`reports/ablations.md`):\n\n" + table1_markdown(table))
+
+
+def _check_readme(path: Path) -> str:
+    text = path.read_text() if path.is_file() else ""
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or text.index(README_BEGIN) > text.index(README_END):
+        raise UserError(f"{path}: needs exactly one '{README_BEGIN}' line followed by one '{README_END}' line")
+    return text
+
+
+def replace_readme_block(text: str, block: str) -> str:
+    """``text`` with everything between the README markers replaced by ``block``."""
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    return f"{head}{README_BEGIN}\n{block}{README_END}{tail}"

@@ -10,15 +10,23 @@ Training, evaluation and registration share these helpers:
   replay it into the run later (``unet3plus train --resume`` does that).
 - :func:`git_commit` and :func:`data_hash` give the reproducibility tags every run carries.
 
-Tags written by :func:`run_tags`: ``dataset``, ``git_commit``, ``data_hash`` (md5 of the
-preprocessed manifest and cases metadata) and, when the data directory is a DVC output,
-``dvc_md5`` (the directory hash recorded in ``dvc.lock``).
+Tags written by :func:`run_tags`: ``dataset``, ``git_commit``, ``git_dirty``, ``data_hash`` (md5 of
+the preprocessed manifest and cases metadata), ``dvc_stage`` (from ``DVC_STAGE``, set by ``dvc
+repro``) and, when the data directory is a DVC output, ``dvc_md5`` (the directory hash recorded in
+``dvc.lock``).
+
+Runs are grouped as users browse them: :func:`study_parent` gives one parent run per study (organ,
+data hash, hash of the base parameters), every training run is its child, named by
+:func:`run_name` (``liver | unet3plus | resnet101 | DS | CGM | hybrid``) and tagged with its
+``ablation`` (``main`` for the main model); :func:`log_datasets` attaches the train/val/test
+manifests as MLflow datasets (the UI's Dataset column).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -28,10 +36,10 @@ from typing import Any
 
 import mlflow
 import yaml
-from mlflow.entities import RunTag
+from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from unet3plus.config import MlflowConfig
+from unet3plus.config import Config, LossConfig, MlflowConfig
 from unet3plus.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -156,6 +164,20 @@ def git_commit(path: str | os.PathLike = ".") -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def git_dirty(path: str | os.PathLike = ".") -> bool | None:
+    """Whether the working tree of the git repository containing ``path`` has uncommitted changes.
+
+    Returns:
+        True or False, or None outside a git repository (or without git).
+    """
+    try:
+        result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(result.stdout.strip()) if result.returncode == 0 else None
+
+
 def data_hash(data_dir: str | os.PathLike) -> str:
     """A stable fingerprint of a preprocessed dataset: md5 of ``manifest.csv`` and ``cases.json``.
 
@@ -195,18 +217,143 @@ def dvc_hash(data_dir: str | os.PathLike) -> str | None:
     return None
 
 
-def run_tags(data_dir: str | os.PathLike, dataset: str) -> dict[str, str]:
-    """Reproducibility tags of a run on ``data_dir``: dataset, git commit, data hash(es).
+def dvc_source(data_dir: str | os.PathLike) -> str | None:
+    """Where the DVC stage that wrote ``data_dir`` read its data: its first directory dependency.
 
-    Values that cannot be determined (no git repository, no DVC lock entry) are left out.
+    For ``data/processed/liver`` that is the raw dataset (``data/raw/liver``). None when
+    ``dvc.lock`` does not list ``data_dir`` as an output.
     """
+    data_dir = Path(data_dir).resolve()
+    for root in data_dir.parents:
+        lock = root / "dvc.lock"
+        if not lock.is_file():
+            continue
+        try:
+            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        except (OSError, yaml.YAMLError):
+            return None
+        for stage in stages.values():
+            if any((root / out.get("path", "")).resolve() == data_dir for out in stage.get("outs", [])):
+                return next((dep["path"] for dep in stage.get("deps", []) if "nfiles" in dep), None)
+        return None
+    return None
+
+
+def run_tags(data_dir: str | os.PathLike, dataset: str) -> dict[str, str]:
+    """Reproducibility tags of a run on ``data_dir``: dataset, git commit and dirty flag, data hash(es), DVC stage.
+
+    Values that cannot be determined (no git repository, no DVC lock entry, not run by DVC) are left out.
+    """
+    dirty = git_dirty()
     tags = {
         "dataset": dataset,
         "git_commit": git_commit(),
+        "git_dirty": None if dirty is None else str(dirty).lower(),
         "data_hash": data_hash(data_dir),
         "dvc_md5": dvc_hash(data_dir),
+        "dvc_stage": os.environ.get("DVC_STAGE") or None,
     }
     return {key: value for key, value in tags.items() if value is not None}
+
+
+def loss_name(loss: LossConfig) -> str:
+    """``hybrid`` (focal + MS-SSIM + IoU, the paper's), ``focal``, or the parts in use joined by ``+``."""
+    parts = [name for name, weight in (("focal", loss.focal_weight), ("ms-ssim", loss.ms_ssim_weight),
+                                       ("iou", loss.iou_weight)) if weight > 0]
+    return "hybrid" if len(parts) == 3 else "+".join(parts)
+
+
+def run_name(config: Config, dataset: str) -> str:
+    """What a training run trained, for the runs table: ``liver | unet3plus | resnet101 | DS | CGM | hybrid``."""
+    model = config.model
+    return " | ".join([dataset, model.arch, model.encoder, "DS" if model.deep_supervision else "no DS",
+                       "CGM" if model.cgm else "no CGM", loss_name(config.loss)])
+
+
+def params_hash(config: Config) -> str:
+    """md5 of every knob of ``config`` except its ablations: runs of one study share it."""
+    return hashlib.md5(json.dumps(config.flat(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def study_parent(mlflow_config: MlflowConfig, dataset: str, data_digest: str, base: Config) -> str | None:
+    """The parent run of a study (``dataset``, data hash, hash of the base parameters), created when new.
+
+    The parent is a finished run named ``<dataset> study <data hash[:8]>/<params hash[:8]>``
+    tagged ``study`` and ``study_parent=true``, holding the base parameters; every training run
+    of the study (the main model and each ablation) is its child.
+
+    Returns:
+        The parent's run id, or None when MLflow fails (a warning; the child then runs alone).
+    """
+    study = f"{dataset}-{data_digest[:8]}-{params_hash(base)[:8]}"
+    try:
+        client = mlflow.MlflowClient(configure(mlflow_config))
+        experiment = client.get_experiment_by_name(mlflow_config.experiment)
+        if experiment is None:
+            # A model-training experiment: the UI then skips its "which kind of experiment?" prompt.
+            experiment_id = client.create_experiment(mlflow_config.experiment,
+                                                     tags={"mlflow.experimentKind": "custom_model_development"})
+        else:
+            experiment_id = experiment.experiment_id
+        found = client.search_runs(
+            [experiment_id], f"tags.study = '{study}' and tags.study_parent = 'true'", max_results=1
+        )
+        if found:
+            return found[0].info.run_id
+        parent = client.create_run(
+            experiment_id,
+            run_name=f"{dataset} study {data_digest[:8]}/{params_hash(base)[:8]}",
+            tags={"study": study, "study_parent": "true", "dataset": dataset, "data_hash": data_digest},
+        )
+        client.log_batch(parent.info.run_id, params=[Param(k, str(v)[:6000])
+                                                     for k, v in base.flat().items()])
+        client.set_terminated(parent.info.run_id, "FINISHED")
+        return parent.info.run_id
+    except Exception as err:  # tracking must never stop training
+        logger.warning("MLflow: could not find or create the parent run of study %s (%s)", study, err)
+        return None
+
+
+def record_failure(mlflow_config: MlflowConfig, *, run_name: str, tags: dict[str, str], params: dict[str, Any],
+                   parent_run_id: str | None, error: BaseException) -> None:
+    """A FAILED run carrying ``error``, for a training that failed before its own run started.
+
+    (Failures inside the run are recorded by :func:`open_run`.) Never raises.
+    """
+    run = TrackedRun(mlflow_config, run_name=run_name, tags=tags, params=params, parent_run_id=parent_run_id)
+    run.set_tags({"error": f"{type(error).__name__}: {error}"[:8000]})
+    run.end("FAILED")
+
+
+def runs_view_url(mlflow_config: MlflowConfig, server: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page of the experiment's runs table (model-training view, not the GenAI overview).
+
+    MLflow 3 opens experiments in its GenAI workflow; ``?workflowType=machine_learning`` selects the
+    model-training view. Without the experiment (nothing tracked yet) the experiments list.
+    """
+    try:
+        experiment = mlflow.MlflowClient(configure(mlflow_config)).get_experiment_by_name(mlflow_config.experiment)
+    except MlflowException:
+        experiment = None
+    page = f"#/experiments/{experiment.experiment_id}" if experiment else "#/experiments"
+    return f"{server.rstrip('/')}/{page}?workflowType=machine_learning"
+
+
+def log_datasets(run: TrackedRun, data_dir: str | os.PathLike, dataset: str, manifest: Any) -> None:
+    """Attach the train/val/test manifests of ``data_dir`` to ``run`` as MLflow datasets.
+
+    Each split becomes ``mlflow.data.from_pandas`` with digest = :func:`data_hash` (so the UI
+    shows one dataset version per preprocessed dataset) and source = the raw data the DVC stage
+    read (:func:`dvc_source`), else ``data_dir``.
+    """
+    import mlflow.data
+
+    digest = data_hash(data_dir)[:32]
+    source = dvc_source(data_dir) or str(data_dir)
+    for split in ("train", "val", "test"):
+        rows = manifest[manifest["split"] == split].reset_index(drop=True)
+        frame = mlflow.data.from_pandas(rows, source=source, name=f"{dataset}-{split}", digest=digest)
+        run.log_input(frame, split)
 
 
 class TrackedRun:
@@ -233,6 +380,7 @@ class TrackedRun:
         tags: dict[str, str] | None = None,
         params: dict[str, Any] | None = None,
         enabled: bool = True,
+        parent_run_id: str | None = None,
     ) -> None:
         """Start or continue the run (see the class docstring).
 
@@ -243,12 +391,14 @@ class TrackedRun:
             tags: set on the run (new or continued).
             params: logged on a new run only (MLflow params are immutable).
             enabled: False gives an offline run that never contacts MLflow (e.g. DDP ranks > 0).
+            parent_run_id: make a new run the child of this run (e.g. :func:`study_parent`).
         """
         self.run_id = run_id
         self.offline = not enabled
         self.resumed = False
         self._started = False
         self._client: mlflow.MlflowClient | None = None
+        self._parent_run_id = parent_run_id
         if enabled:
             self._guard("start the run", self._start, mlflow_config, run_name, tags or {}, params or {})
 
@@ -267,6 +417,7 @@ class TrackedRun:
             experiment_id=experiment_id,
             run_name=None if self.run_id else run_name,
             nested=mlflow.active_run() is not None,
+            parent_run_id=None if self.run_id or mlflow.active_run() else self._parent_run_id,
             tags=tags,
             log_system_metrics=mlflow_config.system_metrics,
         )
@@ -299,6 +450,10 @@ class TrackedRun:
             return 0
         history = self._guard("read the metric history", self._client.get_metric_history, self.run_id, key)
         return max((metric.step for metric in history or []), default=0)
+
+    def log_input(self, dataset: Any, context: str) -> None:
+        """Log an ``mlflow.data`` dataset as an input of the run, used as ``context`` (train, val, test)."""
+        self._guard(f"log the {context} dataset", mlflow.log_input, dataset, context=context)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log scalar metrics at ``step``."""
@@ -361,7 +516,9 @@ def open_run(mlflow_config: MlflowConfig, **kwargs: Any) -> Iterator[TrackedRun]
     except KeyboardInterrupt:
         run.end("KILLED")
         raise
-    except BaseException:
+    except BaseException as err:
+        run.set_tags({"error": f"{type(err).__name__}: {err}"[:8000]})
         run.end("FAILED")
+        err.mlflow_run_id = run.run_id  # the failure is recorded (see record_failure)
         raise
     run.end("FINISHED")

@@ -50,7 +50,7 @@ from unet3plus import tracking
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
 from unet3plus.config import Config, TrainConfig, config_from_dict
 from unet3plus.data.dataset import SliceDataset, load_preprocessed
-from unet3plus.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
+from unet3plus.errors import CheckpointError, ConfigError, DataError, OutputRefusedError, TrainingError, UserError
 from unet3plus.losses import Criterion
 from unet3plus.metrics import dice
 from unet3plus.models import create_model, predict_proba
@@ -72,7 +72,7 @@ VAL_THRESHOLD = 0.5  # probability above which a pixel counts as organ in the va
 
 def train(
     config: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, resume: bool = False,
-    force: bool = False, compile_model: bool = False,
+    force: bool = False, compile_model: bool = False, ablation: str = "main", base: Config | None = None,
 ) -> dict[str, Any]:
     """Train the model of ``config`` on a preprocessed dataset and track the run in MLflow.
 
@@ -87,6 +87,10 @@ def train(
             must be the one ``last.pt`` was trained on (same data hash).
         force: start afresh even if ``out_dir`` holds an earlier run or files training did not
             write (they are replaced). Without it such an ``out_dir`` is refused.
+        ablation: the variant's name (``ablations.variants``), tagged ``ablation`` on the run;
+            ``main`` for the main model.
+        base: the configuration the variant was derived from (default ``config``): the run is a
+            child of the parent run of the study (dataset, data hash, ``base``'s parameters).
 
     Returns:
         On the master process, the summary also written to ``out_dir/train_summary.json``:
@@ -100,7 +104,35 @@ def train(
         UserError: ``out_dir`` holds an earlier run or foreign files (without ``resume``/``force``).
         TrainingError: the loss or the weights became NaN or infinite (nothing of that epoch is saved).
     """
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    try:
+        return _train(config, Path(data_dir), Path(out_dir), resume, force, compile_model, ablation, base)
+    except OutputRefusedError:
+        raise  # a refusal to overwrite the user's files is not a training failure: nothing is tracked
+    except Exception as err:
+        # A failure before the MLflow run started (e.g. a variant's missing encoder weights) still
+        # leaves a FAILED run with the error, so the report and the UI show it.
+        if "RANK" not in os.environ or os.environ["RANK"] == "0":
+            recorded = hasattr(err, "mlflow_run_id")
+            readable = all((Path(data_dir) / name).is_file() for name in ("cases.json", "manifest.csv"))
+            if not recorded and not resume and readable:
+                dataset_name = json.loads((Path(data_dir) / "cases.json").read_text()).get("dataset", "unknown")
+                tracking.record_failure(config.mlflow, error=err, **_run_identity(
+                    config, base, Path(data_dir), dataset_name, ablation, new=True))
+        raise
+
+
+def _run_identity(config: Config, base: Config | None, data_dir: Path, dataset: str, ablation: str,
+                  new: bool) -> dict[str, Any]:
+    """Name, tags, params and study parent of a training run (the parent only for a ``new`` run)."""
+    parent = None
+    if new:
+        parent = tracking.study_parent(config.mlflow, dataset, tracking.data_hash(data_dir), base or config)
+    return {"run_name": tracking.run_name(config, dataset), "params": config.flat(), "parent_run_id": parent,
+            "tags": {**tracking.run_tags(data_dir, dataset), "ablation": ablation}}
+
+
+def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: bool, compile_model: bool,
+           ablation: str, base: Config | None) -> dict[str, Any]:
     train_config = config.train
 
     # -- check inputs before anything is written -------------------------------------------------
@@ -194,12 +226,12 @@ def train(
         with tracking.open_run(
             config.mlflow,
             run_id=run_id,
-            run_name=f"{config.model.arch}-{dataset_name}",
-            tags=tracking.run_tags(data_dir, dataset_name) if master else None,
-            params=config.flat(),
             enabled=master,
+            **_run_identity(config, base, data_dir, dataset_name, ablation, new=master and run_id is None),
         ) as run:
             run.log_text(_config_yaml(config), "config.yaml")
+            if not run.resumed:
+                tracking.log_datasets(run, data_dir, dataset_name, manifest)
             logged_epochs = _log_history(run, history, run.last_step("val_dice"))
 
             # -- the loop ---------------------------------------------------------------------------
@@ -461,10 +493,10 @@ def _stack(slices: dict[int, np.ndarray]) -> np.ndarray:
 def _check_fresh_out_dir(out_dir: Path) -> None:
     """Refuse an ``out_dir`` holding an earlier run, or files of ours changed by someone, or foreign files."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: --out is a file, not a folder; choose another --out")
+        raise OutputRefusedError(f"{out_dir}: --out is a file, not a folder; choose another --out")
     for name in ("last.pt", "best.pt"):
         if (out_dir / name).exists():
-            raise UserError(
+            raise OutputRefusedError(
                 f"{out_dir / name}: {out_dir} holds an earlier training run; continue it with --resume, "
                 "replace it with --force, or train into another --out"
             )
