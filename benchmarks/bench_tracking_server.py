@@ -99,7 +99,9 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="unet3plus-bench-"))  # outside root-only folders: PostgreSQL runs as another user
+    # Outside root-only folders: under root, PostgreSQL runs as another user.
+    base = Path(tempfile.mkdtemp(prefix="unet3plus-bench-"))
+    base.chmod(0o711)
     try:
         write_dataset("lits", base / "raw", cases=4, seed=0, size=48, slices=10)
         preprocess_dataset("lits", base / "raw", base / "data", DataConfig(size=32, val_fraction=0.34, workers=1))
@@ -111,7 +113,8 @@ def main() -> None:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"\n{datetime.date.today()}, {platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}, "
-          f"mlflow {mlflow.__version__}, load average {os.getloadavg()[0]:.1f}, {args.writers} writers, {args.rounds} rounds")  # fmt: skip
+          f"mlflow {mlflow.__version__}, load average {os.getloadavg()[0]:.1f}, {args.writers} writers, "
+          f"{args.rounds} rounds")  # fmt: skip
     print("| backend | wall s (median) | requests (median) | lost or duplicated |\n|---|---|---|---|")
     medians = {}
     for backend, rounds in results.items():

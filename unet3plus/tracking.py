@@ -83,7 +83,8 @@ def explain_failure(err: Exception, uri: str) -> str:
         missing = [name for name in CREDENTIALS if not os.environ.get(name)]
         if missing:
             return f"the tracking server {uri} requires a login: set {' and '.join(missing)}"
-        return f"the tracking server {uri} rejected the login of MLFLOW_TRACKING_USERNAME={user}: check MLFLOW_TRACKING_PASSWORD"
+        return (f"the tracking server {uri} rejected the login of MLFLOW_TRACKING_USERNAME={user}: "
+                "check MLFLOW_TRACKING_PASSWORD")  # fmt: skip
     if code == "PERMISSION_DENIED":
         return (f"the tracking server {uri} denied MLFLOW_TRACKING_USERNAME={user} this action; ask its admin for "
                 "permission or use another account")  # fmt: skip
