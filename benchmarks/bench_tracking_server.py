@@ -43,6 +43,9 @@ def lost_or_duplicated(url: str, outputs: list[Path]) -> list[str]:
     client, problems = mlflow.MlflowClient(url), []
     for out in outputs:
         run_id = pd.read_json(out / "train_summary.json", typ="series")["mlflow_run_id"]
+        if run_id is None:
+            problems.append(f"{out}: no run (tracking failed at start; the training went offline)")
+            continue
         run = client.get_run(run_id)
         history = pd.read_csv(out / "history.csv")
         if run.info.status != "FINISHED":
@@ -91,7 +94,8 @@ def load(backend: str, root: Path, data: Path, writers: int) -> dict[str, object
         server.stop()
         if postgres is not None:
             postgres.stop()
-    return {"seconds": seconds, "requests": requests, "problems": problems}
+    warnings = sorted({line for line in result.stderr.splitlines() if "MLflow tracking failed" in line})
+    return {"seconds": seconds, "requests": requests, "problems": problems, "warnings": warnings}
 
 
 def main() -> None:

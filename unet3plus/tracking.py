@@ -116,6 +116,22 @@ def check_access(uri: str, registry: bool = False) -> None:
         raise UserError(explain_failure(err, uri)) from err
 
 
+def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if missing; safe when several processes create it at once.
+
+    The first process to create it wins; the others get RESOURCE_ALREADY_EXISTS and read its id.
+    """
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def git_commit(path: str | os.PathLike = ".") -> str | None:
     """The commit checked out in the git repository containing ``path``.
 
@@ -233,11 +249,9 @@ class TrackedRun:
         if self.run_id is not None and not _run_exists(client, self.run_id):
             logger.warning("MLflow run %s not found in %s; starting a new run", self.run_id, uri)
             self.run_id = None
-        experiment = client.get_experiment_by_name(mlflow_config.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(mlflow_config.experiment)
         active = mlflow.start_run(
             run_id=self.run_id,
-            experiment_id=experiment_id,
+            experiment_id=experiment_id(client, mlflow_config.experiment),
             run_name=None if self.run_id else run_name,
             nested=mlflow.active_run() is not None,
             tags=tags,
