@@ -43,6 +43,9 @@ def lost_or_duplicated(url: str, outputs: list[Path]) -> list[str]:
     client, problems = mlflow.MlflowClient(url), []
     for out in outputs:
         run_id = pd.read_json(out / "train_summary.json", typ="series")["mlflow_run_id"]
+        if run_id is None:
+            problems.append(f"{out}: no run (tracking failed at start; the training went offline)")
+            continue
         run = client.get_run(run_id)
         history = pd.read_csv(out / "history.csv")
         if run.info.status != "FINISHED":
@@ -91,7 +94,8 @@ def load(backend: str, root: Path, data: Path, writers: int) -> dict[str, object
         server.stop()
         if postgres is not None:
             postgres.stop()
-    return {"seconds": seconds, "requests": requests, "problems": problems}
+    warnings = sorted({line for line in result.stderr.splitlines() if "MLflow tracking failed" in line})
+    return {"seconds": seconds, "requests": requests, "problems": problems, "warnings": warnings}
 
 
 def main() -> None:
@@ -99,7 +103,9 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="unet3plus-bench-"))  # outside root-only folders: PostgreSQL runs as another user
+    # Outside root-only folders: under root, PostgreSQL runs as another user.
+    base = Path(tempfile.mkdtemp(prefix="unet3plus-bench-"))
+    base.chmod(0o711)
     try:
         write_dataset("lits", base / "raw", cases=4, seed=0, size=48, slices=10)
         preprocess_dataset("lits", base / "raw", base / "data", DataConfig(size=32, val_fraction=0.34, workers=1))
@@ -111,7 +117,8 @@ def main() -> None:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"\n{datetime.date.today()}, {platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}, "
-          f"mlflow {mlflow.__version__}, load average {os.getloadavg()[0]:.1f}, {args.writers} writers, {args.rounds} rounds")  # fmt: skip
+          f"mlflow {mlflow.__version__}, load average {os.getloadavg()[0]:.1f}, {args.writers} writers, "
+          f"{args.rounds} rounds")  # fmt: skip
     print("| backend | wall s (median) | requests (median) | lost or duplicated |\n|---|---|---|---|")
     medians = {}
     for backend, rounds in results.items():

@@ -102,7 +102,8 @@ def test_training_checkpoints_round_trip_through_the_safe_loader(tmp_path):
     state = np.random.get_state()
     expected = np.random.rand(3)
     payload = {"model": {"w": torch.arange(3.0)}, "config": {"model": {"width": 4}}, "dataset": "liver", "epoch": 1,
-               "rng": [{"numpy": state, "torch": torch.get_rng_state()}], "history": [{"val_dice": np.float64(0.25)}]}  # fmt: skip
+               "rng": [{"numpy": state, "torch": torch.get_rng_state()}],
+               "history": [{"val_dice": np.float64(0.25)}]}  # fmt: skip
     loaded = load_checkpoint(save_checkpoint(tmp_path / "last.pt", payload))
     assert loaded["history"] == [{"val_dice": 0.25}] and type(loaded["history"][0]["val_dice"]) is float
     assert torch.equal(loaded["model"]["w"], torch.arange(3.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -124,6 +125,15 @@ def test_continuing_a_run_keeps_its_id_and_reports_the_last_logged_step(store):
     record = mlflow.MlflowClient(store.tracking_uri).get_run(first.run_id)
     assert record.data.params == {"a": "1"}  # params are immutable: not logged again on resume
     assert record.data.metrics["val_dice"] == 0.3 and record.info.status == "FINISHED"
+
+
+def test_processes_creating_one_experiment_at_once_all_get_its_id(store):
+    client = mlflow.MlflowClient(store.tracking_uri)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(lambda _: tracking.experiment_id(client, "created-at-once"), range(8)))
+    assert len(set(ids)) == 1 and client.get_experiment(ids[0]).name == "created-at-once"
+    existing = client.create_experiment("made-before")
+    assert tracking.experiment_id(client, "made-before") == existing
 
 
 def test_an_unknown_run_id_starts_a_new_run_with_a_warning(store, caplog):

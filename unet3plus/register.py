@@ -35,7 +35,7 @@ from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint
 from unet3plus.config import Config
 from unet3plus.errors import DataError, UserError
 from unet3plus.predict import METADATA_KEY, ProbabilityModel
-from unet3plus.tracking import check_access, configure, explain_failure, git_commit
+from unet3plus.tracking import check_access, configure, experiment_id, explain_failure, git_commit
 from unet3plus.utils import file_digest
 
 logger = logging.getLogger(__name__)
@@ -209,11 +209,9 @@ def _log_model(
     if training_run is None:
         logger.warning("training run %s not found in %s; logging the model in a new run",
                        payload.get("mlflow_run_id"), mlflow.get_tracking_uri())
-        experiment = client.get_experiment_by_name(config.mlflow.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.mlflow.experiment)
-        run_id, run_tags = None, {}
+        experiment, run_id, run_tags = experiment_id(client, config.mlflow.experiment), None, {}
     else:
-        experiment_id, run_id, run_tags = training_run.info.experiment_id, training_run.info.run_id, training_run.data.tags
+        experiment, run_id, run_tags = training_run.info.experiment_id, training_run.info.run_id, training_run.data.tags
     data_config, model_config = payload["config"]["data"], payload["config"]["model"]
     example, output = _example(network, int(data_config["size"]), int(model_config["in_channels"]))
     metadata = {
@@ -221,7 +219,7 @@ def _log_model(
                        "threshold": config.evaluate.threshold}
     }  # fmt: skip
     # Nested when the caller already has a run open (e.g. a pipeline's parent run).
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, nested=mlflow.active_run() is not None):
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment, nested=mlflow.active_run() is not None):
         info = mlflow.pytorch.log_model(
             network,
             name="model",

@@ -91,7 +91,8 @@ def explain_failure(err: Exception, uri: str) -> str:
         missing = [name for name in CREDENTIALS if not os.environ.get(name)]
         if missing:
             return f"the tracking server {uri} requires a login: set {' and '.join(missing)}"
-        return f"the tracking server {uri} rejected the login of MLFLOW_TRACKING_USERNAME={user}: check MLFLOW_TRACKING_PASSWORD"
+        return (f"the tracking server {uri} rejected the login of MLFLOW_TRACKING_USERNAME={user}: "
+                "check MLFLOW_TRACKING_PASSWORD")  # fmt: skip
     if code == "PERMISSION_DENIED":
         return (f"the tracking server {uri} denied MLFLOW_TRACKING_USERNAME={user} this action; ask its admin for "
                 "permission or use another account")  # fmt: skip
@@ -149,6 +150,22 @@ def store_errors(mlflow_config: MlflowConfig) -> Iterator[None]:
     except (MlflowException, SQLAlchemyError, OSError) as err:
         message = " ".join(str(err).split())[:300]
         raise UserError(f"{mlflow_config.resolved_tracking_uri()}: cannot read the MLflow tracking store ({message})") from err
+
+
+def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if missing; safe when several processes create it at once.
+
+    The first process to create it wins; the others get RESOURCE_ALREADY_EXISTS and read its id.
+    """
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def git_commit(path: str | os.PathLike = ".") -> str | None:
@@ -410,11 +427,9 @@ class TrackedRun:
         if self.run_id is not None and not _run_exists(client, self.run_id):
             logger.warning("MLflow run %s not found in %s; starting a new run", self.run_id, uri)
             self.run_id = None
-        experiment = client.get_experiment_by_name(mlflow_config.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(mlflow_config.experiment)
         active = mlflow.start_run(
             run_id=self.run_id,
-            experiment_id=experiment_id,
+            experiment_id=experiment_id(client, mlflow_config.experiment),
             run_name=None if self.run_id else run_name,
             nested=mlflow.active_run() is not None,
             parent_run_id=None if self.run_id or mlflow.active_run() else self._parent_run_id,

@@ -205,7 +205,8 @@ class MlflowServer:
                    "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
                    "--port", str(self.port)]  # fmt: skip
         # Secrets travel in the environment (MLflow reads these variables), not on the command line.
-        env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": self.backend_uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": self.backend_uri}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner: it forks helpers that outlive the server
         if self.auth_database_uri:
             command += ["--app-name", "basic-auth"]
             config = self.root / "basic_auth.ini"
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     pid_file.write_text(str(server.process.pid))
     logger.info(
         "MLflow (basic auth) on PostgreSQL at %s; log %s. Use it with:\n  export MLFLOW_TRACKING_URI=%s "
-        "MLFLOW_TRACKING_USERNAME=%s\n  export MLFLOW_TRACKING_PASSWORD=$(grep ^MLFLOW_AUTH_ADMIN_PASSWORD= %s | cut -d= -f2-)"
+        "MLFLOW_TRACKING_USERNAME=%s\n"
+        "  export MLFLOW_TRACKING_PASSWORD=$(grep ^MLFLOW_AUTH_ADMIN_PASSWORD= %s | cut -d= -f2-)"
         "\nStop it with `make tracking-server-stop`.",
         url, server.log, url, ADMIN, root / "secrets.env",
     )  # fmt: skip
