@@ -269,6 +269,9 @@ def run_parsed(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         logger.debug("interrupted", exc_info=True)
         print("interrupted", file=sys.stderr)
+        # Objects the interrupt left half-way (an .npz being read) may fail to close when collected
+        # at exit and print "Exception ignored ... Traceback"; the user asked to stop, so stay quiet.
+        sys.unraisablehook = lambda unraisable: None
         return 130
     except (UserError, OSError) as err:
         logger.debug("error details", exc_info=True)

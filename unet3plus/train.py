@@ -50,7 +50,7 @@ from unet3plus import tracking
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
 from unet3plus.config import Config, TrainConfig, config_from_dict
 from unet3plus.data.dataset import SliceDataset, load_preprocessed
-from unet3plus.errors import CheckpointError, ConfigError, DataError, OutputRefusedError, TrainingError, UserError
+from unet3plus.errors import CheckpointError, ConfigError, DataError, OutputRefusedError, TrainingError
 from unet3plus.losses import Criterion
 from unet3plus.metrics import dice
 from unet3plus.models import create_model, predict_proba
