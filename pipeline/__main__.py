@@ -40,7 +40,7 @@ def _checked(check: Callable[[str, str], Any], what: str, convert: Callable[[str
             raise argparse.ArgumentTypeError(f"{what} must be a positive integer, got {text!r}") from None
         try:
             return check(value, what)
-        except ValueError as err:  # the checks raise ConfigError, a ValueError
+        except trainjob.SettingError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
 
     return parse
@@ -89,7 +89,7 @@ def _step_resources(text: str) -> tuple:
     try:
         return step, (trainjob.check_quantity(cpu, f"the CPU of {step}"),
                       trainjob.check_quantity(memory, f"the memory of {step}"))
-    except ValueError as err:
+    except trainjob.SettingError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
@@ -107,7 +107,7 @@ def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
     """The :class:`ClusterSettings` chosen on the command line (empty strings turn optional settings off).
 
     Raises:
-        ConfigError: the image (``UNET3PLUS_IMAGE``) is not an image reference, or the TrainJob
+        SettingError: the image (``UNET3PLUS_IMAGE``) is not an image reference, or the TrainJob
             settings are inconsistent.
     """
     trainjob.check_image(IMAGE, "UNET3PLUS_IMAGE")
@@ -235,6 +235,29 @@ def cmd_submit(args: argparse.Namespace) -> None:
     logger.info("submitted run %s (%d ablations) to %s", result.run_id, len(arguments["ablations"]), args.host)
 
 
+def trainjob_settings(args: argparse.Namespace) -> trainjob.TrainJobSettings:
+    """The :class:`TrainJobSettings` of ``python -m pipeline trainjob``, checked."""
+    return trainjob.TrainJobSettings(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image, workspace_pvc=args.data_pvc,
+        workspace_mount=args.data_mount, gpu_type=args.gpu_type, cpu=args.cpu, memory=args.memory,
+        shm_size=args.shm_size, mlflow_secret=args.mlflow_secret or None, deadline_seconds=args.deadline,
+        node_selector=args.gpu_node_selector or None, toleration=args.gpu_toleration or None,
+        image_pull_secrets=tuple(args.image_pull_secrets), labels=tuple(args.pod_labels),
+    ).check()
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Check what the option types alone cannot (the image, combinations), before torch is imported.
+
+    Raises:
+        SettingError: the first problem.
+    """
+    if args.verb == "trainjob":
+        trainjob_settings(args)
+    else:
+        cluster_settings(args)
+
+
 def cmd_trainjob(args: argparse.Namespace) -> None:
     from components.common import layout_of
     from unet3plus.config import load_config
@@ -242,14 +265,8 @@ def cmd_trainjob(args: argparse.Namespace) -> None:
 
     layout_of(args.dataset)
     config = load_config(args.params, args.overrides)
-    name = trainjob.check_name(args.name or f"unet3plus-{args.dataset}", "--name")
-    settings = trainjob.TrainJobSettings(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image, workspace_pvc=args.data_pvc,
-        workspace_mount=args.data_mount, gpu_type=args.gpu_type, cpu=args.cpu, memory=args.memory,
-        shm_size=args.shm_size, mlflow_secret=args.mlflow_secret or None, deadline_seconds=args.deadline,
-        node_selector=args.gpu_node_selector or None, toleration=args.gpu_toleration or None,
-        image_pull_secrets=tuple(args.image_pull_secrets), labels=tuple(args.pod_labels),
-    )
+    name = args.name or f"unet3plus-{args.dataset}"
+    settings = trainjob_settings(args)
     data_dir = args.data_dir or f"{args.data_mount}/processed/{args.dataset}"
     out_dir = args.out_dir or f"{args.data_mount}/models/{name}"
     manifest = trainjob.render_trainjob(name, args.namespace, settings,
@@ -422,8 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Imported after parsing: importing unet3plus imports torch, and --help should stay instant.
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_arguments(args)
+    except trainjob.SettingError as err:
+        parser.exit(2, f"error: {err}\n")
+    # Imported after checking: importing unet3plus imports torch, and --help should stay instant.
     from unet3plus.cli import run_parsed
 
     return run_parsed(args)

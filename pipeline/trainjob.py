@@ -50,11 +50,14 @@ _IMAGE = re.compile(
 )
 
 
-def _error(message: str) -> Exception:
-    """A :class:`unet3plus.errors.ConfigError` (imported here: importing unet3plus imports torch)."""
-    from unet3plus.errors import ConfigError
+class SettingError(ValueError):
+    """An invalid name, quantity or count for a Kubernetes object (``python -m pipeline`` reports it as a
+    usage error; defined here, not as a :class:`unet3plus.errors.UserError`, because importing
+    :mod:`unet3plus` imports torch, and bad options should fail fast)."""
 
-    return ConfigError(message)
+
+def _error(message: str) -> Exception:
+    return SettingError(message)
 
 
 def check_name(value: str, what: str) -> str:
@@ -136,7 +139,7 @@ class TrainJobSettings:
     labels: Tuple[Tuple[str, str], ...] = ()
 
     def check(self) -> "TrainJobSettings":
-        """Raise :class:`UserError` naming the first invalid setting; returns self."""
+        """Raise :class:`SettingError` naming the first invalid setting; returns self."""
         check_positive(self.nodes, "--nodes")
         check_positive(self.gpus_per_node, "--gpus-per-node")
         check_positive(self.deadline_seconds, "the TrainJob deadline")
@@ -179,7 +182,7 @@ def render_trainjob(
         arguments: the ``unet3plus`` arguments (see :func:`train_arguments`).
 
     Raises:
-        UserError: an invalid name or setting.
+        SettingError: an invalid name or setting.
     """
     check_name(name, "the TrainJob name")
     if namespace is not None:
