@@ -59,6 +59,9 @@ def train_on_trainjob(
     namespace = options.pop("namespace", "") or pathlib.Path(
         "/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
     run = {key: options.pop(key) for key in ("timeout_seconds", "cleanup", "poll_seconds")}
+    for key in ("nodes", "gpus_per_node", "deadline_seconds"):  # JSON through KFP: 2 arrives as 2.0
+        if isinstance(options.get(key), float) and options[key].is_integer():
+            options[key] = int(options[key])
     for key in ("node_selector", "image_pull_secrets", "labels"):
         if options.get(key) is not None:
             options[key] = tuple(tuple(item) if isinstance(item, list) else item for item in options[key])

@@ -79,3 +79,58 @@ def test_the_ranks_shards_are_disjoint_and_cover_the_epoch(size, organ_fraction,
             assert sorted(order) == list(range(size))  # a plain permutation of the slices
             if padding == 0:  # then no slice is on two ranks
                 assert all(not set(a) & set(b) for a, b in itertools.combinations(shards, 2))
+
+
+@pytest.mark.slow
+# kfp.local's expected notes: it runs our image's code in this Python.
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task that uses custom:RuntimeWarning")
+def test_the_train_component_under_torchrun_gives_one_run_one_model_and_the_same_checkpoint_format(
+        tmp_path, monkeypatch):
+    """kfp.local runs the real train component twice on the same data: 1 process, and nproc=2 (torchrun, gloo)."""
+    import mlflow
+    import yaml
+    from kfp import dsl, local
+
+    from components import preprocess_data, raw_data, train_model
+    from unet3plus.checkpoint import load_checkpoint
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    tiny = {"data": {"size": 32, "synth_cases": 4, "synth_size": 48, "synth_slices": 16, "workers": 1},
+            "model": {"width": 4},
+            "train": {"epochs": 1, "batch_size": 4, "num_workers": 0, "max_steps_per_epoch": 2, "device": "cpu"},
+            "mlflow": {"system_metrics": False}}
+    for section, values in tiny.items():
+        params[section].update(values)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for key, value in {"MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg",
+                       "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(local.config.LocalExecutionConfig, "instance", None)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
+               workspace_root=str(tmp_path / "workspace"))
+
+    @dsl.pipeline(name="one-and-two-processes")
+    def one_and_two_processes(params: str):
+        raw = raw_data(dataset="liver", params=params)
+        processed = preprocess_data(raw=raw.outputs["raw"], dataset="liver", params=params).outputs["processed"]
+        train_model(processed=processed, params=params, ablation="one")
+        train_model(processed=processed, params=params, ablation="two", nproc=2)
+
+    one_and_two_processes(params=yaml.safe_dump(params))
+
+    root = tmp_path / "root"
+    [one] = root.glob("*/train-model/model")
+    [two] = root.glob("*/train-model-2/model")
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    checkpoints = [load_checkpoint(directory / "best.pt") for directory in (one, two)]
+    assert checkpoints[0].keys() == checkpoints[1].keys()
+    assert {key: value.shape for key, value in checkpoints[0]["model"].items()} == {
+        key: value.shape for key, value in checkpoints[1]["model"].items()}
+    assert [len(checkpoint["rng"]) for checkpoint in checkpoints] == [1, 2]  # two ranks trained the second
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(params["mlflow"]["experiment"]).experiment_id])
+    assert sorted(run.data.tags.get("ablation") for run in runs) == ["one", "two"]  # one MLflow run each
+    by_tag = {run.data.tags["ablation"]: run for run in runs}
+    for name, checkpoint in zip(("one", "two"), checkpoints):
+        assert by_tag[name].info.run_id == checkpoint["mlflow_run_id"] and by_tag[name].info.status == "FINISHED"

@@ -400,7 +400,9 @@ def test_the_launcher_component_trains_through_a_trainjob_and_hands_on_the_model
     fake = fake_kubernetes(outcome="Complete", polls=0, run_command=True)
     monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig")))
     workspace = tmp_path / "workspace"
+    # As KFP hands it over: JSON, so lists for tuples and floats for integers.
     job = {**{key: value for key, value in TrainJobSettings().__dict__.items()}, "node_selector": ["a", "b"],
+           "nodes": 2.0, "gpus_per_node": 1.0,
            "workspace_mount": str(workspace), "namespace": "team-a", "timeout_seconds": 600, "cleanup": "on-success",
            "poll_seconds": 0.2}
     model = dsl.Model(name="model", uri=str(tmp_path / "model"), metadata={})
