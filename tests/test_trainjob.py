@@ -398,7 +398,10 @@ def test_the_launcher_component_trains_through_a_trainjob_and_hands_on_the_model
     preprocess_data.python_func(raw=raw, processed=processed, dataset="liver", params=params)
 
     fake = fake_kubernetes(outcome="Complete", polls=0, run_command=True)
-    monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig")))
+    # Not in a pod, so the launcher falls back to the kubeconfig (KUBECONFIG is read when kubernetes is imported).
+    from kubernetes.config import kube_config
+
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(fake.kubeconfig(tmp_path / "kubeconfig")))
     workspace = tmp_path / "workspace"
     # As KFP hands it over: JSON, so lists for tuples and floats for integers.
     job = {**{key: value for key, value in TrainJobSettings().__dict__.items()}, "node_selector": ["a", "b"],
