@@ -2,11 +2,11 @@
 
 import dataclasses
 import itertools
-from collections import Counter
 import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,8 @@ def test_two_ranks_stay_bitwise_equal_match_one_large_batch_and_survive_unused_p
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "tests" / "ddp_worker.py"), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)  # a deadlock fails here
+    # A deadlock would end in the timeout.
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-5000:]
     findings = json.loads(out.read_text())
     # 1. Different initial weights and different data per rank, yet after 3 steps identical bits.

@@ -7,6 +7,7 @@ When the fake "cluster" runs a job, it runs the job's own command (torchrun -m u
 
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def test_the_strict_schema_catches_misspelled_mistyped_and_missing_fields(valida
 
 def _run(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+                          cwd=ROOT, check=False)
 
 
 def test_trainjob_command_writes_a_manifest_for_kubectl(validator, tmp_path):
@@ -203,8 +204,8 @@ def test_bad_input_is_one_line_exit_2_before_anything_is_written(tmp_path):
 def test_bad_image_from_the_environment_is_refused_before_compiling(tmp_path):
     output = tmp_path / "out.yaml"
     result = subprocess.run([sys.executable, "-m", "pipeline", "compile", "--output", str(output)], cwd=ROOT,
-                            env={**__import__("os").environ, "UNET3PLUS_IMAGE": "not an image"},
-                            capture_output=True, text=True, timeout=120)
+                            env={**os.environ, "UNET3PLUS_IMAGE": "not an image"},
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: UNET3PLUS_IMAGE 'not an image' is not a container image reference; write e.g. "
@@ -304,7 +305,7 @@ class FakeKubernetes:
         assert trainer["command"][0] == "torchrun"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                    *trainer["command"][1:], *trainer["args"]]
-        result = subprocess.run(command, capture_output=True, timeout=600)
+        result = subprocess.run(command, capture_output=True, timeout=600, check=False)
         self.log = result.stdout + result.stderr
         assert result.returncode == 0, self.log.decode()[-3000:]
 
