@@ -116,4 +116,32 @@ def log_numbers(metrics: Any, values: dict) -> None:
             metrics.log_metric(key, float(value))
 
 
-HELPERS = [load_config, layout_of, input_dir, log_numbers]
+def record_training(model: Any, metrics: Any, config: Any, summary: dict, ablation: str) -> float:
+    """Describe a finished training in its KFP outputs, the same whichever way it ran (in-pod or TrainJob).
+
+    Tags the MLflow run with ``ablation`` (when set), fills the model artifact's metadata (dataset,
+    architecture, encoder, ablation, MLflow run id, best validation Dice) and logs
+    ``best_val_dice``, ``best_epoch`` and ``epochs`` on ``metrics``.
+
+    Returns:
+        The best validation Dice.
+    """
+    from unet3plus.tracking import open_run
+
+    if ablation and summary.get("mlflow_run_id"):
+        with open_run(config.mlflow, run_id=summary["mlflow_run_id"], tags={"ablation": ablation}):
+            pass
+    model.metadata.update({
+        "framework": "pytorch",
+        "dataset": summary["dataset"],
+        "arch": config.model.arch,
+        "encoder": config.model.encoder,
+        "ablation": ablation,
+        "mlflow_run_id": summary.get("mlflow_run_id") or "",
+        "best_val_dice": summary["best_val_dice"],
+    })
+    log_numbers(metrics, {key: summary[key] for key in ("best_val_dice", "best_epoch", "epochs")})
+    return float(summary["best_val_dice"])
+
+
+HELPERS = [load_config, layout_of, input_dir, log_numbers, record_training]

@@ -1,24 +1,96 @@
-"""``python -m pipeline compile`` writes the pipeline's IR YAML; ``python -m pipeline submit`` runs it on a cluster.
+"""``python -m pipeline compile`` writes the pipeline's IR YAML; ``python -m pipeline submit`` runs it on a cluster;
+``python -m pipeline trainjob`` writes a Kubeflow Trainer ``TrainJob`` for ``kubectl apply -f``.
 
-Both take the same cluster options (GPU node selector and toleration, MLflow secret, data volume).
-Errors the user can fix are printed as one paragraph with exit status 2, as by the ``unet3plus`` CLI.
+``compile`` and ``submit`` take the same cluster options (GPUs, node selector and toleration, MLflow
+secret, data volume, resources, retries, TrainJob nodes). Every option is checked while the command
+line is parsed, so a bad value stops the command before anything is compiled or sent. Errors the
+user can fix are printed as one line with exit status 2, as by the ``unet3plus`` CLI.
 """
 
 import argparse
 import json
 import logging
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
 
-from components.common import DEFAULT_IMAGE
-from pipeline.pipeline import PIPELINE_NAME, ClusterSettings, build_pipeline
+from components.common import DEFAULT_IMAGE, IMAGE
+from pipeline import trainjob
+from pipeline.pipeline import DEFAULT_RESOURCES, PIPELINE_NAME, ClusterSettings, build_pipeline
 
 logger = logging.getLogger("pipeline")
 
 DEFAULT_OUTPUT = Path("unet3plus_pipeline.yaml")
+
+
+def _checked(check: Callable[[str, str], Any], what: str, convert: Callable[[str], Any] = str,
+             empty_is_none: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type`` that converts with ``convert`` and validates with a :mod:`pipeline.trainjob` check."""
+
+    def parse(text: str) -> Any:
+        if empty_is_none and text == "":
+            return None
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a positive integer, got {text!r}") from None
+        try:
+            return check(value, what)
+        except trainjob.SettingError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def _positive(what: str) -> Callable[[str], int]:
+    return _checked(trainjob.check_positive, what, convert=int)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _retries(text: str) -> int:
+    if not re.fullmatch(r"\d{1,2}", text):
+        raise argparse.ArgumentTypeError(f"expected a number of retries from 0 to 99, got {text!r}")
+    return int(text)
+
+
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+def _pod_label(text: str) -> tuple:
+    """``KEY=VALUE`` -> ``(KEY, VALUE)``, both valid Kubernetes label parts."""
+    key, sep, value = text.partition("=")
+    if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with a Kubernetes label key and value, "
+                                         "e.g. team=imaging")
+    return key, value
+
+
+def _step_resources(text: str) -> tuple:
+    """``STEP=CPU,MEMORY`` -> ``(STEP, (CPU, MEMORY))``."""
+    step, sep, value = text.partition("=")
+    cpu, comma, memory = value.partition(",")
+    if not sep or not comma or step not in DEFAULT_RESOURCES:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected STEP=CPU,MEMORY with STEP one of "
+                                         f"{', '.join(DEFAULT_RESOURCES)}, e.g. train=16,64Gi")
+    try:
+        return step, (trainjob.check_quantity(cpu, f"the CPU of {step}"),
+                      trainjob.check_quantity(memory, f"the memory of {step}"))
+    except trainjob.SettingError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _node_label(text: str) -> Optional[tuple]:
@@ -32,8 +104,16 @@ def _node_label(text: str) -> Optional[tuple]:
 
 
 def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
-    """The :class:`ClusterSettings` chosen on the command line (empty strings turn optional settings off)."""
-    return ClusterSettings(
+    """The :class:`ClusterSettings` chosen on the command line (empty strings turn optional settings off).
+
+    Raises:
+        SettingError: the image (``UNET3PLUS_IMAGE``) is not an image reference, or the TrainJob
+            settings are inconsistent.
+    """
+    trainjob.check_image(IMAGE, "UNET3PLUS_IMAGE")
+    if args.gpus_per_node is not None and args.nodes is None:
+        trainjob.check_positive(None, "--nodes (needed by --gpus-per-node)")
+    cluster = ClusterSettings(
         gpu_type=args.gpu_type,
         gpus=args.gpus,
         gpu_node_selector=args.gpu_node_selector or None,
@@ -42,7 +122,18 @@ def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
         mlflow_secret=args.mlflow_secret or None,
         data_pvc=args.data_pvc or None,
         data_mount=args.data_mount,
+        nproc=args.nproc,
+        resources={**DEFAULT_RESOURCES, **dict(args.resources)},
+        retries=args.retries,
+        train_timeout_seconds=args.train_timeout,
+        image_pull_secrets=tuple(args.image_pull_secrets),
+        pod_labels=tuple(args.pod_labels),
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        workspace_pvc=args.workspace_pvc,
     )
+    cluster.trainjob()  # checks the TrainJob settings now, not in the cluster
+    return cluster
 
 
 def compile_pipeline(output: Path, cluster: ClusterSettings) -> Path:
@@ -93,29 +184,123 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
+    import queue
+    import threading
+    import warnings
+
     import kfp
     import kfp_server_api
     import urllib3
 
     from unet3plus.errors import UserError
 
+    cluster = cluster_settings(args)
     params = args.params
     if params is None and Path("params.yaml").is_file():
         params = Path("params.yaml")
     arguments = run_arguments(params, args.overrides, args.dataset, args.source_dir)
-    client = kfp.Client(host=args.host, namespace=args.namespace or "kubeflow")
+    pipeline_func = build_pipeline(cluster)
+
+    outcome: "queue.Queue[tuple]" = queue.Queue()
+
+    def submit() -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # kfp's note on server versions
+                client = kfp.Client(host=args.host, namespace=args.namespace or "kubeflow")
+            outcome.put((client.create_run_from_pipeline_func(
+                pipeline_func, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
+                namespace=args.namespace,
+            ), None))
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread, which decides
+            outcome.put((None, err))
+
+    # The API client has no overall timeout (and retries): a host that accepts and never answers
+    # would hang the command. The call runs in a daemon thread, abandoned after --timeout.
+    # urllib3's retry warnings (kfp_server_api resets its level): the outcome is reported below.
+    logging.getLogger("urllib3.connectionpool").addFilter(lambda record: record.levelno >= logging.ERROR)
+    threading.Thread(target=submit, daemon=True).start()
+    hint = "check --host, --namespace and that you are logged in"
     try:
-        result = client.create_run_from_pipeline_func(
-            build_pipeline(cluster_settings(args)),
-            arguments=arguments,
-            run_name=args.run_name,
-            experiment_name=args.experiment,
-            namespace=args.namespace,
-        )
-    except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError) as err:
-        raise UserError(f"{args.host}: Kubeflow Pipelines refused or could not be reached ({err}); check --host, "
-                        "--namespace and that you are logged in") from err
+        result, err = outcome.get(timeout=args.timeout)
+    except queue.Empty:
+        raise UserError(f"{args.host}: Kubeflow Pipelines did not answer within {args.timeout:g} s; {hint}") from None
+    try:
+        if err is not None:
+            raise err
+    except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError) as err:
+        reason = getattr(err, "reason", None) or err
+        reason = str(reason).splitlines()[0][:200] if str(reason) else type(err).__name__
+        raise UserError(f"{args.host}: Kubeflow Pipelines refused or could not be reached ({reason}); {hint}") from err
     logger.info("submitted run %s (%d ablations) to %s", result.run_id, len(arguments["ablations"]), args.host)
+
+
+def trainjob_settings(args: argparse.Namespace) -> trainjob.TrainJobSettings:
+    """The :class:`TrainJobSettings` of ``python -m pipeline trainjob``, checked."""
+    return trainjob.TrainJobSettings(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image, workspace_pvc=args.data_pvc,
+        workspace_mount=args.data_mount, gpu_type=args.gpu_type, cpu=args.cpu, memory=args.memory,
+        shm_size=args.shm_size, mlflow_secret=args.mlflow_secret or None, deadline_seconds=args.deadline,
+        node_selector=args.gpu_node_selector or None, toleration=args.gpu_toleration or None,
+        image_pull_secrets=tuple(args.image_pull_secrets), labels=tuple(args.pod_labels),
+    ).check()
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Check what the option types alone cannot (the image, combinations), before torch is imported.
+
+    Raises:
+        SettingError: the first problem.
+    """
+    if args.verb == "trainjob":
+        trainjob_settings(args)
+    else:
+        cluster_settings(args)
+
+
+def cmd_trainjob(args: argparse.Namespace) -> None:
+    from components.common import layout_of
+    from unet3plus.config import load_config
+    from unet3plus.utils import atomic_path
+
+    layout_of(args.dataset)
+    config = load_config(args.params, args.overrides)
+    name = args.name or f"unet3plus-{args.dataset}"
+    settings = trainjob_settings(args)
+    data_dir = args.data_dir or f"{args.data_mount}/processed/{args.dataset}"
+    out_dir = args.out_dir or f"{args.data_mount}/models/{name}"
+    manifest = trainjob.render_trainjob(name, args.namespace, settings,
+                                        trainjob.train_arguments(config, data_dir, out_dir))
+    text = yaml.safe_dump(manifest, sort_keys=False)
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(text)
+    logger.info("TrainJob %r written to %s (kubectl apply -f %s)", name, args.output, args.output)
+
+
+def _add_kubernetes_options(group: argparse._ArgumentGroup, default: ClusterSettings) -> None:
+    """The options that ``compile``, ``submit`` and ``trainjob`` share."""
+    group.add_argument("--gpu-type", type=_checked(trainjob.check_extended_resource, "--gpu-type"),
+                       default=default.gpu_type, help="accelerator resource of training pods (default: %(default)s)")
+    group.add_argument("--gpu-node-selector", type=_node_label, default=default.gpu_node_selector,
+                       metavar="LABEL=VALUE",
+                       help="node label training pods must match (default: %s)" % "=".join(default.gpu_node_selector))
+    group.add_argument("--gpu-toleration", default=default.gpu_toleration, metavar="TAINT_KEY",
+                       help="taint key of GPU nodes that training pods tolerate (default: %(default)s)")
+    group.add_argument("--shm-size", type=_checked(trainjob.check_quantity, "--shm-size"), default=default.shm_size,
+                       help="in-memory /dev/shm of training pods, for DataLoader workers (default: %(default)s)")
+    group.add_argument("--mlflow-secret", type=_checked(trainjob.check_resource_name, "--mlflow-secret",
+                                                        empty_is_none=True),
+                       default=default.mlflow_secret, metavar="SECRET",
+                       help="Kubernetes secret with key MLFLOW_TRACKING_URI (and optionally MLFLOW_TRACKING_USERNAME, "
+                       "MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN) for the tracking pods (default: %(default)s)")
+    group.add_argument("--image-pull-secret", dest="image_pull_secrets", action="append", default=[],
+                       type=_checked(trainjob.check_resource_name, "--image-pull-secret"), metavar="SECRET",
+                       help="secret for pulling the image from a private registry (repeatable)")
+    group.add_argument("--pod-label", dest="pod_labels", action="append", default=[], type=_pod_label,
+                       metavar="KEY=VALUE", help="label of every pod, e.g. team=imaging (repeatable)")
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -125,28 +310,50 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
         "Compiled into the pipeline. An empty --gpu-node-selector, --gpu-toleration or --mlflow-secret turns that "
         "setting off.",
     )
-    group.add_argument("--gpu-type", default=default.gpu_type,
-                       help="accelerator resource of training pods (default: %(default)s)")
-    group.add_argument("--gpus", type=int, default=default.gpus,
-                       help="accelerators per training pod (default: %(default)s)")
-    group.add_argument("--gpu-node-selector", type=_node_label, default=default.gpu_node_selector,
-                       metavar="LABEL=VALUE",
-                       help="node label training pods must match (default: %s)" % "=".join(default.gpu_node_selector))
-    group.add_argument("--gpu-toleration", default=default.gpu_toleration, metavar="TAINT_KEY",
-                       help="taint key of GPU nodes that training pods tolerate (default: %(default)s)")
-    group.add_argument("--shm-size", default=default.shm_size,
-                       help="in-memory /dev/shm of training pods, for DataLoader workers (default: %(default)s)")
-    group.add_argument("--mlflow-secret", default=default.mlflow_secret, metavar="SECRET",
-                       help="Kubernetes secret with key MLFLOW_TRACKING_URI (and optionally MLFLOW_TRACKING_USERNAME, "
-                       "MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN) for the tracking pods (default: %(default)s)")
-    group.add_argument("--data-pvc", default=None, metavar="CLAIM",
+    group.add_argument("--gpus", type=_positive("--gpus"), default=default.gpus,
+                       help="accelerators per training pod; above 1 the pod runs one process per GPU under torchrun "
+                       "(default: %(default)s)")
+    group.add_argument("--nproc", type=_positive("--nproc"), default=None,
+                       help="training processes per training pod (default: --gpus); e.g. several CPU processes "
+                       "(gloo) where GPUs are few")
+    _add_kubernetes_options(group, default)
+    group.add_argument("--data-pvc", type=_checked(trainjob.check_resource_name, "--data-pvc", empty_is_none=True),
+                       default=None, metavar="CLAIM",
                        help="PersistentVolumeClaim mounted on the raw-data step (default: none)")
     group.add_argument("--data-mount", default=default.data_mount, metavar="PATH",
                        help="where --data-pvc is mounted (default: %(default)s)")
+    group.add_argument("--resources", action="append", default=[], type=_step_resources, metavar="STEP=CPU,MEMORY",
+                       help="CPU request and memory request and limit of a step (repeatable); steps and defaults: "
+                       + "; ".join(f"{step}={cpu},{memory}" for step, (cpu, memory) in DEFAULT_RESOURCES.items()))
+    group.add_argument("--retries", type=_retries, default=default.retries,
+                       help="retries, with exponential backoff from 60 s, of train, evaluate and register "
+                       "(default: %(default)s)")
+    group.add_argument("--train-timeout", type=_positive("--train-timeout"), default=default.train_timeout_seconds,
+                       metavar="SECONDS", help="the train step's timeout (default: %(default)s = 48 h)")
+    scale = parser.add_argument_group(
+        "training across nodes (Kubeflow Trainer v2.2+)",
+        "With --nodes, training runs as a TrainJob on the torch-distributed runtime, created by a launcher step "
+        "whose service account needs deploy/kubeflow/trainjob-rbac.yaml. Data and model travel through "
+        "--workspace-pvc, a ReadWriteMany claim.",
+    )
+    scale.add_argument("--nodes", type=_positive("--nodes"), default=None, help="training nodes (default: train "
+                       "in the pipeline's own pod)")
+    scale.add_argument("--gpus-per-node", type=_positive("--gpus-per-node"), default=None,
+                       help="GPUs (and processes) per node (default: --gpus)")
+    scale.add_argument("--workspace-pvc", type=_checked(trainjob.check_resource_name, "--workspace-pvc"),
+                       default=default.workspace_pvc, metavar="CLAIM",
+                       help="ReadWriteMany claim for data and model (default: %(default)s)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``python -m pipeline compile: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m pipeline",
         description="The unet3plus Kubeflow pipeline: raw data -> validate -> preprocess -> train (GPU node) -> "
         "evaluate -> register in MLflow, plus one train + evaluate per ablation.",
@@ -182,15 +389,63 @@ def build_parser() -> argparse.ArgumentParser:
                    "phantom dataset)")
     p.add_argument("--experiment", default=PIPELINE_NAME, help="Kubeflow experiment (default: %(default)s)")
     p.add_argument("--run-name", default=None, help="run name (default: pipeline name and time)")
-    p.add_argument("--namespace", default=None, help="Kubernetes namespace of a multi-user deployment")
+    p.add_argument("--namespace", type=_checked(trainjob.check_name, "--namespace"), default=None,
+                   help="Kubernetes namespace of a multi-user deployment")
+    p.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="give up on a host that does not answer within this long (default: %(default)g)")
     _add_cluster_options(p)
     p.set_defaults(func=cmd_submit)
+
+    default = trainjob.TrainJobSettings()
+    p = verbs.add_parser("trainjob", help="write a Kubeflow Trainer TrainJob that trains across nodes",
+                         description="Render a trainer.kubeflow.org/v1alpha1 TrainJob (Kubeflow Trainer v2.2+, "
+                         "torch-distributed runtime) that trains the parameters on a preprocessed dataset on the "
+                         "data claim: torchrun -m unet3plus train on every node, MLflow settings from the secret. "
+                         "Apply it with `kubectl apply -f FILE`.")
+    p.add_argument("--params", type=Path, default=None,
+                   help="parameters file (default: ./params.yaml if present, else built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one parameter (repeatable; values are YAML)")
+    p.add_argument("--dataset", choices=("liver", "spleen"), default="liver", help="organ (default: %(default)s)")
+    p.add_argument("--nodes", type=_positive("--nodes"), required=True, help="training nodes")
+    p.add_argument("--gpus-per-node", type=_positive("--gpus-per-node"), required=True,
+                   help="GPUs, and training processes, per node")
+    p.add_argument("--image", type=_checked(trainjob.check_image, "--image"), default=IMAGE,
+                   help="the project's image (default: %(default)s)")
+    p.add_argument("--data-pvc", type=_checked(trainjob.check_resource_name, "--data-pvc"),
+                   default=default.workspace_pvc, metavar="CLAIM",
+                   help="claim with the data and for the model, ReadWriteMany for several nodes (default: "
+                   "%(default)s)")
+    p.add_argument("--data-mount", default=default.workspace_mount, metavar="PATH",
+                   help="where the claim is mounted (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, metavar="PATH",
+                   help="preprocessed dataset in the pod (default: DATA_MOUNT/processed/DATASET)")
+    p.add_argument("--out-dir", default=None, metavar="PATH",
+                   help="checkpoints in the pod (default: DATA_MOUNT/models/NAME)")
+    p.add_argument("--namespace", type=_checked(trainjob.check_name, "--namespace"), default=None,
+                   help="namespace of the job (default: kubectl's)")
+    p.add_argument("--name", type=_checked(trainjob.check_name, "--name"), default=None,
+                   help="job name, a DNS label (default: unet3plus-DATASET)")
+    p.add_argument("--cpu", type=_checked(trainjob.check_quantity, "--cpu"), default=default.cpu,
+                   help="CPU request per node (default: %(default)s)")
+    p.add_argument("--memory", type=_checked(trainjob.check_quantity, "--memory"), default=default.memory,
+                   help="memory request and limit per node (default: %(default)s)")
+    p.add_argument("--deadline", type=_positive("--deadline"), default=default.deadline_seconds, metavar="SECONDS",
+                   help="activeDeadlineSeconds of the job (default: %(default)s)")
+    p.add_argument("--output", type=Path, default=None, metavar="FILE", help="write here (default: stdout)")
+    _add_kubernetes_options(p.add_argument_group("pods"), ClusterSettings())
+    p.set_defaults(func=cmd_trainjob)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Imported after parsing: importing unet3plus imports torch, and --help should stay instant.
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_arguments(args)
+    except trainjob.SettingError as err:
+        parser.exit(2, f"error: {err}\n")
+    # Imported after checking: importing unet3plus imports torch, and --help should stay instant.
     from unet3plus.cli import run_parsed
 
     return run_parsed(args)

@@ -4,19 +4,27 @@ Each ablation (a name and ``section.key=value`` overrides) trains and evaluates 
 ``dsl.ParallelFor``; ablations are compared in MLflow and never registered.
 
 Everything Kubernetes-specific (GPU request, node selector and toleration, ``/dev/shm``, the MLflow
-secret, the data volume) is set by :func:`on_cluster` from a :class:`ClusterSettings`, when
+secret, the data volume, CPU and memory per step, retries, caching, timeouts, image pull secrets,
+pod labels) is set by :func:`on_cluster` from a :class:`ClusterSettings`, when
 :func:`build_pipeline` builds the pipeline. ``kfp.local`` ignores those settings, so the very same
 pipeline runs on a laptop (the tests do that).
+
+Training runs in one of three ways: one process in the train pod (``gpus=1``), one process per GPU
+in the pod under ``torchrun`` (``gpus`` or ``nproc`` > 1), or across nodes as a Kubeflow Trainer
+``TrainJob`` created by a small launcher step (``nodes`` set; see :mod:`pipeline.trainjob`).
 """
 
 import dataclasses
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from kfp import dsl, kubernetes
 from kfp.dsl.for_loop import LoopArgumentVariable
 
 from components import (evaluate_model, preprocess_data, raw_data, register_model, report_ablations, train_model,
                         validate_data)
+from components.common import IMAGE
+from components.launch import train_on_trainjob
+from pipeline.trainjob import MLFLOW_OPTIONAL_KEYS, MLFLOW_REQUIRED_KEYS, TrainJobSettings
 
 PIPELINE_NAME = "unet3plus"
 
@@ -51,6 +59,18 @@ class ClusterSettings:
         data_pvc: PersistentVolumeClaim mounted on the raw-data step, for ``source_dir`` to
             read an existing dataset from, or None.
         data_mount: where ``data_pvc`` is mounted.
+        nproc: training processes in the train pod (default: ``gpus``); above 1, torchrun.
+        resources: per step (:data:`DEFAULT_RESOURCES` keys), ``(cpu, memory)``: the CPU request
+            and the memory request and limit.
+        retries: retries (with backoff) of training, evaluation and registration; 0 for none.
+        train_timeout_seconds: the train step's timeout (and the TrainJob's deadline).
+        image_pull_secrets: secrets for pulling the image from a private registry.
+        pod_labels: ``(key, value)`` labels of every pod (cost attribution, policies).
+        nodes: train as a Kubeflow Trainer TrainJob on this many nodes (None: in the train pod).
+        gpus_per_node: GPUs (and processes) per TrainJob node (default: ``gpus``).
+        workspace_pvc, workspace_mount: the claim (ReadWriteMany) that carries the data to the
+            TrainJob's nodes and the model back, and where it is mounted.
+        trainjob_cleanup: delete finished TrainJobs ``always``, ``on-success`` or ``never``.
     """
 
     gpu_type: str = "nvidia.com/gpu"
@@ -61,20 +81,73 @@ class ClusterSettings:
     mlflow_secret: Optional[str] = "mlflow-credentials"
     data_pvc: Optional[str] = None
     data_mount: str = "/mnt/data"
+    nproc: Optional[int] = None
+    resources: Dict[str, Tuple[str, str]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    retries: int = 2
+    train_timeout_seconds: int = 48 * 3600
+    image_pull_secrets: Tuple[str, ...] = ()
+    pod_labels: Tuple[Tuple[str, str], ...] = ()
+    nodes: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    workspace_pvc: str = "unet3plus-workspace"
+    workspace_mount: str = "/mnt/workspace"
+    trainjob_cleanup: str = "on-success"
+
+    def processes(self) -> int:
+        """Training processes in the train pod: ``nproc`` when set, else one per GPU."""
+        return self.nproc or self.gpus
+
+    def trainjob(self) -> Optional[dict]:
+        """The launcher's ``job`` argument when training runs as a TrainJob (``nodes`` set), else None."""
+        if self.nodes is None:
+            return None
+        cpu, memory = self.resources["train"]
+        settings = TrainJobSettings(
+            nodes=self.nodes, gpus_per_node=self.gpus_per_node or self.gpus, image=IMAGE,
+            workspace_pvc=self.workspace_pvc, workspace_mount=self.workspace_mount, gpu_type=self.gpu_type,
+            cpu=cpu, memory=memory, shm_size=self.shm_size, mlflow_secret=self.mlflow_secret,
+            deadline_seconds=self.train_timeout_seconds, node_selector=self.gpu_node_selector,
+            toleration=self.gpu_toleration, image_pull_secrets=self.image_pull_secrets, labels=self.pod_labels,
+        ).check()
+        # Lists, not tuples: the argument is compiled into the pipeline as JSON.
+        job = {key: list(map(list, value)) if key == "labels" else list(value) if isinstance(value, tuple) else value
+               for key, value in dataclasses.asdict(settings).items()}
+        return {**job, "namespace": "", "timeout_seconds": self.train_timeout_seconds + 600,
+                "cleanup": self.trainjob_cleanup, "poll_seconds": 10}
 
 
-MLFLOW_REQUIRED_KEYS = ("MLFLOW_TRACKING_URI",)
-MLFLOW_OPTIONAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+DEFAULT_RESOURCES = {
+    "raw": ("1", "2Gi"),
+    "validate": ("2", "4Gi"),
+    "preprocess": ("4", "8Gi"),
+    "train": ("8", "32Gi"),
+    "launch": ("500m", "1Gi"),
+    "evaluate": ("4", "16Gi"),
+    "register": ("1", "4Gi"),
+    "report": ("1", "4Gi"),
+}
+"""Per step: (CPU request, memory request and limit); ``python -m pipeline compile --resources`` changes them."""
+
+RETRIED_STEPS = ("train", "launch", "evaluate", "register")
+"""Steps retried on failure (a lost node, a tracking server restarting), with exponential backoff."""
 
 
 def on_cluster(
-    task: dsl.PipelineTask, cluster: ClusterSettings, *, gpu: bool = False, mlflow: bool = False, data: bool = False
+    task: dsl.PipelineTask, cluster: ClusterSettings, step: str, *, gpu: bool = False, mlflow: bool = False,
+    data: bool = False,
 ) -> dsl.PipelineTask:
     """Apply the Kubernetes settings a task needs; the one place that knows about the cluster.
+
+    Every task gets its step's CPU and memory (:data:`DEFAULT_RESOURCES`), the image pull secrets
+    and the pod labels; the :data:`RETRIED_STEPS` a retry policy with backoff; training a timeout
+    and no caching (a run that trains again must train); the raw-data step is not cached either
+    (a ``source_dir`` can change under the same arguments); validation and preprocessing are,
+    keyed by KFP on their inputs (the raw dataset artifact and the parameters).
 
     Args:
         task: the pipeline task.
         cluster: the settings.
+        step: ``raw``, ``validate``, ``preprocess``, ``train``, ``launch``, ``evaluate``, ``register`` or ``report``.
         gpu: request GPUs, schedule on GPU nodes and give the pod a large ``/dev/shm``.
         mlflow: set the MLflow environment from ``cluster.mlflow_secret``.
         data: mount ``cluster.data_pvc`` (when set) at ``cluster.data_mount``.
@@ -82,6 +155,21 @@ def on_cluster(
     Returns:
         The task.
     """
+    cpu, memory = cluster.resources[step]
+    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+    if step in RETRIED_STEPS and cluster.retries:
+        task.set_retry(cluster.retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="1800s")
+    if step in ("train", "launch"):
+        task.set_caching_options(False)
+        kubernetes.set_timeout(task, cluster.train_timeout_seconds + (1200 if step == "launch" else 0))
+    elif step in ("validate", "preprocess"):
+        task.set_caching_options(True)
+    elif step == "raw":
+        task.set_caching_options(False)  # a source_dir on a volume can change under the same arguments
+    if cluster.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(cluster.image_pull_secrets))
+    for key, value in cluster.pod_labels:
+        kubernetes.add_pod_label(task, key, value)
     if gpu:
         task.set_accelerator_type(cluster.gpu_type).set_accelerator_limit(cluster.gpus)
         if cluster.gpu_node_selector:
@@ -103,12 +191,23 @@ def build_pipeline(cluster: ClusterSettings = ClusterSettings()) -> dsl.graph_co
     """The pipeline, with ``cluster`` settings applied to its tasks.
 
     Args:
-        cluster: Kubernetes settings (GPU, secrets, volumes).
+        cluster: Kubernetes settings (GPU, secrets, volumes, resources, TrainJob).
 
     Returns:
         The pipeline: call it under ``kfp.local.init`` to run it here, compile it with
         ``kfp.compiler.Compiler`` or submit it with ``kfp.Client``.
     """
+
+    job = cluster.trainjob()
+
+    def train(**arguments) -> dsl.PipelineTask:
+        """The training task: in the pod (under torchrun for several processes), or a TrainJob launcher."""
+        if job is None:
+            if cluster.processes() > 1:
+                arguments["nproc"] = cluster.processes()
+            return on_cluster(train_model(**arguments), cluster, "train", gpu=True, mlflow=True)
+        task = on_cluster(train_on_trainjob(job=job, **arguments), cluster, "launch", mlflow=True)
+        return kubernetes.mount_pvc(task, cluster.workspace_pvc, cluster.workspace_mount)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -130,40 +229,40 @@ def build_pipeline(cluster: ClusterSettings = ClusterSettings()) -> dsl.graph_co
             source_dir: folder with an existing raw dataset (e.g. on the data volume); empty to
                 synthesise one.
         """
-        raw = on_cluster(raw_data(dataset=dataset, params=params, source_dir=source_dir), cluster, data=True)
+        raw = on_cluster(raw_data(dataset=dataset, params=params, source_dir=source_dir), cluster, "raw", data=True)
         raw_dataset = raw.outputs["raw"]
-        validated = validate_data(raw=raw_dataset, dataset=dataset, params=params)
-        preprocessed = preprocess_data(raw=raw_dataset, dataset=dataset, params=params).after(validated)
+        validated = on_cluster(validate_data(raw=raw_dataset, dataset=dataset, params=params), cluster, "validate")
+        preprocessed = on_cluster(preprocess_data(raw=raw_dataset, dataset=dataset, params=params), cluster,
+                                  "preprocess").after(validated)
         processed = preprocessed.outputs["processed"]
 
-        trained = on_cluster(train_model(processed=processed, params=params), cluster, gpu=True, mlflow=True)
+        trained = train(processed=processed, params=params)
         evaluated = on_cluster(
             evaluate_model(model=trained.outputs["model"], processed=processed, raw=raw_dataset, params=params),
-            cluster, mlflow=True,
+            cluster, "evaluate", mlflow=True,
         )
         registered = on_cluster(
             register_model(model=trained.outputs["model"], evaluation=evaluated.outputs["evaluation"], params=params),
-            cluster, mlflow=True,
+            cluster, "register", mlflow=True,
         )
 
         with dsl.ParallelFor(ablations) as ablation:
             # `ablation.name` would be the loop channel's own name attribute; reach the key explicitly.
             ablation_name = LoopArgumentVariable(ablation, "name")
-            trained_ablation = on_cluster(
-                train_model(processed=processed, params=params, overrides=ablation.overrides, ablation=ablation_name),
-                cluster, gpu=True, mlflow=True,
+            trained_ablation = train(
+                processed=processed, params=params, overrides=ablation.overrides, ablation=ablation_name,
             ).set_display_name("train-ablation")
             evaluated_ablation = on_cluster(
                 evaluate_model(model=trained_ablation.outputs["model"], processed=processed, raw=raw_dataset,
                                params=params, overrides=ablation.overrides),
-                cluster, mlflow=True,
+                cluster, "evaluate", mlflow=True,
             ).set_display_name("evaluate-ablation")
 
         # The study's tables as a Markdown artifact; it runs even when an ablation failed.
         on_cluster(
             report_ablations(params=params, dataset=dataset, ablations=ablations)
             .after(evaluated, evaluated_ablation).ignore_upstream_failure(),
-            cluster, mlflow=True,
+            cluster, "report", mlflow=True,
         ).set_display_name("report")
 
         return PipelineOutputs(evaluated.outputs["Output"], registered.outputs["name"], registered.outputs["version"])

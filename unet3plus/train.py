@@ -202,7 +202,8 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
         raw_model = prepare_model(create_model(**dataclasses.asdict(config.model)), device, train_config.mixed_precision)
         model = raw_model
         if ddp:
-            model = DistributedDataParallel(raw_model, device_ids=[local_rank] if device.type == "cuda" else None)
+            model = distributed_model(raw_model, config, device, local_rank)
+            raw_model = model.module  # with SyncBatchNorm on GPUs
         if compile_model:
             model = torch.compile(model)
         criterion = Criterion(**dataclasses.asdict(config.loss))
@@ -453,6 +454,30 @@ def validation_dice(
     model.train()
     scores = [dice(_stack(predicted[case_id]), _stack(target[case_id])) for case_id in sorted(predicted)]
     return float(np.mean(scores))
+
+
+def parameters_may_go_unused(config: Config) -> bool:
+    """Whether some parameters of ``config``'s model get no gradient (the CGM when its loss weight is 0).
+
+    DDP must then be told (``find_unused_parameters``) or its gradient reduction waits forever
+    for them; otherwise the flag only costs a graph traversal per step, so it is set only here.
+    """
+    return config.model.cgm and config.loss.cgm_weight == 0
+
+
+def distributed_model(model: nn.Module, config: Config, device: torch.device, local_rank: int) -> nn.Module:
+    """``model`` wrapped for DDP (the process group is initialised).
+
+    On GPUs BatchNorm becomes ``SyncBatchNorm``, so N processes x batch B normalise like one
+    process x batch N*B. On CPU (gloo) PyTorch has no ``SyncBatchNorm``: each process normalises
+    its own batch, as data parallel CPU training usually does.
+    """
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DistributedDataParallel(
+        model, device_ids=[local_rank] if device.type == "cuda" else None,
+        find_unused_parameters=parameters_may_go_unused(config),
+    )
 
 
 def make_optimizer(
