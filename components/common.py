@@ -144,4 +144,39 @@ def record_training(model: Any, metrics: Any, config: Any, summary: dict, ablati
     return float(summary["best_val_dice"])
 
 
-HELPERS = [load_config, layout_of, input_dir, log_numbers, record_training]
+def variant_params(params: str, overrides: Optional[List[str]], ablation: str) -> tuple:
+    """``params.yaml`` text and ``unet3plus train`` arguments that train ``overrides`` as the variant ``ablation``.
+
+    ``unet3plus train --ablation NAME`` applies the variant NAME of ``ablations.variants``, tags
+    the run NAME and files it under the study of the parameters *without* the variant, as the
+    in-process ``train(..., ablation=, base=)`` does. So the overrides travel as that variant
+    (``ablation`` or ``main``) in a copy of ``params``, not as ``--set``; with neither an
+    ablation nor overrides, ``params`` is returned as given.
+
+    Returns:
+        ``(params text, ["--ablation", NAME] or [])``.
+
+    Raises:
+        ConfigError: ``ablation`` is not a valid variant name (lower-case letters, digits, ``_``).
+    """
+    import yaml
+
+    from unet3plus.config import config_from_dict, parse_yaml
+    from unet3plus.errors import ConfigError
+
+    if not ablation and not overrides:
+        return params, []
+    name = ablation or "main"
+    raw = parse_yaml(params)
+    raw["ablations"] = dict(raw.get("ablations") or {})
+    variants = raw["ablations"]["variants"] = dict(raw["ablations"].get("variants") or {})
+    variants[name] = {key.strip(): parse_yaml(value)
+                      for key, _, value in (item.partition("=") for item in overrides or [])}
+    try:
+        config_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"ablation {name!r}: {err}") from err
+    return yaml.safe_dump(raw, sort_keys=False), ["--ablation", name]
+
+
+HELPERS = [load_config, layout_of, input_dir, log_numbers, record_training, variant_params]

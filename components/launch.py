@@ -4,7 +4,7 @@ from typing import List, Optional
 
 from kfp import dsl
 
-from components.common import component, input_dir, load_config, record_training
+from components.common import component, input_dir, load_config, record_training, variant_params
 
 
 @component
@@ -69,9 +69,16 @@ def train_on_trainjob(
     name = f"unet3plus-{uuid.uuid4().hex[:10]}"
     workdir = pathlib.Path(settings.workspace_mount) / "unet3plus" / name
     shutil.copytree(data_dir, workdir / "data")
-    arguments = train_arguments(config, str(workdir / "data"), str(workdir / "model"))
+    # The base parameters, and the overrides as the variant `ablation` in a params file on the claim:
+    # the job's run is then tagged and grouped under its study as training in the pod is.
+    text, selection = variant_params(params, overrides, ablation)
+    arguments = train_arguments(load_config(params), str(workdir / "data"), str(workdir / "model"))
+    if selection:
+        (workdir / "params.yaml").write_text(text)
+        arguments += ["--params", str(workdir / "params.yaml"), *selection]
     run_trainjob(render_trainjob(name, namespace, settings, arguments), namespace, **run)
     shutil.copytree(workdir / "model", model.path, dirs_exist_ok=True)
     shutil.rmtree(workdir / "data")  # a copy made above; the model stays on the claim as well
+    (workdir / "params.yaml").unlink(missing_ok=True)
     summary = json.loads((pathlib.Path(model.path) / "train_summary.json").read_text())
     return record_training(model, metrics, config, summary, ablation)

@@ -4,7 +4,7 @@ from typing import List, Optional
 
 from kfp import dsl
 
-from components.common import component, input_dir, load_config, record_training
+from components.common import component, input_dir, load_config, record_training, variant_params
 
 
 @component
@@ -35,7 +35,8 @@ def train_model(
         params: text of ``params.yaml``.
         overrides: ``section.key=value`` overrides (an ablation's changes).
         ablation: the ablation's name, set as the ``ablation`` tag of the MLflow run (``""``:
-            the main model, tagged ``main``).
+            the main model, tagged ``main``); with ``nproc`` > 1, lower-case letters, digits and ``_``
+            (it names the variant the workers train).
         nproc: training processes in this pod (the pod's GPUs on a GPU node).
 
     Returns:
@@ -67,16 +68,15 @@ def train_model(
         summary = train(config, data_dir=data_dir, out_dir=model.path, ablation=ablation or "main",
                         base=load_config(params))
     else:
+        # The overrides travel as the variant `ablation` (see variant_params), so that the run is
+        # tagged and grouped under its study as in the 1-process path.
+        text, selection = variant_params(params, overrides, ablation)
         with tempfile.TemporaryDirectory() as scratch:
             params_file = pathlib.Path(scratch) / "params.yaml"
-            params_file.write_text(params)
+            params_file.write_text(text)
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                        "-m", "unet3plus", "train", "--params", str(params_file), "--data", str(data_dir),
-                       "--out", model.path]
-            for item in overrides or []:
-                command += ["--set", item]
-            if ablation:
-                command += ["--ablation", ablation]
+                       "--out", model.path, *selection]
             logging.getLogger("unet3plus").info("running %d training processes: %s", nproc, " ".join(command))
             status = subprocess.run(command, check=False).returncode
         if status != 0:

@@ -141,7 +141,8 @@ def on_cluster(
     Every task gets its step's CPU and memory (:data:`DEFAULT_RESOURCES`), the image pull secrets
     and the pod labels; the :data:`RETRIED_STEPS` a retry policy with backoff; training a timeout
     and no caching (a run that trains again must train); the raw-data step is not cached either
-    (a ``source_dir`` can change under the same arguments); validation and preprocessing are,
+    (a ``source_dir`` can change under the same arguments), nor is the report (it reads MLflow);
+    validation and preprocessing are,
     keyed by KFP on their inputs (the raw dataset artifact and the parameters).
 
     Args:
@@ -166,6 +167,8 @@ def on_cluster(
         task.set_caching_options(True)
     elif step == "raw":
         task.set_caching_options(False)  # a source_dir on a volume can change under the same arguments
+    elif step == "report":
+        task.set_caching_options(False)  # it reads MLflow, which changes under the same arguments
     if cluster.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, list(cluster.image_pull_secrets))
     for key, value in cluster.pod_labels:

@@ -32,8 +32,9 @@ TINY = {
 }
 GRID = {
     "variants": {"unet": {"model.arch": "unet", "model.deep_supervision": False, "model.cgm": False},
-                 # fails when the model is built: the unet encoder has no torchvision weights to load
-                 "broken": {"model.encoder_weights": "/nonexistent/encoder.pt"}},
+                 # valid settings that fail at run time, during training: the loss or the weights become
+                 # NaN or infinite (a TrainingError), which must end as a FAILED run carrying the error
+                 "broken": {"train.lr": 1.0e30}},
     "run": ["unet", "broken"],
 }
 
@@ -98,7 +99,9 @@ def test_ablation_grid_with_a_failing_variant_end_to_end(tmp_path):
         main, unet, broken = children["main"], children["unet"], children["broken"]
         assert main.info.run_name == f"{organ} | unet3plus | unet | DS | CGM | hybrid"
         assert unet.info.run_name == f"{organ} | unet | unet | no DS | no CGM | hybrid"
-        assert broken.info.status == "FAILED" and "encoder_weights" in broken.data.tags["error"]
+        assert broken.info.status == "FAILED", broken.data.tags
+        assert broken.data.tags["error"].startswith("TrainingError: ") and "Lower train.lr" in broken.data.tags["error"]
+        assert broken.data.params["train.lr"] == "1e+30"
         assert unet.info.status == "FINISHED" and 0 <= unet.data.metrics["test_dice"] <= 1
         assert unet.data.tags["dvc_stage"] == f"ablate@{organ}-unet"
         assert main.data.tags["dvc_stage"] == f"train@{organ}"
@@ -115,7 +118,7 @@ def test_ablation_grid_with_a_failing_variant_end_to_end(tmp_path):
 
     # -- the report: both configurations per organ, the failure marked, the plots ---------------
     report = (repo / "reports" / "ablations.md").read_text()
-    assert "**FAILED**" in report and "encoder_weights" in report
+    assert "**FAILED**: TrainingError: " in report and "2 configuration(s) failed" in report
     table = pd.read_csv(repo / "reports" / "ablations.csv")
     finished = table[table["status"] == "ok"]
     assert sorted(zip(finished["dataset"], finished["model"])) == [

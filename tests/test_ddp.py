@@ -116,7 +116,8 @@ def test_the_train_component_under_torchrun_gives_one_run_one_model_and_the_same
         raw = raw_data(dataset="liver", params=params)
         processed = preprocess_data(raw=raw.outputs["raw"], dataset="liver", params=params).outputs["processed"]
         train_model(processed=processed, params=params, ablation="one")
-        train_model(processed=processed, params=params, ablation="two", nproc=2)
+        # An override that keeps the checkpoint's shapes; the study stays that of the base parameters.
+        train_model(processed=processed, params=params, overrides=["train.lr=0.001"], ablation="two", nproc=2)
 
     one_and_two_processes(params=yaml.safe_dump(params))
 
@@ -130,8 +131,14 @@ def test_the_train_component_under_torchrun_gives_one_run_one_model_and_the_same
         key: value.shape for key, value in checkpoints[1]["model"].items()}
     assert [len(checkpoint["rng"]) for checkpoint in checkpoints] == [1, 2]  # two ranks trained the second
     client = mlflow.MlflowClient(tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name(params["mlflow"]["experiment"]).experiment_id])
+    found = client.search_runs([client.get_experiment_by_name(params["mlflow"]["experiment"]).experiment_id])
+    # Besides the training runs, the one parent run of their study (same data, same base parameters).
+    [parent] = [run for run in found if run.data.tags.get("study_parent") == "true"]
+    runs = [run for run in found if run.data.tags.get("study_parent") != "true"]
     assert sorted(run.data.tags.get("ablation") for run in runs) == ["one", "two"]  # one MLflow run each
+    assert all(run.data.tags.get("mlflow.parentRunId") == parent.info.run_id for run in runs)
+    lr = {run.data.tags["ablation"]: float(run.data.params["train.lr"]) for run in runs}
+    assert lr == {"one": params["train"]["lr"], "two": 0.001}  # the override reached the torchrun workers
     by_tag = {run.data.tags["ablation"]: run for run in runs}
     for name, checkpoint in zip(("one", "two"), checkpoints):
         assert by_tag[name].info.run_id == checkpoint["mlflow_run_id"] and by_tag[name].info.status == "FINISHED"

@@ -43,6 +43,9 @@ def test_dvc_repro_runs_the_whole_pipeline_for_both_organs(tmp_path):
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copytree(ROOT / "unet3plus", repo / "unet3plus", ignore=shutil.ignore_patterns("__pycache__"))
+    # tracked in the project, so a checkout has it: the `report` stage depends on reports/ablations
+    (repo / "reports" / "ablations").mkdir(parents=True)
+    shutil.copy(ROOT / "reports" / "ablations" / "README.md", repo / "reports" / "ablations" / "README.md")
     (repo / "params.yaml").write_text(yaml.safe_dump(_tiny_params(), sort_keys=False))
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg"}

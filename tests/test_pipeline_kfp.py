@@ -105,20 +105,25 @@ def test_only_training_asks_for_a_gpu_and_every_step_runs_in_the_project_image(c
 
 
 def test_kubernetes_settings_land_on_the_right_steps(compiled):
-    _, platform = compiled
+    spec, platform = compiled
     for name in ("exec-train-model", "exec-train-model-2"):
         settings = platform[name]
         assert settings["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
         assert settings["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         shm = {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "8Gi"}
         assert settings["emptyDirMounts"] == [shm]
+    # The report step reads the study's runs back from MLflow: the secret, and nothing of the GPU steps.
     tracked = ("exec-train-model", "exec-train-model-2", "exec-evaluate-model", "exec-evaluate-model-2",
-               "exec-register-model")
+               "exec-register-model", "exec-report-ablations")
     for name in tracked:
         secrets = platform[name]["secretAsEnv"]
         assert {secret["secretName"] for secret in secrets} == {"mlflow-credentials"}
         required = [entry for secret in secrets if not secret.get("optional") for entry in secret["keyToEnv"]]
         assert required == [{"secretKey": "MLFLOW_TRACKING_URI", "envVar": "MLFLOW_TRACKING_URI"}], name
+    assert set(platform["exec-report-ablations"]) == {"secretAsEnv"}
+    report = spec["deploymentSpec"]["executors"]["exec-report-ablations"]["container"]["resources"]
+    assert (report["resourceCpuRequest"], report["resourceMemoryRequest"], report["resourceMemoryLimit"]) == (
+        "1", "4Gi", "4Gi") and "accelerator" not in report  # its own resources ("report"), no GPU
     assert set(platform) == set(tracked)  # data steps need nothing from the cluster by default
 
 

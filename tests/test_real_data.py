@@ -68,9 +68,11 @@ def test_switching_data_root_to_an_imported_task09_archive_preprocesses_it(tmp_p
         assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
     # A Task09-style archive (Task09_Spleen/dataset.json, imagesTr/, labelsTr/) made from the phantom.
+    # 4 volumes: 3 labelled (one each for train, val and test; preprocessing refuses an empty
+    # validation split) and 1 unlabelled in imagesTs.
     build = tmp_path / "build"
     run(f"{bin_dir}/unet3plus", "synth", "--layout", "msd-spleen", "--out", str(build / "Task09_Spleen"),
-        "--cases", "3", "--size", "48", "--slices", "12", cwd=tmp_path)
+        "--cases", "4", "--size", "48", "--slices", "12", cwd=tmp_path)
     with tarfile.open(tmp_path / "Task09_Spleen.tar", "w") as tar:
         tar.add(build / "Task09_Spleen", arcname="Task09_Spleen")
 
@@ -91,7 +93,8 @@ def test_switching_data_root_to_an_imported_task09_archive_preprocesses_it(tmp_p
 
     manifest = pd.read_csv(repo / "data" / "processed" / "spleen" / "manifest.csv")
     labelled = json.loads((repo / "data" / "real" / "spleen" / "dataset.json").read_text())["training"]
-    assert manifest["case_id"].nunique() == len(labelled) >= 2 and set(manifest["split"]) <= {"train", "val", "test"}
+    assert manifest["case_id"].nunique() == len(labelled) >= 3
+    assert set(manifest.drop_duplicates("case_id")["split"]) == {"train", "val", "test"}
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert "data/real/spleen" in [dep["path"] for dep in lock["preprocess@spleen"]["deps"]]
     assert "synth@spleen" not in lock  # the phantom is not made when real data is selected

@@ -412,7 +412,8 @@ def test_the_launcher_component_trains_through_a_trainjob_and_hands_on_the_model
     model = dsl.Model(name="model", uri=str(tmp_path / "model"), metadata={})
     metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"), metadata={})
     dice = train_on_trainjob.python_func(processed=processed, model=model, metrics=metrics, params=params, job=job,
-                                         ablation="unet")
+                                         overrides=['model.arch="unet"', "model.deep_supervision=false",
+                                                    "model.cgm=false"], ablation="unet")
 
     [(_, body)] = fake.created
     name = body["metadata"]["name"]
@@ -421,12 +422,18 @@ def test_the_launcher_component_trains_through_a_trainjob_and_hands_on_the_model
                                                     str(workspace / "unet3plus" / name / "model")]
     out = Path(model.path)
     assert {"best.pt", "last.pt", "history.csv", "train_summary.json"} <= {p.name for p in out.iterdir()}
-    assert load_checkpoint(out / "best.pt")["config"]["model"]["width"] == 4
+    trained = load_checkpoint(out / "best.pt")["config"]["model"]
+    assert (trained["width"], trained["arch"], trained["deep_supervision"]) == (4, "unet", False)  # the variant
     summary = json.loads((out / "train_summary.json").read_text())
     assert dice == pytest.approx(summary["best_val_dice"]) == pytest.approx(model.metadata["best_val_dice"])
     assert model.metadata["mlflow_run_id"] == summary["mlflow_run_id"]
     assert not (workspace / "unet3plus" / name / "data").exists()  # the staged copy is removed
-    runs = mlflow.MlflowClient(tracking_uri).search_runs(
+    found = mlflow.MlflowClient(tracking_uri).search_runs(
         [mlflow.MlflowClient(tracking_uri).get_experiment_by_name("unet3plus").experiment_id])
-    assert [run.info.run_id for run in runs] == [summary["mlflow_run_id"]]  # one run: the job's, tagged here
-    assert runs[0].data.tags["ablation"] == "unet"
+    # Besides the training run, the parent run of its study (the base parameters, without the variant).
+    [parent] = [run for run in found if run.data.tags.get("study_parent") == "true"]
+    runs = [run for run in found if run.data.tags.get("study_parent") != "true"]
+    assert [run.info.run_id for run in runs] == [summary["mlflow_run_id"]]  # one run: the job's
+    assert runs[0].data.tags["ablation"] == "unet" and runs[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert body["spec"]["trainer"]["args"][-2:] == ["--ablation", "unet"]  # the job's run is the variant's
+    assert (parent.data.params["model.arch"], runs[0].data.params["model.arch"]) == ("unet3plus", "unet")

@@ -24,6 +24,3 @@ class CheckpointError(UserError):
 class TrainingError(UserError):
     """Training cannot go on: the loss or the weights became NaN or infinite."""
 
-
-class OutputRefusedError(DataError):
-    """An output would replace a file the user made (not one unet3plus wrote and recorded)."""

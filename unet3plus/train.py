@@ -50,7 +50,7 @@ from unet3plus import tracking
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
 from unet3plus.config import Config, TrainConfig, config_from_dict
 from unet3plus.data.dataset import SliceDataset, load_preprocessed
-from unet3plus.errors import CheckpointError, ConfigError, DataError, OutputRefusedError, TrainingError
+from unet3plus.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
 from unet3plus.losses import Criterion
 from unet3plus.metrics import dice
 from unet3plus.models import create_model, predict_proba
@@ -106,11 +106,13 @@ def train(
     """
     try:
         return _train(config, Path(data_dir), Path(out_dir), resume, force, compile_model, ablation, base)
-    except OutputRefusedError:
-        raise  # a refusal to overwrite the user's files is not a training failure: nothing is tracked
+    except UserError:
+        # A refusal (bad setting, data, checkpoint or output folder) writes nothing, the tracking
+        # store included; failures once training runs end as a FAILED run (see tracking.open_run).
+        raise
     except Exception as err:
-        # A failure before the MLflow run started (e.g. a variant's missing encoder weights) still
-        # leaves a FAILED run with the error, so the report and the UI show it.
+        # An unexpected failure before the MLflow run started (e.g. out of memory while building
+        # the model) still leaves a FAILED run with the error, so the report and the UI show it.
         if "RANK" not in os.environ or os.environ["RANK"] == "0":
             recorded = hasattr(err, "mlflow_run_id")
             readable = all((Path(data_dir) / name).is_file() for name in ("cases.json", "manifest.csv"))
@@ -155,11 +157,14 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
     if resume:
         checkpoint = load_checkpoint(out_dir / "last.pt")
         _check_resumable(checkpoint, config, dataset_name, out_dir / "last.pt", fingerprint)
-        if checkpoint["epoch"] >= train_config.epochs:
+        summary_path = out_dir / "train_summary.json"
+        done = checkpoint["epoch"] >= train_config.epochs
+        summary = json.loads(summary_path.read_text()) if done and summary_path.is_file() else {}
+        # A run that ended offline still has history to upload: go on (no epoch left) to log it.
+        if done and not summary.get("mlflow_offline"):
             logger.info("%s: all %d epochs are already done (train.epochs = %d); nothing to do. Raise train.epochs "
                         "to train longer.", out_dir / "last.pt", checkpoint["epoch"], train_config.epochs)
-            summary_path = out_dir / "train_summary.json"
-            return json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+            return summary
     elif not force:
         _check_fresh_out_dir(out_dir)
 
@@ -518,10 +523,10 @@ def _stack(slices: dict[int, np.ndarray]) -> np.ndarray:
 def _check_fresh_out_dir(out_dir: Path) -> None:
     """Refuse an ``out_dir`` holding an earlier run, or files of ours changed by someone, or foreign files."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise OutputRefusedError(f"{out_dir}: --out is a file, not a folder; choose another --out")
+        raise UserError(f"{out_dir}: --out is a file, not a folder; choose another --out")
     for name in ("last.pt", "best.pt"):
         if (out_dir / name).exists():
-            raise OutputRefusedError(
+            raise UserError(
                 f"{out_dir / name}: {out_dir} holds an earlier training run; continue it with --resume, "
                 "replace it with --force, or train into another --out"
             )

@@ -208,21 +208,21 @@ def check_replaceable(folder: str | os.PathLike, paths: list[str | os.PathLike],
         how: what the user can do instead (e.g. "use --force or another --out").
 
     Raises:
-        OutputRefusedError: naming the first foreign file.
+        DataError: naming the first foreign file.
     """
-    from unet3plus.errors import OutputRefusedError
+    from unet3plus.errors import DataError
 
     folder = Path(folder)
     record = _recorded(folder)
     for path in map(Path, paths):
         if path.is_symlink() or (path.exists() and not path.is_dir() and not path.is_file()):
-            raise OutputRefusedError(f"{path}: exists and is not a regular file written by unet3plus; refusing to overwrite it ({how})")
+            raise DataError(f"{path}: exists and is not a regular file written by unet3plus; refusing to overwrite it ({how})")
         files = sorted(p for p in path.rglob("*") if not p.is_dir() or p.is_symlink()) if path.is_dir() else [path]
         for file in files:
             if (not file.exists() and not file.is_symlink()) or file == folder / OUTPUTS_RECORD:
                 continue
             key = file.relative_to(folder).as_posix()
             if file.is_symlink() or not file.is_file() or record.get(key) != file_digest(file):
-                raise OutputRefusedError(
+                raise DataError(
                     f"{file}: not written by unet3plus (or changed since); refusing to overwrite or delete it ({how})"
                 )
