@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -369,7 +370,11 @@ def log_datasets(run: TrackedRun, data_dir: str | os.PathLike, dataset: str, man
     source = dvc_source(data_dir) or str(data_dir)
     for split in ("train", "val", "test"):
         rows = manifest[manifest["split"] == split].reset_index(drop=True)
-        frame = mlflow.data.from_pandas(rows, source=source, name=f"{dataset}-{split}", digest=digest)
+        # MLflow warns that a local path could be several source types and that integer columns
+        # cannot hold missing values; neither applies to a manifest, and both would flood the log.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            frame = mlflow.data.from_pandas(rows, source=source, name=f"{dataset}-{split}", digest=digest)
         run.log_input(frame, split)
 
 
