@@ -35,8 +35,10 @@ from unet3plus.cli import main
 from unet3plus.config import DataConfig, load_config
 from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import preprocess_dataset
+from unet3plus.tracking import data_hash
 from unet3plus.tracking_server import AUTH_DATABASE, MlflowServer, Postgres, free_port, run_concurrently
 from unet3plus.train import train
+from unet3plus.utils import file_digest
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +114,19 @@ def overrides(*extra: str) -> list[str]:
     return [arg for item in [*TINY, *extra] for arg in ("--set", item)]
 
 
+def same_study(parent: mlflow.entities.Run, run: mlflow.entities.Run) -> bool:
+    """Whether ``parent`` holds the data hash and the model/training parameters of training run ``run``.
+
+    (The data itself is identified by the hash: a parent made by the CLI holds the ``data.*``
+    params as configured, its child those the data was preprocessed with.)
+    """
+    def knobs(params: dict[str, str]) -> dict[str, str]:
+        return {key: value for key, value in params.items() if not key.startswith("data.")}
+
+    return (parent.data.tags["data_hash"] == run.data.tags["data_hash"] and knobs(parent.data.params) == knobs(run.data.params)
+            and len(knobs(run.data.params)) > 0)  # fmt: skip
+
+
 def test_train_evaluate_register_and_report_end_to_end_with_credentials_from_the_environment(team, capsys):
     assert cli(team, capsys, "train", "--data", "data", "--out", "e2e", *overrides())[0] == 0
     assert cli(team, capsys, "evaluate", "--checkpoint", "e2e/best.pt", "--data", "data", "--raw", "raw",
@@ -126,7 +141,10 @@ def test_train_evaluate_register_and_report_end_to_end_with_credentials_from_the
     assert run.info.status == "FINISHED" and "test_dice" in run.data.metrics
     assert json.loads((team.work / "e2e" / "registered.json").read_text()) == {
         "name": "unet3plus-liver", "version": 1, "champion": True}  # fmt: skip
-    assert f"{run.data.metrics['test_dice']:.4f}" in table and "dice liver" in table
+    main_row = next(line for line in table.splitlines() if line.startswith("| main |"))  # Table 1's main model
+    assert "| Dice liver |" in table and f"| {run.data.metrics['test_dice']:.4f} |" in main_row
+    parent = team.client().get_run(run.data.tags["mlflow.parentRunId"])  # the study's parent run
+    assert parent.data.tags["study_parent"] == "true" and same_study(parent, run)
 
 
 @pytest.mark.parametrize(
@@ -222,8 +240,16 @@ def test_eight_concurrent_trainings_lose_and_duplicate_nothing(team):
         assert {"config.yaml", "history.csv", "curves.png", "train_summary.json"} <= artifacts
         assert any(key.startswith("system/") for key in run.data.metrics), sorted(run.data.metrics)
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    load_runs = client.search_runs([experiment], "params.`train.max_steps_per_epoch` = '2'", max_results=100)
+    found = client.search_runs([experiment], "params.`train.max_steps_per_epoch` = '2'", max_results=100)
+    parents = {run.info.run_id: run for run in found if run.data.tags.get("study_parent") == "true"}
+    load_runs = [run for run in found if run.info.run_id not in parents]
     assert len(load_runs) == WRITERS + 1  # the eight and the end-to-end run: no duplicate run was created
+    # One parent run per study (data, parameters): one per seed, the end-to-end run sharing seed 0's.
+    assert len(parents) == WRITERS and len({p.data.tags["study"] for p in parents.values()}) == WRITERS
+    for run in load_runs:  # each training run is the child of its own study's parent
+        parent = parents[run.data.tags["mlflow.parentRunId"]]
+        assert same_study(parent, run)
+    assert {run.data.tags["mlflow.parentRunId"] for run in load_runs} == set(parents)  # no orphan parent
 
 
 def test_eight_concurrent_registrations_give_consistent_versions_and_one_champion(team):
@@ -231,7 +257,9 @@ def test_eight_concurrent_registrations_give_consistent_versions_and_one_champio
     commands = []
     for i, value in enumerate(dice):
         metrics = team.work / "load" / str(i) / "metrics.json"
-        metrics.write_text(json.dumps({"dice": value, "dataset": "liver"}))
+        scored = {"checkpoint_sha256": file_digest(team.work / "load" / str(i) / "best.pt"),
+                  "data_hash": data_hash(team.work / "data")}  # what `unet3plus evaluate` records and register checks
+        metrics.write_text(json.dumps({"dice": value, "dataset": "liver", **scored}))
         commands.append(["register", "--checkpoint", f"load/{i}/best.pt", "--metrics", str(metrics),
                          "--output", f"load/{i}/registered.json", *overrides()])  # fmt: skip
     result = team.launch(commands)

@@ -316,8 +316,11 @@ def test_two_process_ddp_run_writes_one_checkpoint_set_and_one_mlflow_run(data_d
     assert len(last["rng"]) == 2  # both ranks trained (their RNG states are gathered into the checkpoint)
     assert not any(name.startswith("module.") for name in last["model"])  # the unwrapped model is saved
     client = mlflow.MlflowClient(uri)
-    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
-    assert [run.info.run_id for run in runs] == [last["mlflow_run_id"]]
+    found = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    parents = [run for run in found if run.data.tags.get("study_parent") == "true"]
+    runs = [run for run in found if run.data.tags.get("study_parent") != "true"]
+    assert [run.info.run_id for run in runs] == [last["mlflow_run_id"]]  # one training run, from rank 0 only
+    assert len(parents) == 1 and runs[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id  # its study
     assert json.loads((out / "train_summary.json").read_text())["mlflow_run_id"] == last["mlflow_run_id"]
     assert runs[0].info.status == "FINISHED" and list(pd.read_csv(out / "history.csv").epoch) == [1, 2]
 
