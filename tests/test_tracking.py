@@ -136,6 +136,29 @@ def test_processes_creating_one_experiment_at_once_all_get_its_id(store):
     assert tracking.experiment_id(client, "made-before") == existing
 
 
+def test_variants_starting_one_study_at_once_end_under_one_parent(store, monkeypatch):
+    from unet3plus.config import config_from_dict
+
+    base = config_from_dict({"mlflow": {"system_metrics": False}})
+    first = tracking.study_parent(store, "liver", "d" * 32, base)
+    # A second process that searched before the first one's parent existed creates its own.
+    search = mlflow.MlflowClient.search_runs
+    calls = []
+
+    def not_yet_visible(self, *args, **kwargs):
+        calls.append(kwargs.get("max_results"))
+        return [] if len(calls) == 1 else search(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "search_runs", not_yet_visible)
+    second = tracking.study_parent(store, "liver", "d" * 32, base)
+    monkeypatch.setattr(mlflow.MlflowClient, "search_runs", search)
+    assert second == first and len(calls) == 2  # it looked again after creating, and kept the oldest
+    client = mlflow.MlflowClient(store.tracking_uri)
+    experiment = client.get_experiment_by_name(store.experiment).experiment_id
+    parents = client.search_runs([experiment], "tags.study_parent = 'true'")
+    assert [run.info.run_id for run in parents] == [first]  # the duplicate deleted itself
+
+
 def test_an_unknown_run_id_starts_a_new_run_with_a_warning(store, caplog):
     caplog.set_level(logging.WARNING, logger="unet3plus.tracking")
     with tracking.open_run(store, run_id="0" * 32) as run:

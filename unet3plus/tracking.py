@@ -313,9 +313,8 @@ def study_parent(mlflow_config: MlflowConfig, dataset: str, data_digest: str, ba
                                                      tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             experiment_id = experiment.experiment_id
-        found = client.search_runs(
-            [experiment_id], f"tags.study = '{study}' and tags.study_parent = 'true'", max_results=1
-        )
+        query = f"tags.study = '{study}' and tags.study_parent = 'true'"
+        found = client.search_runs([experiment_id], query, max_results=1)
         if found:
             return found[0].info.run_id
         parent = client.create_run(
@@ -326,7 +325,12 @@ def study_parent(mlflow_config: MlflowConfig, dataset: str, data_digest: str, ba
         client.log_batch(parent.info.run_id, params=[Param(k, str(v)[:6000])
                                                      for k, v in base.flat().items()])
         client.set_terminated(parent.info.run_id, "FINISHED")
-        return parent.info.run_id
+        # Variants of one study started at the same moment (a parallel ablation) may each have
+        # created a parent: all of them keep the oldest, and the others delete their own.
+        oldest = min(client.search_runs([experiment_id], query), key=lambda run: (run.info.start_time, run.info.run_id))
+        if oldest.info.run_id != parent.info.run_id:
+            client.delete_run(parent.info.run_id)
+        return oldest.info.run_id
     except Exception as err:  # tracking must never stop training
         logger.warning("MLflow: could not find or create the parent run of study %s (%s)", study, err)
         return None

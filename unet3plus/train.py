@@ -143,6 +143,8 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
     # Record how data_dir was really made, not what params.yaml says now: predict and register
     # repeat this preprocessing on new scans from the checkpoint's data section.
     config = dataclasses.replace(config, data=config_from_dict({"data": cases["data_config"]}).data)
+    if base is not None:  # the study is keyed on the same real data section, whatever the entry point
+        base = dataclasses.replace(base, data=config.data)
     for split in ("train", "val"):
         if not (manifest["split"] == split).any():
             raise DataError(
