@@ -212,11 +212,10 @@ def data_hash(data_dir: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def dvc_hash(data_dir: str | os.PathLike) -> str | None:
-    """The md5 that ``dvc.lock`` records for ``data_dir`` as a stage output, if any.
+def _dvc_lock_entry(data_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The stage of the nearest ``dvc.lock`` above ``data_dir`` that lists it as an output, and that output.
 
-    The nearest ``dvc.lock`` in ``data_dir``'s parent directories is read; None when there is none,
-    it does not list ``data_dir``, or it cannot be parsed.
+    None when there is no ``dvc.lock``, it does not list ``data_dir``, or it cannot be parsed.
     """
     data_dir = Path(data_dir).resolve()
     for root in data_dir.parents:
@@ -230,9 +229,15 @@ def dvc_hash(data_dir: str | os.PathLike) -> str | None:
         for stage in stages.values():
             for out in stage.get("outs", []):
                 if (root / out.get("path", "")).resolve() == data_dir:
-                    return out.get("md5")
+                    return stage, out
         return None
     return None
+
+
+def dvc_hash(data_dir: str | os.PathLike) -> str | None:
+    """The md5 that ``dvc.lock`` records for ``data_dir`` as a stage output, if any."""
+    entry = _dvc_lock_entry(data_dir)
+    return entry[1].get("md5") if entry else None
 
 
 def dvc_source(data_dir: str | os.PathLike) -> str | None:
@@ -241,20 +246,8 @@ def dvc_source(data_dir: str | os.PathLike) -> str | None:
     For ``data/processed/liver`` that is the raw dataset (``data/raw/liver``). None when
     ``dvc.lock`` does not list ``data_dir`` as an output.
     """
-    data_dir = Path(data_dir).resolve()
-    for root in data_dir.parents:
-        lock = root / "dvc.lock"
-        if not lock.is_file():
-            continue
-        try:
-            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        except (OSError, yaml.YAMLError):
-            return None
-        for stage in stages.values():
-            if any((root / out.get("path", "")).resolve() == data_dir for out in stage.get("outs", [])):
-                return next((dep["path"] for dep in stage.get("deps", []) if "nfiles" in dep), None)
-        return None
-    return None
+    entry = _dvc_lock_entry(data_dir)
+    return next((dep["path"] for dep in entry[0].get("deps", []) if "nfiles" in dep), None) if entry else None
 
 
 def run_tags(data_dir: str | os.PathLike, dataset: str) -> dict[str, str]:
