@@ -19,17 +19,12 @@ import requests
 import yaml
 
 from tests.conftest import MlflowServer
+from tests.test_pipeline_e2e import TINY as PIPELINE_TINY
 from unet3plus.config import MlflowConfig
 from unet3plus.tracking import data_hash, runs_view_url
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "data": {"size": 32, "synth_cases": 4, "synth_size": 48, "synth_slices": 16, "workers": 1},
-    "model": {"width": 4},
-    "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 2},
-    "evaluate": {"batch_size": 16},
-    "mlflow": {"system_metrics": False},
-}
+TINY = {**PIPELINE_TINY, "mlflow": {"system_metrics": False}}
 GRID = {
     "variants": {"unet": {"model.arch": "unet", "model.deep_supervision": False, "model.cgm": False},
                  # valid settings that fail at run time, during training: the loss or the weights become
