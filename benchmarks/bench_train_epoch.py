@@ -29,10 +29,11 @@ from unet3plus.config import load_config
 from unet3plus.data.dataset import SliceDataset
 from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import preprocess_dataset
+from unet3plus.device import autocast_context
 from unet3plus.losses import Criterion
 from unet3plus.models import create_model
 from unet3plus.train import EpochSampler, make_optimizer, train_one_epoch
-from unet3plus.utils import autocast_context, write_json_atomic
+from unet3plus.utils import write_json_atomic
 
 IMPLS = ("naive", "auto", "factored")
 

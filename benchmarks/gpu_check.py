@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_models
 
+from unet3plus.device import prepare_model, select_device
 from unet3plus.models import create_model
-from unet3plus.utils import prepare_model, select_device, write_json_atomic
+from unet3plus.utils import write_json_atomic
 
 
 def parse_args() -> argparse.Namespace:

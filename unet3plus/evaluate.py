@@ -46,20 +46,13 @@ from unet3plus.data.dataset import load_preprocessed, load_sample
 from unet3plus.data.geometry import VolumeGeometry, restore_volume
 from unet3plus.data.preprocess import window_hu
 from unet3plus.data.sources import organ_mask, read_volume
+from unet3plus.device import prepare_model, select_device
 from unet3plus.errors import DataError
 from unet3plus.metrics import METRIC_NAMES, dice, summarise, volume_metrics
 from unet3plus.models import predict_proba
 from unet3plus.predict import predict_slices, write_mask
 from unet3plus.tracking import data_hash, open_run
-from unet3plus.utils import (
-    atomic_path,
-    check_replaceable,
-    file_digest,
-    prepare_model,
-    record_outputs,
-    select_device,
-    write_json_atomic,
-)
+from unet3plus.utils import atomic_path, check_replaceable, file_digest, record_outputs, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
 METRIC_NAMES = ("dice", "iou", "precision", "recall", "hd95", "assd")
 SURFACE_METRICS = ("hd95", "assd")
@@ -73,6 +72,9 @@ def _surface_distances(pred: np.ndarray, target: np.ndarray, spacing: Sequence[f
         return 0.0, 0.0
     if pred_any != target_any:
         return float("nan"), float("nan")
+    # here, not at the top: importing MONAI loads all of it (~3 s), which training never needs
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
     # MONAI wants one-hot (B, C, *spatial); one foreground channel, background excluded.
     pred_t = torch.from_numpy(pred[None, None])
     target_t = torch.from_numpy(target[None, None])

@@ -25,9 +25,10 @@ from unet3plus.config import Config, DataConfig, config_from_dict
 from unet3plus.data.geometry import restore_volume
 from unet3plus.data.preprocess import prepare_volume
 from unet3plus.data.sources import read_volume
+from unet3plus.device import autocast_context, memory_format_for, prepare_model, select_device
 from unet3plus.errors import CheckpointError, UserError
 from unet3plus.models import predict_proba
-from unet3plus.utils import atomic_path, autocast_context, memory_format_for, prepare_model, select_device
+from unet3plus.utils import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def load_predictor(
         device_preference: ``config.evaluate.device`` (``"auto"``, ``"cpu"``, ``"cuda[:N]"``); used
             for checkpoints. MLflow models are ``torch.export`` programs saved on the CPU and run there.
         mixed_precision: on CUDA, lay the checkpoint's network out channels_last for bf16 (see
-            :func:`unet3plus.utils.prepare_model`).
+            :func:`unet3plus.device.prepare_model`).
 
     Returns:
         (module mapping a (N, 3, S, S) float32 tensor to (N, C, S, S) probabilities, in eval mode
@@ -120,7 +121,7 @@ def predict_slices(
         device: where the batches go.
         description: label of the progress bar.
         mixed_precision: on CUDA, bf16 autocast and channels_last batches (the recipe of
-            :func:`unet3plus.utils.prepare_model`); ignored on CPU.
+            :func:`unet3plus.device.prepare_model`); ignored on CPU.
 
     Returns:
         (Z, C, S, S) float32 array.

@@ -50,20 +50,12 @@ from unet3plus import tracking
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
 from unet3plus.config import Config, TrainConfig, config_from_dict
 from unet3plus.data.dataset import SliceDataset, load_preprocessed
+from unet3plus.device import autocast_context, memory_format_for, prepare_model, select_device
 from unet3plus.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
 from unet3plus.losses import Criterion
 from unet3plus.metrics import dice
 from unet3plus.models import create_model, predict_proba
-from unet3plus.utils import (
-    atomic_path,
-    autocast_context,
-    check_replaceable,
-    memory_format_for,
-    prepare_model,
-    record_outputs,
-    select_device,
-    write_json_atomic,
-)
+from unet3plus.utils import atomic_path, check_replaceable, record_outputs, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.resnet import Bottleneck
 
 from unet3plus.errors import CheckpointError
 from unet3plus.models.blocks import DoubleConv, init_conv_bn
@@ -114,6 +113,8 @@ def _bottleneck_layer(in_channels: int, planes: int, blocks: int, stride: int, d
     norm); when ``dilation > 1`` the first block keeps dilation 1 and the others use ``dilation``
     (torchvision's ``replace_stride_with_dilation``).
     """
+    from torchvision.models.resnet import Bottleneck  # here: importing torchvision costs every command ~2 s
+
     out_channels = planes * Bottleneck.expansion
     shortcut = nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
@@ -163,12 +164,13 @@ class ResNet101Encoder(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_planes = width
+        expansion = 4  # torchvision's Bottleneck.expansion
         strides, dilations = (1, 2, 2, 1), (1, 1, 1, 2)
         layers = zip(RESNET101_BLOCKS_PER_LAYER, strides, dilations)
         for index, (blocks, stride, dilation) in enumerate(layers, start=1):
             planes = width * 2 ** (index - 1)
             self.add_module(f"layer{index}", _bottleneck_layer(in_planes, planes, blocks, stride, dilation))
-            in_planes = planes * Bottleneck.expansion
+            in_planes = planes * expansion
         self.out_channels = (width, width, 4 * width, 8 * width, 32 * width)
         init_conv_bn(self)
 
