@@ -163,6 +163,26 @@ def test_eval_batches_are_split_below_the_upsample_limit_with_identical_results(
     assert _largest_upsample_batches(model.train(), images, per_image) == [5]  # training batches stay whole
 
 
+@pytest.mark.parametrize("arch", ["unet", "unet2plus", "unet3plus"])
+@pytest.mark.parametrize("encoder", ["unet", "vgg16", "resnet101"])
+def test_the_free_upsample_bound_is_never_below_the_measured_largest_upsample(arch, encoder):
+    for skip_impl in ("naive", "factored"):
+        model = create_model(arch=arch, encoder=encoder, width=4, skip_impl=skip_impl).eval()
+        for height, width in ((40, 40), (33, 70), (16, 96)):
+            measured = model.upsample_elements_per_image(height, width)
+            assert measured <= model.upsample_elements_bound(height, width), (skip_impl, height, width)
+
+
+def test_batches_under_the_free_bound_are_not_measured():
+    model = _model("naive").eval()
+    images = torch.rand(3, 3, 40, 40)
+    bound = model.upsample_elements_bound(40, 40)
+    assert _largest_upsample_batches(model, images, 3 * bound) == [3]
+    assert model._upsample_elements == {}  # the meta-device run (about 2 s on first use) never happened
+    _largest_upsample_batches(model, images, 3 * bound - 1)
+    assert list(model._upsample_elements) == [(40, 40)]  # over the bound: measured
+
+
 def test_channels_last_bf16_autocast_inference_gives_the_fp32_masks_within_half_a_percent_dice():
     """The GPU recipe's code path (channels_last, bf16 autocast, factored skips, split batches) run on the CPU."""
     model = _train(_model("factored"), steps=8)

@@ -114,6 +114,14 @@ class SegmentationModel(nn.Module):
         self.cgm = ClassificationGuidedModule(encoder.out_channels[-1]) if cgm else None
         self.max_upsample_elements = INT_MAX
         self._upsample_elements: dict[tuple[int, int], int] = {}
+        self._widest = max(in_channels, *(m.out_channels for m in self.modules() if isinstance(m, nn.Conv2d)))
+
+    def upsample_elements_bound(self, height: int, width: int) -> int:
+        """A free upper bound of :meth:`upsample_elements_per_image`: every up-sampled map is a
+        convolution's output (at most the widest convolution's channels) no larger than the padded
+        input. Batches under ``max_upsample_elements`` by this bound skip the measurement."""
+        padded = (height + -height % SIZE_DIVISOR) * (width + -width % SIZE_DIVISOR)
+        return self._widest * padded
 
     def upsample_elements_per_image(self, height: int, width: int) -> int:
         """Elements of the largest up-sampling output for one ``height x width`` image.
@@ -151,7 +159,7 @@ class SegmentationModel(nn.Module):
                 f"({self.in_channels} channels), got {tuple(x.shape)}"
             )
         splittable = not self.training and not torch.compiler.is_compiling() and x.device.type != "meta"
-        if splittable and x.shape[0] > 1:
+        if splittable and x.shape[0] * self.upsample_elements_bound(*x.shape[-2:]) > self.max_upsample_elements:
             per_image = self.upsample_elements_per_image(*x.shape[-2:])
             part_size = max(1, self.max_upsample_elements // max(per_image, 1))
             if x.shape[0] > part_size:
