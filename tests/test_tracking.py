@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import time
+import warnings
 
 import mlflow
 import pytest
@@ -111,6 +112,29 @@ def test_a_run_records_params_metrics_tags_and_text_and_finishes(store):
     assert record.data.tags["dataset"] == "liver" and record.data.tags["stage"] == "train"
     assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "loss")] == [(1, 2.0), (2, 1.0)]
     assert [a.path for a in client.list_artifacts(run.run_id)] == ["config.yaml"]
+
+
+def test_log_datasets_attaches_one_dataset_per_split_quietly(store, store_dir):
+    import pandas as pd
+
+    data = store_dir / "processed"
+    data.mkdir(exist_ok=True)
+    manifest = pd.DataFrame({"case_id": ["1", "1", "2", "3"], "slice_index": [0, 1, 0, 0],
+                             "path": ["a", "b", "c", "d"], "organ_present": [1, 0, 1, 1],
+                             "split": ["train", "train", "val", "test"]})
+    manifest.to_csv(data / "manifest.csv", index=False)
+    (data / "cases.json").write_text("{}")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with tracking.open_run(store, run_name="data") as run:
+            tracking.log_datasets(run, data, "liver", manifest)
+    assert not [w for w in shown if issubclass(w.category, UserWarning)]  # MLflow's hints flood the user's log
+    inputs = mlflow.MlflowClient(store.tracking_uri).get_run(run.run_id).inputs.dataset_inputs
+    by_name = {d.dataset.name: d for d in inputs}
+    assert sorted(by_name) == ["liver-test", "liver-train", "liver-val"]
+    assert {d.dataset.digest for d in inputs} == {tracking.data_hash(data)[:32]}
+    assert {d.tags[0].value for d in inputs} == {"train", "val", "test"}
+    assert '"num_rows": 2' in by_name["liver-train"].dataset.profile
 
 
 def test_continuing_a_run_keeps_its_id_and_reports_the_last_logged_step(store):

@@ -368,11 +368,12 @@ def log_datasets(run: TrackedRun, data_dir: str | os.PathLike, dataset: str, man
     for split in ("train", "val", "test"):
         rows = manifest[manifest["split"] == split].reset_index(drop=True)
         # MLflow warns that a local path could be several source types and that integer columns
-        # cannot hold missing values; neither applies to a manifest, and both would flood the log.
+        # cannot hold missing values (when it infers the schema, at logging); neither applies to a
+        # manifest, and both would flood the log.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             frame = mlflow.data.from_pandas(rows, source=source, name=f"{dataset}-{split}", digest=digest)
-        run.log_input(frame, split)
+            run.log_input(frame, split)
 
 
 class TrackedRun:
