@@ -40,7 +40,7 @@ from unet3plus.tracking_server import AUTH_DATABASE, MlflowServer, Postgres, fre
 from unet3plus.train import train
 from unet3plus.utils import file_digest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # sharing state in file order: pyproject.toml gives xdist `--dist loadfile`
 
 WRITERS = 8
 EXPERIMENT = "team"
