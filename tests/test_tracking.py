@@ -183,6 +183,22 @@ def test_variants_starting_one_study_at_once_end_under_one_parent(store, monkeyp
     assert [run.info.run_id for run in parents] == [first]  # the duplicate deleted itself
 
 
+def test_the_study_parent_spans_its_children_in_time(store):
+    from unet3plus.config import config_from_dict
+
+    parent_id = tracking.study_parent(store, "spleen", "e" * 32, config_from_dict({"mlflow": {"system_metrics": False}}))
+    client = mlflow.MlflowClient(store.tracking_uri)
+    created = client.get_run(parent_id).info
+    for name in ("main", "unet"):
+        with tracking.open_run(store, run_name=name, parent_run_id=parent_id) as child:
+            time.sleep(0.05)
+        child_info = client.get_run(child.run_id).info
+        assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent_id
+        parent = client.get_run(parent_id).info
+        assert parent.status == "FINISHED" and parent.start_time == created.start_time
+        assert parent.end_time >= child_info.end_time > created.end_time  # it ends with its latest child
+
+
 def test_an_unknown_run_id_starts_a_new_run_with_a_warning(store, caplog):
     caplog.set_level(logging.WARNING, logger="unet3plus.tracking")
     with tracking.open_run(store, run_id="0" * 32) as run:

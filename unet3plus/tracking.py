@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,7 +292,8 @@ def study_parent(mlflow_config: MlflowConfig, dataset: str, data_digest: str, ba
 
     The parent is a finished run named ``<dataset> study <data hash[:8]>/<params hash[:8]>``
     tagged ``study`` and ``study_parent=true``, holding the base parameters; every training run
-    of the study (the main model and each ablation) is its child.
+    of the study (the main model and each ablation) is its child, and moves the parent's end time
+    to its own end (:meth:`TrackedRun.end`), so the parent's duration spans the study.
 
     Returns:
         The parent's run id, or None when MLflow fails (a warning; the child then runs alone).
@@ -504,6 +506,11 @@ class TrackedRun:
                 mlflow.end_run(status)
             return
         self._guard("end the run", mlflow.end_run, status)
+        if self._parent_run_id and not self.offline:
+            # The study's parent is closed when created; each child's end moves the parent's end,
+            # so the UI shows the study's duration rather than the few milliseconds of its creation.
+            self._guard("extend the study run", self._client.set_terminated, self._parent_run_id, "FINISHED",
+                        int(time.time() * 1000))
 
 
 def _run_exists(client: mlflow.MlflowClient, run_id: str) -> bool:
