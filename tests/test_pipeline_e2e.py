@@ -67,9 +67,10 @@ def _mean_volume_dice(predict, data_dir: Path) -> float:
 
 
 def _assert_learned(checkpoint: Path, data_dir: Path, test_dice: float) -> None:
-    trained = model_from_checkpoint(load_checkpoint(checkpoint))
+    payload = load_checkpoint(checkpoint)
+    trained = model_from_checkpoint(payload)
     torch.manual_seed(0)
-    untrained = create_model(**{**load_checkpoint(checkpoint)["config"]["model"], "encoder_weights": None}).eval()
+    untrained = create_model(**{**payload["config"]["model"], "encoder_weights": None}).eval()
     scores = {
         "trained": _mean_volume_dice(lambda x: predict_proba(trained, x) > 0.5, data_dir),
         "untrained": _mean_volume_dice(lambda x: predict_proba(untrained, x) > 0.5, data_dir),

@@ -10,11 +10,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["SegmentationOutput", "__version__", "create_model", "predict_proba"]
+_MODEL_NAMES = ("SegmentationOutput", "create_model", "predict_proba")
+__all__ = [*_MODEL_NAMES, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("SegmentationOutput", "create_model", "predict_proba"):
+    if name in _MODEL_NAMES:
         from unet3plus import models
 
         return getattr(models, name)

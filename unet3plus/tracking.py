@@ -432,12 +432,15 @@ class TrackedRun:
         if self.run_id is not None and not _run_exists(client, self.run_id):
             logger.warning("MLflow run %s not found in %s; starting a new run", self.run_id, uri)
             self.run_id = None
+        nested = mlflow.active_run() is not None
+        if nested:
+            self._parent_run_id = None  # its parent is the active run, not a study to extend in end()
         active = mlflow.start_run(
             run_id=self.run_id,
             experiment_id=experiment_id(client, mlflow_config.experiment),
             run_name=None if self.run_id else run_name,
-            nested=mlflow.active_run() is not None,
-            parent_run_id=None if self.run_id or mlflow.active_run() else self._parent_run_id,
+            nested=nested,
+            parent_run_id=None if self.run_id else self._parent_run_id,
             tags=tags,
             log_system_metrics=mlflow_config.system_metrics,
         )

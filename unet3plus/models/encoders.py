@@ -104,6 +104,7 @@ class VGG16Encoder(nn.Module):
 
 
 RESNET101_BLOCKS_PER_LAYER = (3, 4, 23, 3)
+BOTTLENECK_EXPANSION = 4  # torchvision's Bottleneck.expansion: a block's output channels per plane
 
 
 def _bottleneck_layer(in_channels: int, planes: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
@@ -115,7 +116,7 @@ def _bottleneck_layer(in_channels: int, planes: int, blocks: int, stride: int, d
     """
     from torchvision.models.resnet import Bottleneck  # here: importing torchvision costs every command ~2 s
 
-    out_channels = planes * Bottleneck.expansion
+    out_channels = planes * BOTTLENECK_EXPANSION
     shortcut = nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
     )
@@ -164,13 +165,12 @@ class ResNet101Encoder(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_planes = width
-        expansion = 4  # torchvision's Bottleneck.expansion
         strides, dilations = (1, 2, 2, 1), (1, 1, 1, 2)
         layers = zip(RESNET101_BLOCKS_PER_LAYER, strides, dilations)
         for index, (blocks, stride, dilation) in enumerate(layers, start=1):
             planes = width * 2 ** (index - 1)
             self.add_module(f"layer{index}", _bottleneck_layer(in_planes, planes, blocks, stride, dilation))
-            in_planes = planes * expansion
+            in_planes = planes * BOTTLENECK_EXPANSION
         self.out_channels = (width, width, 4 * width, 8 * width, 32 * width)
         init_conv_bn(self)
 
