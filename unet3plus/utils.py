@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,61 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder next to ``path``; on success swap it in as ``path`` (the folder twin of
+    :func:`atomic_path`).
+
+    Build the whole folder inside the staging one. When the ``with`` body ends without an
+    exception, a previous ``path`` is first renamed aside (``.<name>.<random>.old``), the staged
+    folder is renamed onto ``path`` and only then is the old one deleted; renames on one
+    filesystem are atomic, so ``path`` always is the old folder or the new one, whole. Should the
+    swap itself fail, the old folder is put back. On any exception the staging folder is removed
+    and ``path`` is untouched. A process killed between the two renames (``kill -9``, power loss)
+    leaves both folders whole under their hidden names, the old one ready to be renamed back.
+
+    The staging folder is made with ``mkdir``, and the published folder is given the user's
+    umask permissions (``0o777 & ~umask``) even when the body replaced it (``shutil.copytree`` copies
+    its source's mode; ``tempfile.mkdtemp`` would make it 0700, readable by its owner only).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    staging.mkdir()
+    try:
+        yield staging
+        staging.chmod(0o777 & ~umask())
+        _swap_in(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Rename ``new`` onto ``path``; a previous ``path`` goes aside first and is deleted last."""
+    if not (path.exists() or path.is_symlink()):
+        os.replace(new, path)
+        return
+    old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+def umask() -> int:
+    """The process's file mode creation mask (read without changing it for longer than two calls)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
