@@ -44,8 +44,8 @@ from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint
 from unet3plus.config import Config
 from unet3plus.data.dataset import load_preprocessed, load_sample
 from unet3plus.data.geometry import VolumeGeometry, restore_volume
-from unet3plus.data.preprocess import window_hu
 from unet3plus.data.sources import organ_mask, read_volume
+from unet3plus.data.transforms import window_hu
 from unet3plus.device import prepare_model, select_device
 from unet3plus.errors import DataError
 from unet3plus.metrics import METRIC_NAMES, dice, summarise, volume_metrics

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint
 from unet3plus.config import Config, DataConfig, config_from_dict
 from unet3plus.data.geometry import restore_volume
-from unet3plus.data.preprocess import prepare_volume
 from unet3plus.data.sources import read_volume
+from unet3plus.data.transforms import prepare_volume
 from unet3plus.device import autocast_context, memory_format_for, prepare_model, select_device
 from unet3plus.errors import CheckpointError, UserError
 from unet3plus.models import predict_proba
