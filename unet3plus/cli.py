@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from unet3plus.config import LAYOUTS, Config, ablation_config, load_config
+from unet3plus.config import LAYOUTS, Config, load_config
 from unet3plus.errors import DataError, UserError
 from unet3plus.utils import check_outputs, setup_logging
 
@@ -26,10 +26,7 @@ def _config(args: argparse.Namespace) -> Config:
     params = args.params
     if params is None and Path("params.yaml").is_file():
         params = "params.yaml"
-    config = load_config(params, args.overrides)
-    if getattr(args, "ablation", None):
-        return ablation_config(config, config.ablations.get(args.ablation))
-    return config
+    return load_config(params, args.overrides, getattr(args, "ablation", None))
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
