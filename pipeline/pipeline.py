@@ -13,7 +13,7 @@ pipeline runs on a laptop (the tests do that).
 
 Training runs in one of three ways: one process in the train pod (``gpus=1``), one process per GPU
 in the pod under ``torchrun`` (``gpus`` or ``nproc`` > 1), or across nodes as a Kubeflow Trainer
-``TrainJob`` created by a small launcher step (``nodes`` set; see :mod:`pipeline.trainjob`).
+``TrainJob`` created by a small launcher step (``nodes`` set; see :mod:`unet3plus.trainjob`).
 """
 
 import dataclasses

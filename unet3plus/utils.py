@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import logging
@@ -48,10 +51,12 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
     Build the whole folder inside the staging one. When the ``with`` body ends without an
     exception, a previous ``path`` is first renamed aside (``.<name>.<random>.old``), the staged
     folder is renamed onto ``path`` and only then is the old one deleted; renames on one
-    filesystem are atomic, so ``path`` always is the old folder or the new one, whole. Should the
-    swap itself fail, the old folder is put back. On any exception the staging folder is removed
-    and ``path`` is untouched. A process killed between the two renames (``kill -9``, power loss)
-    leaves both folders whole under their hidden names, the old one ready to be renamed back.
+    filesystem are atomic. On Linux the two renames are one atomic exchange
+    (``renameat2(RENAME_EXCHANGE)``), so even a process killed at any moment (``kill -9``, power
+    loss) leaves ``path`` as the old folder or the new one, whole. Elsewhere a failed swap puts the
+    old folder back, and only a process killed between the two renames leaves ``path`` missing,
+    with both folders whole under their hidden names. On any exception in the body the staging
+    folder is removed and ``path`` is untouched.
 
     The staging folder is made with ``mkdir``, and the published folder is given the user's
     umask permissions (``0o777 & ~umask``) even when the body replaced it (``shutil.copytree`` copies
@@ -71,9 +76,12 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _swap_in(new: Path, path: Path) -> None:
-    """Rename ``new`` onto ``path``; a previous ``path`` goes aside first and is deleted last."""
+    """Put the folder ``new`` at ``path``; a previous ``path`` is deleted only once ``new`` is in its place."""
     if not (path.exists() or path.is_symlink()):
         os.replace(new, path)
+        return
+    if _exchange(new, path):  # one atomic step: `new` now holds the old folder
+        _remove(new)
         return
     old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
     os.replace(path, old)
@@ -82,10 +90,44 @@ def _swap_in(new: Path, path: Path) -> None:
     except BaseException:
         os.replace(old, path)
         raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
+    _remove(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns:
+        False where the system or the filesystem cannot (nothing was changed then).
+    """
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _remove(path: Path) -> None:
+    """Delete a replaced folder (or file); what cannot be deleted stays, hidden, with a warning."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError as err:
+        logger.warning("could not delete the replaced %s (%s); it is safe to delete", path, err)
 
 
 def umask() -> int:
