@@ -305,6 +305,15 @@ def test_dockerfile_builds_the_project_with_the_pinned_dependencies():
     assert re.search(r"pip install[^\n]*-c constraints\.txt[^\n]* \.", dockerfile)
     assert re.search(r"^USER (?!root|0\b)\S+", dockerfile, re.MULTILINE)
     assert "MPLBACKEND=Agg" in dockerfile and "PYTHONUNBUFFERED=1" in dockerfile
+    # Lineage: the commit is a build argument, the OCI revision label and the variable git_commit() falls back on.
+    assert re.search(r'^ARG GIT_COMMIT=""$', dockerfile, re.MULTILINE)
+    assert 'org.opencontainers.image.revision="${GIT_COMMIT}"' in dockerfile
+    assert re.search(r"^ENV UNET3PLUS_GIT_COMMIT=\$\{GIT_COMMIT\}$", dockerfile, re.MULTILINE)
+    # Older drivers: TORCH_CUDA=cu12x installs the pinned torch/torchvision from PyTorch's CUDA 12 index first.
+    assert re.search(r'^ARG TORCH_CUDA=""$', dockerfile, re.MULTILINE)
+    assert 'pip install --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in dockerfile
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().split() if "==" in line)
+    assert "torch" in pins and "torchvision" in pins  # what the grep in the Dockerfile reads
     ignored = (ROOT / ".dockerignore").read_text().split()
     for path in (".venv", "data", "models", "mlflow.db", ".git", ".dvc/cache"):
         assert path in ignored or f"/{path}" in ignored, path
