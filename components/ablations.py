@@ -2,7 +2,7 @@
 
 from typing import List
 
-from components.common import component
+from components.common import component, start
 
 
 @component
@@ -18,8 +18,5 @@ def ablation_names(params: str) -> List[str]:
     Raises:
         ConfigError: invalid parameters (a variant that is not valid, a name that is not a variant).
     """
-    from unet3plus.config import parse_config
-    from unet3plus.utils import setup_logging
 
-    setup_logging()
-    return list(parse_config(params).ablations.run)
+    return list(start(params).ablations.run)

@@ -31,6 +31,59 @@ def component(func: Callable) -> Any:
     return dsl.component(func, base_image=IMAGE, install_kfp_package=False, additional_funcs=HELPERS)
 
 
+def start(params: str, ablation: str = "") -> Any:
+    """What every component does first: logging, the MLflow settings of the mounted secret, the configuration.
+
+    Args:
+        params: the text of a ``params.yaml``.
+        ablation: the name of a variant of its ``ablations.variants``, or ``""`` for the main model.
+
+    Returns:
+        ``unet3plus.config.parse_config(params, ablation=ablation)``.
+
+    Raises:
+        ConfigError: invalid parameters, no such variant, or an MLflow secret without the tracking URI.
+    """
+    from unet3plus.config import parse_config
+    from unet3plus.utils import setup_logging
+
+    setup_logging()
+    mlflow_environment()
+    return parse_config(params, ablation=ablation)
+
+
+def mlflow_environment(mount: str = "/var/run/secrets/unet3plus/mlflow") -> None:
+    """Export the MLflow settings of the Kubernetes secret mounted at ``mount`` (one file per key), if any.
+
+    The pipeline mounts the secret as a volume rather than as environment variables: every
+    ``secretAsEnv`` that kfp-kubernetes >= 2.15 writes carries an ``optional`` field that the
+    minimum backend's driver refuses (``pipeline.backend.MINIMUM_KFP``). ``MLFLOW_TRACKING_URI`` is
+    required; ``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD`` and ``MLFLOW_TRACKING_TOKEN``
+    are exported when present. A variable already set in the pod is kept.
+
+    Raises:
+        ConfigError: the secret is mounted but has no ``MLFLOW_TRACKING_URI``.
+    """
+    import os
+    import pathlib
+
+    from unet3plus.errors import ConfigError
+
+    folder = pathlib.Path(mount)
+    if not folder.is_dir():
+        return
+    if not (folder / "MLFLOW_TRACKING_URI").is_file():
+        raise ConfigError(f"{folder}: the MLflow secret has no key MLFLOW_TRACKING_URI; add it "
+                          "(kubectl create secret generic ... --from-literal=MLFLOW_TRACKING_URI=https://...)")
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        if (folder / key).is_file():
+            os.environ.setdefault(key, (folder / key).read_text().rstrip("\n"))
+
+
+MLFLOW_SECRET_MOUNT = mlflow_environment.__defaults__[0]
+"""Where the pipeline mounts the MLflow secret in the pods that track."""
+
+
 def layout_of(dataset: str) -> str:
     """The raw data layout of a pipeline ``dataset``: ``"liver"`` -> ``"lits"``, ``"spleen"`` -> ``"msd-spleen"``.
 
@@ -105,4 +158,4 @@ def record_training(model: Any, metrics: Any, config: Any, summary: dict, ablati
     return float(summary["best_val_dice"])
 
 
-HELPERS = [layout_of, input_dir, log_numbers, record_training]
+HELPERS = [mlflow_environment, start, layout_of, input_dir, log_numbers, record_training]

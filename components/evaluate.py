@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from components.common import component, input_dir, log_numbers
+from components.common import component, input_dir, log_numbers, start
 
 
 @component
@@ -38,12 +38,9 @@ def evaluate_model(
         DataError: an input directory is missing or incomplete, or has no test case.
         CheckpointError: the model's checkpoint is missing or corrupt.
     """
-    from unet3plus.config import parse_config
     from unet3plus.evaluate import evaluate
-    from unet3plus.utils import setup_logging
 
-    setup_logging()
-    config = parse_config(params, ablation=ablation)
+    config = start(params, ablation=ablation)
     model_dir = input_dir(model, "trained model", "train_model", required="best.pt")
     data_dir = input_dir(processed, "preprocessed dataset", "preprocess_data", required="manifest.csv")
     raw_dir = input_dir(raw, "raw dataset", "raw_data")

@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from components.common import component, input_dir, record_training
+from components.common import component, input_dir, record_training, start
 
 
 @component
@@ -47,12 +47,9 @@ def train_on_trainjob(
     import shutil
     import uuid
 
-    from unet3plus.config import parse_config
     from unet3plus.trainjob import TrainJobSettings, render_trainjob, run_trainjob, worker_arguments
-    from unet3plus.utils import setup_logging
 
-    setup_logging()
-    config = parse_config(params, ablation=ablation)
+    config = start(params, ablation=ablation)
     data_dir = input_dir(processed, "preprocessed dataset", "preprocess_data", required="manifest.csv")
     options = dict(job)
     namespace = options.pop("namespace", "") or pathlib.Path(

@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from components.common import component, input_dir, layout_of
+from components.common import component, input_dir, layout_of, start
 
 
 @component
@@ -25,14 +25,11 @@ def preprocess_data(
         ConfigError: unknown dataset or invalid parameters.
         DataError: the raw input is not a directory or fails validation (nothing is written).
     """
-    from unet3plus.config import parse_config
     from unet3plus.data.dataset import load_preprocessed
     from unet3plus.data.preprocess import preprocess_dataset
-    from unet3plus.utils import setup_logging
 
-    setup_logging()
     layout = layout_of(dataset)
-    config = parse_config(params)
+    config = start(params)
     raw_dir = input_dir(raw, "raw dataset", "raw_data")
     preprocess_dataset(layout, raw_dir, processed.path, config.data)
     manifest, _ = load_preprocessed(processed.path)

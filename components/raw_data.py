@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from components.common import component, layout_of
+from components.common import component, layout_of, start
 
 
 @component
@@ -30,15 +30,13 @@ def raw_data(raw: dsl.Output[dsl.Dataset], dataset: str, params: str, source_dir
     import shutil
     from pathlib import Path
 
-    from unet3plus.config import parse_config
     from unet3plus.data.phantom import write_dataset
     from unet3plus.data.sources import discover_cases
     from unet3plus.errors import DataError
-    from unet3plus.utils import setup_logging, staged_dir
+    from unet3plus.utils import staged_dir
 
-    setup_logging()
     layout = layout_of(dataset)
-    data = parse_config(params).data
+    data = start(params).data
     out = Path(raw.path)
     if source_dir:
         source = Path(source_dir)

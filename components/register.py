@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from components.common import component, input_dir
+from components.common import component, input_dir, start
 
 
 @component
@@ -32,12 +32,9 @@ def register_model(
         DataError: an input directory is missing or incomplete.
         CheckpointError: the model's checkpoint is missing or corrupt.
     """
-    from unet3plus.config import parse_config
     from unet3plus.register import register
-    from unet3plus.utils import setup_logging
 
-    setup_logging()
-    config = parse_config(params)
+    config = start(params)
     model_dir = input_dir(model, "trained model", "train_model", required="best.pt")
     evaluation_dir = input_dir(evaluation, "evaluation", "evaluate_model", required="metrics.json")
     result = register(config, checkpoint=model_dir / "best.pt", metrics_path=evaluation_dir / "metrics.json")

@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from components.common import component
+from components.common import component, start
 
 
 @component
@@ -21,12 +21,9 @@ def report_ablations(report: dsl.Output[dsl.Markdown], params: str, dataset: str
     Raises:
         UserError: MLflow has no training run of this study.
     """
-    from unet3plus.config import parse_config
     from unet3plus.report import collect_runs, configuration_table, report_markdown
-    from unet3plus.utils import setup_logging
 
-    setup_logging()
-    config = parse_config(params)
+    config = start(params)
     runs = collect_runs(config.mlflow, config.ablations.run)
     with open(report.path, "w") as handle:
         handle.write(report_markdown(configuration_table(runs[runs["dataset"] == dataset])))

@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from components.common import component, input_dir, record_training
+from components.common import component, input_dir, record_training, start
 
 
 @component
@@ -55,10 +55,8 @@ def train_model(
     from unet3plus.errors import ConfigError
     from unet3plus.train import train
     from unet3plus.trainjob import worker_arguments
-    from unet3plus.utils import setup_logging
 
-    setup_logging()
-    config = parse_config(params, ablation=ablation)
+    config = start(params, ablation=ablation)
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ConfigError(f"nproc must be a positive integer, got {nproc!r}")
     data_dir = input_dir(processed, "preprocessed dataset", "preprocess_data", required="manifest.csv")

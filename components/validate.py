@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from components.common import component, input_dir, layout_of
+from components.common import component, input_dir, layout_of, start
 
 
 @component
@@ -31,15 +31,13 @@ def validate_data(
     """
     import logging
 
-    from unet3plus.config import parse_config
     from unet3plus.data.validation import validate_dataset
     from unet3plus.errors import DataError
-    from unet3plus.utils import setup_logging, write_json_atomic
+    from unet3plus.utils import write_json_atomic
 
-    setup_logging()
     logger = logging.getLogger("unet3plus")
     layout = layout_of(dataset)
-    workers = parse_config(params).data.workers
+    workers = start(params).data.workers
     raw_dir = input_dir(raw, "raw dataset", "raw_data")
     findings = validate_dataset(layout, raw_dir, workers=workers)
     write_json_atomic(report.path, findings.to_dict())
