@@ -116,7 +116,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     check_outputs({"--out": args.out}, {})
     with store_errors(config.mlflow):
         if args.out is None:
-            sys.stdout.write(report_markdown(configuration_table(collect_runs(config.mlflow, config.ablations.run))))
+            collected = collect_runs(config)
+            sys.stdout.write(report_markdown(configuration_table(collected), collected.studies))
         else:
             write_report(config, args.out, readme=args.readme)
 

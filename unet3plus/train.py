@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from unet3plus import tracking
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
-from unet3plus.config import Config, LossConfig, TrainConfig, config_from_dict
+from unet3plus.config import MAIN, Config, LossConfig, TrainConfig, config_from_dict
 from unet3plus.data.dataset import SliceDataset, load_preprocessed
 from unet3plus.device import autocast_context, describe_device, memory_format_for, prepare_model, select_device
 from unet3plus.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
@@ -64,7 +64,7 @@ VAL_THRESHOLD = 0.5  # probability above which a pixel counts as organ in the va
 
 def train(
     config: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, resume: bool = False,
-    force: bool = False, compile_model: bool = False, ablation: str = "main", base: Config | None = None,
+    force: bool = False, compile_model: bool = False, ablation: str = MAIN, base: Config | None = None,
 ) -> dict[str, Any]:
     """Train the model of ``config`` on a preprocessed dataset and track the run in MLflow.
 
@@ -98,14 +98,14 @@ def train(
     """
     try:
         return _train(config, Path(data_dir), Path(out_dir), resume, force, compile_model, ablation, base)
-    except UserError:
+    except Exception as err:
         # A refusal (bad setting, data, checkpoint or output folder) writes nothing, the tracking
         # store included; failures once training runs end as a FAILED run (see tracking.open_run).
-        raise
-    except Exception as err:
         # An unexpected failure before the MLflow run started (e.g. out of memory while building
-        # the model) still leaves a FAILED run with the error, so the report and the UI show it.
-        if "RANK" not in os.environ or os.environ["RANK"] == "0":
+        # the model), and a variant whose own settings cannot train (e.g. its encoder_weights file
+        # is missing), still leave a FAILED run with the error, so the report and the UI show it.
+        refusal = isinstance(err, UserError) and not (ablation != MAIN and isinstance(err, ConfigError))
+        if not refusal and ("RANK" not in os.environ or os.environ["RANK"] == "0"):
             recorded = hasattr(err, "mlflow_run_id")
             readable = all((Path(data_dir) / name).is_file() for name in ("cases.json", "manifest.csv"))
             if not recorded and not resume and readable:
