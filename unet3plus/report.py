@@ -2,11 +2,12 @@
 
 Every training run carries an ``ablation`` tag (``main`` or a name of ``ablations.variants``) and is
 the child of its study's parent run (:func:`unet3plus.tracking.study_parent`); evaluation adds the
-test metrics to it. :func:`collect_runs` takes, per organ, the children of the latest study, the
-latest run per (variant, seed); :func:`configuration_table` gives a row per variant and organ
-(architecture, encoder, deep supervision, CGM, loss) with mean and spread over seeds;
-:func:`write_report` writes the markdown tables, a CSV, a JSON of the numbers (DVC metrics) and the
-plots. A failed run is shown as such, with its error, next to the rows that finished.
+test metrics to it. :func:`collect_runs` takes, per organ, the newest study of the parameters given
+(never rows of two studies) and in it the latest run per (name, seed) whose settings are the name's
+today; :func:`configuration_table` gives a row per organ for the main model and every name of
+``ablations.run`` (architecture, encoder, deep supervision, CGM, loss) with mean and spread over seeds,
+or why there is no result (FAILED with its error, not run); :func:`write_report` writes the markdown
+tables, naming the studies shown, a CSV, a JSON of the numbers (DVC metrics) and the plots.
 """
 
 from __future__ import annotations

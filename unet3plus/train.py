@@ -73,7 +73,8 @@ def train(
             sections are used.
         data_dir: a directory written by :func:`unet3plus.data.preprocess.preprocess_dataset`.
         out_dir: where checkpoints, history and summary go (created).
-        resume: continue from ``out_dir/last.pt`` (same model section and dataset) up to
+        resume: continue from ``out_dir/last.pt`` (same model, train and loss settings, except
+            :data:`RESUME_MAY_CHANGE`, and dataset) up to
             ``config.train.epochs``, and continue its MLflow run when the store still has it;
             metrics the run missed while tracking was unavailable are logged then. The dataset
             must be the one ``last.pt`` was trained on (same data hash).
