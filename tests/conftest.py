@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from unet3plus import tracking_server
 
@@ -33,3 +38,44 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
     server.start()
     yield server
     server.stop()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class DvcProject:
+    """A copy of the project's ``dvc.yaml`` and library in a fresh git + DVC repository, with ``params``.
+
+    ``run(...)`` runs a command there (``dvc`` and ``unet3plus`` from this interpreter's environment)
+    and fails the test, showing its output, when it exits non-zero.
+    """
+
+    def __init__(self, root: Path, params: dict) -> None:
+        self.root = root
+        root.mkdir()
+        shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+        shutil.copytree(ROOT / "unet3plus", root / "unet3plus", ignore=shutil.ignore_patterns("__pycache__"))
+        # tracked in the project, so a checkout has it: the `report` stage depends on reports/ablations
+        (root / "reports" / "ablations").mkdir(parents=True)
+        shutil.copy(ROOT / "reports" / "ablations" / "README.md", root / "reports" / "ablations" / "README.md")
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        self.bin = Path(sys.executable).parent
+        self.env = {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+                    "MPLBACKEND": "Agg", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+        self.run("git", "init", "--quiet")
+        self.run("dvc", "init", "--quiet")
+
+    def run(self, *cmd: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        executable = str(self.bin / cmd[0]) if (self.bin / cmd[0]).is_file() else cmd[0]
+        result = subprocess.run([executable, *cmd[1:]], cwd=self.root, env=self.env, capture_output=True, text=True,
+                                timeout=timeout, check=False)
+        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        return result
+
+
+@pytest.fixture
+def dvc_project(tmp_path) -> Callable[[dict], DvcProject]:
+    """Make a :class:`DvcProject` with the given params (a dict like params.yaml) in ``tmp_path/repo``."""
+    return lambda params: DvcProject(tmp_path / "repo", params)

@@ -84,8 +84,13 @@ WRITER_THREADS = 2
 STAGING_PREFIX = ".staging-"
 """Samples are written into ``out_dir/.staging-<random>`` first and moved into place only when every case passed."""
 
-CODE_FILES = tuple(Path(__file__).with_name(name) for name in ("preprocess.py", "geometry.py", "sources.py"))
-"""Modules whose source decides the output: any edit to them invalidates previous output."""
+CODE_FILES = (
+    *(Path(__file__).with_name(name) for name in ("preprocess.py", "dataset.py", "geometry.py", "sources.py",
+                                                  "validation.py")),
+    *(Path(__file__).parents[1] / name for name in ("config.py", "errors.py", "utils.py")),
+)
+"""Every module preprocessing imports (tests/test_dvc_deps.py derives the list from the imports):
+any edit to them invalidates previous output."""
 
 
 def prepare_volume(
