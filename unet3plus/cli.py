@@ -105,8 +105,7 @@ def cmd_register(args: argparse.Namespace) -> None:
 
     config = _config(args)
     check_outputs({"--output": args.output}, {"--checkpoint": args.checkpoint, "--metrics": args.metrics})
-    result = register(config, checkpoint=args.checkpoint, metrics_path=args.metrics)
-    logger.info("registered %s version %s%s", result["name"], result["version"], " (champion)" if result["champion"] else "")
+    result = register(config, checkpoint=args.checkpoint, metrics_path=args.metrics)  # logs the alias and why
     if args.output:
         write_json_atomic(args.output, result)
 
@@ -222,12 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace predictions/ and overlays/ even if they hold files evaluate did not write")
     p.add_argument("--ablation", default=None, metavar="NAME", help=ablation_help)
 
-    p = verb("register", cmd_register, "log the model to MLflow and register it; move 'champion' if better",
-             "Log the checkpoint as an MLflow model (signature and input example), register it as "
-             "unet3plus-<dataset> and move the 'champion' alias only when its test Dice beats the current champion's.")
+    p = verb("register", cmd_register, "log the model to MLflow and register it; move 'champion' only if earned",
+             "Log the checkpoint as an MLflow model (signature and input example) and register it as "
+             "unet3plus-<dataset> (trained on real data) or unet3plus-<dataset>-synthetic (trained on the phantom). "
+             "The 'champion' alias moves to it only when its test Dice is at least register.min_test_dice and beats "
+             "the champion's on the same test set; otherwise it gets 'challenger', or no alias below the floor "
+             "(exit 0 either way; the log says why). Running it again for the same checkpoint and metrics creates "
+             "no second version.")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to register")
     p.add_argument("--metrics", type=Path, required=True, help="metrics.json written by `evaluate`")
-    p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write the registered name, version and champion flag here")
+    p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write the registered name, version, alias and why here")
 
     p = verb("predict", cmd_predict, "segment one CT volume (NIfTI in, NIfTI mask out)",
              "Segment a whole CT volume with a registered model (models:/unet3plus-liver@champion) or a checkpoint "

@@ -10,10 +10,10 @@ Training, evaluation and registration share these helpers:
   replay it into the run later (``unet3plus train --resume`` does that).
 - :func:`git_commit` and :func:`data_hash` give the reproducibility tags every run carries.
 
-Tags written by :func:`run_tags`: ``dataset``, ``git_commit``, ``git_dirty``, ``data_hash`` (md5 of
-the preprocessed manifest and cases metadata), ``dvc_stage`` (from ``DVC_STAGE``, set by ``dvc
-repro``) and, when the data directory is a DVC output, ``dvc_md5`` (the directory hash recorded in
-``dvc.lock``).
+Tags written by :func:`run_tags`: ``dataset``, ``data_source`` (``synthetic``, ``lits``, ``msd``),
+``git_commit``, ``git_dirty``, ``data_hash`` (md5 of the preprocessed manifest and cases metadata),
+``dvc_stage`` (from ``DVC_STAGE``, set by ``dvc repro``) and, when the data directory is a DVC
+output, ``dvc_md5`` (the directory hash recorded in ``dvc.lock``).
 
 Runs are grouped as users browse them: :func:`study_parent` gives one parent run per study (organ,
 data hash, hash of the base parameters), every training run is its child, named by
@@ -81,6 +81,9 @@ def configure(mlflow_config: MlflowConfig) -> str:
         # later configure() in this process (tests, notebooks, in-process pipelines).
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     return uri
+
+
+UNKNOWN_SOURCE = "unknown"
 
 
 CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -230,6 +233,18 @@ def data_hash(data_dir: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def data_source(data_dir: str | os.PathLike) -> str:
+    """Where a preprocessed dataset's raw data came from: ``synthetic``, ``lits``, ``msd`` (``unknown`` if unrecorded).
+
+    Read from ``cases.json`` (see :func:`unet3plus.data.sources.data_source`); data preprocessed
+    before it was recorded is ``unknown``.
+    """
+    try:
+        return str(json.loads((Path(data_dir) / "cases.json").read_text()).get("data_source", UNKNOWN_SOURCE))
+    except (OSError, ValueError, AttributeError):
+        return UNKNOWN_SOURCE
+
+
 def _dvc_lock_entry(data_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The stage of the nearest ``dvc.lock`` above ``data_dir`` that lists it as an output, and that output.
 
@@ -276,6 +291,7 @@ def run_tags(data_dir: str | os.PathLike, dataset: str) -> dict[str, str]:
     dirty = git_dirty()
     tags = {
         "dataset": dataset,
+        "data_source": data_source(data_dir),
         "git_commit": git_commit(),
         "git_dirty": None if dirty is None else str(dirty).lower(),
         "data_hash": data_hash(data_dir),
