@@ -382,9 +382,22 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
 
 def _log_to_mlflow(config: Config, payload: dict[str, Any], summary: dict[str, Any], out_dir: Path,
                    tags: dict[str, str]) -> None:
-    """Add the test metrics, ``tags`` and evaluation files to the training run (a new run if it is gone)."""
+    """Add the test metrics, ``tags`` and evaluation files to the run they belong to.
+
+    On the model's own test split (the data hash its checkpoint records) that is the training run
+    (a new run if it is gone); on other data a separate evaluation run, tagged ``evaluates`` (the
+    training run) and ``data_hash``, so that the training run's ``test_*`` metrics stay those of
+    its own test split and the ablation report never mixes in other data.
+    """
     numbers = {f"test_{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    with open_run(config.mlflow, run_id=payload.get("mlflow_run_id"), run_name=f"evaluate-{summary['dataset']}") as run:
+    training_run = payload.get("mlflow_run_id")
+    own_data = payload.get("data_hash") == summary["data_hash"]
+    if not own_data:
+        logger.info("%s is not the data this model was trained on: its results go to a separate evaluation run",
+                    tags["processed_dir"])
+        tags = {**tags, "evaluates": str(training_run), "data_hash": summary["data_hash"], "dataset": summary["dataset"]}
+    name = f"evaluate-{summary['dataset']}" + ("" if own_data else f" on data {summary['data_hash'][:8]}")
+    with open_run(config.mlflow, run_id=training_run if own_data else None, run_name=name) as run:
         run.log_metrics(numbers, step=0)
         run.set_tags(tags)
         for name in ("metrics.json", "per_case.csv"):
