@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -59,6 +60,7 @@ class DvcProject:
         (root / "reports" / "ablations").mkdir(parents=True)
         shutil.copy(ROOT / "reports" / "ablations" / "README.md", root / "reports" / "ablations" / "README.md")
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        (root / ".gitignore").write_text("/mlflow.db\n/mlruns/\n__pycache__/\n")  # as the project's
         self.bin = Path(sys.executable).parent
         self.env = {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
                     "MPLBACKEND": "Agg", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
@@ -67,15 +69,22 @@ class DvcProject:
         self.run("git", "init", "--quiet")
         self.run("dvc", "init", "--quiet")
 
-    def run(self, *cmd: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    def run(self, *cmd: str, timeout: int = 1800) -> subprocess.CompletedProcess:
         executable = str(self.bin / cmd[0]) if (self.bin / cmd[0]).is_file() else cmd[0]
-        result = subprocess.run([executable, *cmd[1:]], cwd=self.root, env=self.env, capture_output=True, text=True,
-                                timeout=timeout, check=False)
-        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-        return result
+        # Its own process group: a timeout ends the stage commands `dvc` started too, not only `dvc`.
+        process = subprocess.Popen([executable, *cmd[1:]], cwd=self.root, env=self.env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
+        assert process.returncode == 0, f"{' '.join(cmd)} failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-@pytest.fixture
-def dvc_project(tmp_path) -> Callable[[dict], DvcProject]:
-    """Make a :class:`DvcProject` with the given params (a dict like params.yaml) in ``tmp_path/repo``."""
-    return lambda params: DvcProject(tmp_path / "repo", params)
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory) -> Callable[[dict], DvcProject]:
+    """Make a :class:`DvcProject` with the given params (a dict like params.yaml) in a new temporary folder."""
+    return lambda params: DvcProject(tmp_path_factory.mktemp("dvc") / "repo", params)
