@@ -91,6 +91,7 @@ def test_evaluate_writes_metrics_per_case_predictions_and_overlays(evaluated):
     assert SUMMARY_KEYS <= set(summary)
     assert json.loads((out / "metrics.json").read_text()) == summary
     assert summary["cases"] == 2 and summary["dataset"] == "liver"
+    assert summary["device"] == f"cpu ({torch.get_num_threads()} threads)"  # where it ran, also a run tag
     per_case = pd.read_csv(out / "per_case.csv", dtype={"case_id": str})
     assert PER_CASE_KEYS <= set(per_case.columns)
     assert sorted(per_case["case_id"]) == test_ids

@@ -47,7 +47,7 @@ from unet3plus.data.dataset import load_preprocessed, load_sample
 from unet3plus.data.geometry import VolumeGeometry, restore_volume
 from unet3plus.data.preprocess import window_hu
 from unet3plus.data.sources import organ_mask, read_volume
-from unet3plus.device import prepare_model, select_device
+from unet3plus.device import describe_device, prepare_model, select_device
 from unet3plus.errors import DataError
 from unet3plus.metrics import METRIC_NAMES, dice, summarise, volume_metrics
 from unet3plus.models import predict_proba
@@ -321,7 +321,8 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         scored: ``checkpoint_sha256`` (content hash of ``checkpoint``) and ``data_hash``
         (:func:`unet3plus.tracking.data_hash` of ``data_dir``), checked by ``register``;
         ``data_source`` (synthetic, lits, msd) and ``test_set`` (:func:`test_set_digest`), which
-        decide what ``register`` compares the model with.
+        decide what ``register`` compares the model with; and ``device``
+        (:func:`unet3plus.device.describe_device`), also the run's ``evaluate_device`` tag.
 
     Raises:
         CheckpointError: the checkpoint is missing or corrupt.
@@ -342,6 +343,8 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
     scored = {"checkpoint_sha256": file_digest(checkpoint), "data_hash": data_hash(data_dir),
               "data_source": data_source(data_dir), "test_set": test_set_digest(test, metadata, raw_dir)}
     device = select_device(config.evaluate.device)
+    device_name = describe_device(device)
+    logger.info("evaluating on %s", device_name)
     network = prepare_model(model_from_checkpoint(payload), device, config.train.mixed_precision)
     forward = _both_probabilities(network)
 
@@ -365,7 +368,8 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         summary = _json_safe({**summarise(rows, SUMMARY_METRICS), **cgm,
                               "fp_organ_free": int(per_case["fp_organ_free"].sum()),
                               "fp_organ_free_no_gate": int(per_case["fp_organ_free_no_gate"].sum()),
-                              "dataset": metadata["dataset"], "threshold": config.evaluate.threshold, **scored})
+                              "dataset": metadata["dataset"], "threshold": config.evaluate.threshold, **scored,
+                              "device": device_name})
         _replace_dir(predictions_tmp, out_dir / "predictions")
         _replace_dir(overlays_tmp, out_dir / "overlays")
     with atomic_path(out_dir / "per_case.csv") as tmp:
@@ -376,7 +380,8 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
                 summary["dice"], summary["dice_no_gate"])
     # Where `unet3plus report` finds the predictions, labels and images for its overlay grid.
     places = {"evaluation_dir": out_dir, "raw_dir": raw_dir, "processed_dir": data_dir}
-    _log_to_mlflow(config, payload, summary, out_dir, {key: str(path.resolve()) for key, path in places.items()})
+    _log_to_mlflow(config, payload, summary, out_dir, {**{key: str(path.resolve()) for key, path in places.items()},
+                                                       "evaluate_device": summary["device"]})
     return summary
 
 
