@@ -86,7 +86,7 @@ def _test_cases(data_dir: Path, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, 
     return test, metadata
 
 
-def test_set_digest(test: pd.DataFrame, metadata: dict[str, Any], raw_dir: Path) -> str:
+def digest_test_set(test: pd.DataFrame, metadata: dict[str, Any], raw_dir: Path) -> str:
     """sha256 identifying a test set: its case ids and the content of their raw label files.
 
     Scores are computed against those labels on their original grid, so two evaluations with the
@@ -320,7 +320,7 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         The content of ``metrics.json`` (NaN means written as None), which also records what was
         scored: ``checkpoint_sha256`` (content hash of ``checkpoint``) and ``data_hash``
         (:func:`unet3plus.tracking.data_hash` of ``data_dir``), checked by ``register``;
-        ``data_source`` (synthetic, lits, msd) and ``test_set`` (:func:`test_set_digest`), which
+        ``data_source`` (synthetic, lits, msd) and ``test_set`` (:func:`digest_test_set`), which
         decide what ``register`` compares the model with; and ``device``
         (:func:`unet3plus.device.describe_device`), also the run's ``evaluate_device`` tag.
 
@@ -341,7 +341,7 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
     if not force:
         check_replaceable(out_dir, outputs, "use another --out, or --force")
     scored = {"checkpoint_sha256": file_digest(checkpoint), "data_hash": data_hash(data_dir),
-              "data_source": data_source(data_dir), "test_set": test_set_digest(test, metadata, raw_dir)}
+              "data_source": data_source(data_dir), "test_set": digest_test_set(test, metadata, raw_dir)}
     device = select_device(config.evaluate.device)
     device_name = describe_device(device)
     logger.info("evaluating on %s", device_name)
