@@ -50,7 +50,7 @@ from unet3plus import tracking
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
 from unet3plus.config import MAIN, Config, LossConfig, TrainConfig, config_from_dict
 from unet3plus.data.dataset import SliceDataset, load_preprocessed
-from unet3plus.device import autocast_context, memory_format_for, prepare_model, select_device
+from unet3plus.device import autocast_context, describe_device, memory_format_for, prepare_model, select_device
 from unet3plus.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
 from unet3plus.losses import Criterion
 from unet3plus.metrics import dice
@@ -117,13 +117,18 @@ def train(
 
 
 def _run_identity(config: Config, base: Config | None, data_dir: Path, dataset: str, ablation: str,
-                  new: bool) -> dict[str, Any]:
-    """Name, tags, params and study parent of a training run (the parent only for a ``new`` run)."""
+                  new: bool, device: str) -> dict[str, Any]:
+    """Name, tags, params and study parent of a training run (the parent only for a ``new`` run).
+
+    ``device`` (:func:`describe_device`) is a param of a new run and the ``device`` tag of every
+    start, so a run resumed elsewhere says where it ended.
+    """
     parent = None
     if new:
         parent = tracking.study_parent(config.mlflow, dataset, tracking.data_hash(data_dir), base or config)
-    return {"run_name": tracking.run_name(config, dataset), "params": config.flat(), "parent_run_id": parent,
-            "tags": {**tracking.run_tags(data_dir, dataset), "ablation": ablation}}
+    return {"run_name": tracking.run_name(config, dataset), "params": {**config.flat(), "device": device},
+            "parent_run_id": parent,
+            "tags": {**tracking.run_tags(data_dir, dataset), "ablation": ablation, "device": device}}
 
 
 def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: bool, compile_model: bool,
@@ -174,6 +179,9 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
+    device_name = describe_device(device)
+    if master:
+        logger.info("training on %s", device_name)
     _seed_everything(train_config.seed + rank)
     autocast = autocast_context(device, train_config.mixed_precision)
     memory_format = memory_format_for(device, train_config.mixed_precision)
@@ -228,7 +236,8 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
             config.mlflow,
             run_id=run_id,
             enabled=master,
-            **_run_identity(config, base, data_dir, dataset_name, ablation, new=master and run_id is None),
+            **_run_identity(config, base, data_dir, dataset_name, ablation, new=master and run_id is None,
+                            device=device_name),
         ) as run:
             run.log_text(_config_yaml(config), "config.yaml")
             if checkpoint is not None and allowed_changes:  # MLflow params are immutable: the change is a tag
@@ -302,6 +311,7 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
                 "best_val_dice": best_val_dice,
                 "best_epoch": best_epoch,
                 "epochs": len(history),
+                "device": device_name,
             }
             write_json_atomic(out_dir / "train_summary.json", summary)
             record_outputs(out_dir, [out_dir / name for name in ("curves.png", "train_summary.json")])
