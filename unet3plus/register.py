@@ -31,7 +31,7 @@ from unet3plus.utils import file_digest
 logger = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = frozenset({"hd95", "assd"})
-RUN_TAGS_COPIED = ("git_commit", "data_hash", "dvc_md5")
+RUN_TAGS_COPIED = ("git_commit", "data_hash", "dvc_md5", "kfp_run_id", "kfp_run_name", "kfp_pipeline_version")
 
 
 def _read_metrics(path: Path, metric: str) -> dict[str, Any]:
