@@ -23,7 +23,7 @@ def report_ablations(report: dsl.Output[dsl.Markdown], params: str, dataset: str
     """
     from unet3plus.report import collect_runs, configuration_table, report_markdown
 
-    config = start(params)
-    runs = collect_runs(config.mlflow, config.ablations.run)
+    config = start(params)  # its ablations.run: this run's variants, each gets a row
+    collected = collect_runs(config, [dataset])
     with open(report.path, "w") as handle:
-        handle.write(report_markdown(configuration_table(runs[runs["dataset"] == dataset])))
+        handle.write(report_markdown(configuration_table(collected), collected.studies))

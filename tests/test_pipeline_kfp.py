@@ -17,6 +17,7 @@ from components.common import DEFAULT_IMAGE, MLFLOW_SECRET_MOUNT, mlflow_environ
 from pipeline import ClusterSettings, build_pipeline, unet3plus_pipeline
 from pipeline.__main__ import run_arguments
 from unet3plus.config import load_config, parse_config
+from unet3plus.device import REQUIRE_CUDA_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("raw-data", "validate-data", "preprocess-data", "train-model", "evaluate-model", "register-model")
@@ -26,6 +27,7 @@ TINY = {
     "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 2},
     "evaluate": {"batch_size": 16, "overlays": 0},
     "mlflow": {"system_metrics": False},
+    "register": {"min_test_dice": 0.0},  # a 1-epoch model is far below the floor; here the champion is tested
 }
 
 
@@ -91,10 +93,13 @@ def test_only_training_asks_for_a_gpu_and_every_step_runs_in_the_project_image(c
         container = executor["container"]
         assert container["image"] == DEFAULT_IMAGE, name
         accelerator = container.get("resources", {}).get("accelerator")
+        env = {variable["name"]: variable["value"] for variable in container.get("env", [])}
         if name.startswith("exec-train-model"):
             assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "1", name
+            # A GPU pod without CUDA (driver too old for the image's build) refuses to train on the CPU.
+            assert env == {REQUIRE_CUDA_ENV: "1"}, name
         else:
-            assert accelerator is None, name
+            assert accelerator is None and REQUIRE_CUDA_ENV not in env, name
         # The image has kfp already: nothing is pip-installed when a pod starts.
         assert "pip install" not in " ".join(container["command"]), name
 
@@ -352,7 +357,7 @@ def test_pipeline_runs_end_to_end_with_kfp_local(tmp_path, monkeypatch):
     params["ablations"]["run"] = ["unet"]  # the pipeline trains the names of ablations.run
     run = unet3plus_pipeline(params=yaml.safe_dump(params), dataset="liver")
 
-    assert run.outputs["model_name"] == "unet3plus-liver"
+    assert run.outputs["model_name"] == "unet3plus-liver-synthetic"  # trained on the phantom: its own name
     assert run.outputs["model_version"] == "1"
     root = tmp_path / "root"
     assert len(list(root.glob("**/evaluation/metrics.json"))) == 2  # the main model and the ablation
@@ -361,8 +366,8 @@ def test_pipeline_runs_end_to_end_with_kfp_local(tmp_path, monkeypatch):
     assert 0.0 <= run.outputs["test_dice"] <= 1.0
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    assert str(client.get_model_version_by_alias("unet3plus-liver", "champion").version) == "1"
-    assert len(client.search_model_versions("name='unet3plus-liver'")) == 1  # the ablation is not registered
+    assert str(client.get_model_version_by_alias("unet3plus-liver-synthetic", "champion").version) == "1"
+    assert len(client.search_model_versions("name='unet3plus-liver-synthetic'")) == 1  # the ablation is not registered
     runs = client.search_runs([client.get_experiment_by_name(params["mlflow"]["experiment"]).experiment_id])
     trained = {found.data.tags.get("ablation", ""): found for found in runs if "val_dice" in found.data.metrics}
     assert set(trained) == {"main", "unet"}  # one training run each, the ablation tagged with its name
