@@ -178,8 +178,28 @@ def run_arguments(params_path: Optional[Path], overrides: List[str], dataset: st
             "source_dir": source_dir}
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """The ``unet3plus`` verbs' output checks for ``--output``: not over the parameters file under any spelling,
+    not a folder, not a file unet3plus did not write (without ``--force``)."""
+    from unet3plus.utils import check_files_replaceable, check_outputs
+
+    params = None
+    if "params" in args:  # trainjob reads a parameters file (default ./params.yaml); compile does not
+        params = args.params or (Path("params.yaml") if Path("params.yaml").is_file() else None)
+    check_outputs({"--output": args.output}, {"--params": params})
+    check_files_replaceable("--output", [args.output], args.force)
+
+
+def _record_output(args: argparse.Namespace) -> None:
+    from unet3plus.utils import record_outputs
+
+    record_outputs(args.output.parent, [args.output])
+
+
 def cmd_compile(args: argparse.Namespace) -> None:
+    _check_output(args)
     path = compile_pipeline(args.output, cluster_settings(args))
+    _record_output(args)
     logger.info("pipeline %r compiled to %s", PIPELINE_NAME, path)
 
 
@@ -264,6 +284,8 @@ def cmd_trainjob(args: argparse.Namespace) -> None:
     from unet3plus.utils import atomic_path
 
     layout_of(args.dataset)
+    if args.output is not None:
+        _check_output(args)
     config = load_config(args.params, args.overrides)
     name = args.name or f"unet3plus-{args.dataset}"
     settings = trainjob_settings(args)
@@ -277,6 +299,7 @@ def cmd_trainjob(args: argparse.Namespace) -> None:
         return
     with atomic_path(args.output) as tmp:
         tmp.write_text(text)
+    _record_output(args)
     logger.info("TrainJob %r written to %s (kubectl apply -f %s)", name, args.output, args.output)
 
 
@@ -368,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "`kfp pipeline create`.")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="FILE",
                    help="where to write the YAML (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace --output even if unet3plus did not write it")
     _add_cluster_options(p)
     p.set_defaults(func=cmd_compile)
 
@@ -433,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=_positive("--deadline"), default=default.deadline_seconds, metavar="SECONDS",
                    help="activeDeadlineSeconds of the job (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None, metavar="FILE", help="write here (default: stdout)")
+    p.add_argument("--force", action="store_true", help="replace --output even if unet3plus did not write it")
     _add_kubernetes_options(p.add_argument_group("pods"), ClusterSettings())
     p.set_defaults(func=cmd_trainjob)
     return parser

@@ -15,18 +15,22 @@ from pathlib import Path
 
 from unet3plus.config import LAYOUTS, Config, ablation_config, load_config
 from unet3plus.errors import DataError, UserError
-from unet3plus.utils import check_outputs, setup_logging
+from unet3plus.utils import check_files_replaceable, check_outputs, record_outputs, setup_logging
 
 logger = logging.getLogger("unet3plus")
 
 EPILOG = "Configuration: every knob lives in params.yaml; override any with --set section.key=value."
 
 
+def _params_path(args: argparse.Namespace) -> Path | None:
+    """The parameters file the verb reads (an input: no output may replace it)."""
+    if args.params is None and Path("params.yaml").is_file():
+        return Path("params.yaml")
+    return args.params
+
+
 def _config(args: argparse.Namespace) -> Config:
-    params = args.params
-    if params is None and Path("params.yaml").is_file():
-        params = "params.yaml"
-    config = load_config(params, args.overrides)
+    config = load_config(_params_path(args), args.overrides)
     if getattr(args, "ablation", None):
         return ablation_config(config, config.ablations.get(args.ablation))
     return config
@@ -36,7 +40,8 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from unet3plus.data.phantom import render_preview, write_dataset
 
     data = _config(args).data
-    check_outputs({"--out": args.out, "--preview": args.preview}, {})
+    check_outputs({"--out": args.out, "--preview": args.preview}, {"--params": _params_path(args)})
+    check_files_replaceable("--preview", [args.preview], args.force)
     written = write_dataset(
         args.layout,
         args.out,
@@ -50,6 +55,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
     logger.info("wrote %d synthetic %s cases to %s", len(written), args.layout, args.out)
     if args.preview:
         render_preview(args.layout, args.out, args.preview)
+        record_outputs(args.preview.parent, [args.preview])
         logger.info("preview written to %s", args.preview)
 
 
@@ -58,12 +64,14 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from unet3plus.utils import write_json_atomic
 
     config = _config(args)
-    check_outputs({"--report": args.report}, {"--raw": args.raw})
+    check_outputs({"--report": args.report}, {"--raw": args.raw, "--params": _params_path(args)})
+    check_files_replaceable("--report", [args.report], args.force)
     report = validate_dataset(args.layout, args.raw, workers=config.data.workers)
     for warning in report.warnings:
         logger.warning("%s", warning)
     if args.report:
         write_json_atomic(args.report, report.to_dict())
+        record_outputs(args.report.parent, [args.report])
     if report.errors:
         raise DataError(f"{args.raw}: {len(report.errors)} problem(s) found:\n  " + "\n  ".join(report.errors))
     logger.info("%s: %d cases valid (%d warnings)", args.raw, report.cases, len(report.warnings))
@@ -76,7 +84,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
     if args.size is not None:
         config.data.size = args.size
         config.data.validate()
-    check_outputs({"--out": args.out}, {"--raw": args.raw})
+    check_outputs({"--out": args.out}, {"--raw": args.raw, "--params": _params_path(args)})
     manifest = preprocess_dataset(args.layout, args.raw, args.out, config.data)
     logger.info("manifest: %s", manifest)
 
@@ -85,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from unet3plus.train import train
 
     config = _config(args)
-    check_outputs({"--out": args.out}, {"--data": args.data})
+    check_outputs({"--out": args.out}, {"--data": args.data, "--params": _params_path(args)})
     base = _config(argparse.Namespace(**{**vars(args), "ablation": None}))
     train(config, data_dir=args.data, out_dir=args.out, resume=args.resume, force=args.force,
           compile_model=args.compile, ablation=args.ablation or "main", base=base)
@@ -95,7 +103,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from unet3plus.evaluate import evaluate
 
     config = _config(args)
-    check_outputs({"--out": args.out}, {"--checkpoint": args.checkpoint, "--data": args.data, "--raw": args.raw})
+    check_outputs({"--out": args.out}, {"--checkpoint": args.checkpoint, "--data": args.data, "--raw": args.raw,
+                                        "--params": _params_path(args)})
     evaluate(config, checkpoint=args.checkpoint, data_dir=args.data, raw_dir=args.raw, out_dir=args.out, force=args.force)
 
 
@@ -104,24 +113,28 @@ def cmd_register(args: argparse.Namespace) -> None:
     from unet3plus.utils import write_json_atomic
 
     config = _config(args)
-    check_outputs({"--output": args.output}, {"--checkpoint": args.checkpoint, "--metrics": args.metrics})
+    check_outputs({"--output": args.output}, {"--checkpoint": args.checkpoint, "--metrics": args.metrics,
+                                              "--params": _params_path(args)})
+    check_files_replaceable("--output", [args.output], args.force)
     result = register(config, checkpoint=args.checkpoint, metrics_path=args.metrics)
     logger.info("registered %s version %s%s", result["name"], result["version"], " (champion)" if result["champion"] else "")
     if args.output:
         write_json_atomic(args.output, result)
+        record_outputs(args.output.parent, [args.output])
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from unet3plus.report import collect_runs, configuration_table, report_markdown, write_report
-    from unet3plus.tracking import store_errors
+    from unet3plus.report import collect_runs, configuration_table, report_markdown, report_outputs, write_report
 
     config = _config(args)
-    check_outputs({"--out": args.out}, {})
-    with store_errors(config.mlflow):
-        if args.out is None:
-            sys.stdout.write(report_markdown(configuration_table(collect_runs(config.mlflow, config.ablations.run))))
-        else:
-            write_report(config, args.out, readme=args.readme)
+    if args.out is None:
+        sys.stdout.write(report_markdown(configuration_table(collect_runs(config.mlflow, config.ablations.run))))
+        return
+    files, plots = report_outputs(args.out)
+    for path in (*files, plots):
+        check_outputs({"--out": path}, {"--readme": args.readme, "--params": _params_path(args)})
+    check_files_replaceable("--out", files, args.force, folders=[plots])
+    write_report(config, args.out, readme=args.readme)
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
@@ -135,8 +148,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     config = _config(args)
     model = None if is_mlflow_uri(args.model) else args.model
-    check_outputs({"--output": args.output}, {"--input": args.input, "--model": model})
+    check_outputs({"--output": args.output}, {"--input": args.input, "--model": model, "--params": _params_path(args)})
+    check_files_replaceable("--output", [args.output], args.force)
     predict_file(args.model, args.input, args.output, config=config)
+    record_outputs(args.output.parent, [args.output])
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -186,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=LAYOUTS, required=True, help=layout_help)
     p.add_argument("--raw", type=Path, required=True, help="raw dataset directory")
     p.add_argument("--report", type=Path, default=None, metavar="JSON", help="also write the findings to this JSON file")
+    p.add_argument("--force", action="store_true", help="replace --report even if unet3plus did not write it (or it was edited since)")
 
     p = verb("preprocess", cmd_preprocess, "turn raw volumes into 3-slice .npz samples plus a manifest",
              "Validate, reorient, window HU to [0, 1], stack (previous, current, next) slices, resize to --size and "
@@ -228,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to register")
     p.add_argument("--metrics", type=Path, required=True, help="metrics.json written by `evaluate`")
     p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write the registered name, version and champion flag here")
+    p.add_argument("--force", action="store_true", help="replace --output even if unet3plus did not write it (or it was edited since)")
 
     p = verb("predict", cmd_predict, "segment one CT volume (NIfTI in, NIfTI mask out)",
              "Segment a whole CT volume with a registered model (models:/unet3plus-liver@champion) or a checkpoint "
@@ -235,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="MLflow model URI (models:/NAME@ALIAS, runs:/...) or checkpoint path")
     p.add_argument("--input", type=Path, required=True, help="CT volume, .nii or .nii.gz")
     p.add_argument("--output", type=Path, required=True, help="mask to write, .nii.gz")
+    p.add_argument("--force", action="store_true", help="replace --output even if unet3plus did not write it (or it was edited since)")
 
     p = verb("extract", cmd_extract, "safely unpack a downloaded dataset archive (MSD Task09_Spleen.tar)",
              "Extract a tar archive with Python's 'data' filter (no absolute paths, no '..', no links outside, no "
@@ -252,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: print the markdown)")
     p.add_argument("--readme", type=Path, default=None, metavar="README",
                    help="also rewrite the results block between the markers of this README (with --out)")
+    p.add_argument("--force", action="store_true", help="replace the report's files and plots even if unet3plus did not write it (or it was edited since)")
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -138,13 +139,20 @@ def record_outputs(folder: str | os.PathLike, paths: list[str | os.PathLike]) ->
     replaced or deleted later only if it is listed there with the same content.
     """
     folder = Path(folder)
-    record = _recorded(folder)
-    for path in map(Path, paths):
-        files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
-        for file in files:
-            if file.is_file() and file.name != OUTPUTS_RECORD:
-                record[file.relative_to(folder).as_posix()] = file_digest(file)
-    write_json_atomic(folder / OUTPUTS_RECORD, record)
+    # Several commands may record into one folder at once (validate and register both write into
+    # reports/<organ>/): the read-modify-write of the record holds a lock on the folder itself.
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        record = _recorded(folder)
+        for path in map(Path, paths):
+            files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
+            for file in files:
+                if file.is_file() and file.name != OUTPUTS_RECORD:
+                    record[file.relative_to(folder).as_posix()] = file_digest(file)
+        write_json_atomic(folder / OUTPUTS_RECORD, record)
+    finally:
+        os.close(descriptor)
 
 
 def check_replaceable(folder: str | os.PathLike, paths: list[str | os.PathLike], how: str) -> None:
@@ -178,3 +186,36 @@ def check_replaceable(folder: str | os.PathLike, paths: list[str | os.PathLike],
                 raise DataError(
                     f"{file}: not written by unet3plus (or changed since); refusing to overwrite or delete it ({how})"
                 )
+
+
+def check_files_replaceable(option: str, files: list[str | os.PathLike | None], force: bool = False,
+                            folders: list[str | os.PathLike] = ()) -> None:
+    """Refuse, before anything is computed, to replace a file the user made with a verb's output file.
+
+    The one check of every output *file* (``predict --output``, ``report --out`` and the files
+    beside it, ``python -m pipeline compile --output``...): an existing file may be replaced only
+    when the :data:`OUTPUTS_RECORD` of its folder lists it unchanged (it is ours), or with
+    ``force``. Pair with :func:`record_outputs` after writing.
+
+    Args:
+        option: the command-line option that names the output, for the message.
+        files: the files the verb will write; None is skipped.
+        force: replace foreign files anyway (``--force``).
+        folders: folders of output files (``report``'s plots), replaced only when every file in
+            them is ours.
+
+    Raises:
+        UserError: a folder where a file is expected or the reverse, or a foreign file (without ``force``).
+    """
+    from unet3plus.errors import UserError
+
+    files = [Path(p) for p in files if p is not None]
+    for path in files:
+        if path.is_dir():
+            raise UserError(f"{path}: {option} names a folder; give a file name")
+    for path in map(Path, folders):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path}: {option} writes a folder here, but it is a file")
+    if not force:
+        for path in [*files, *map(Path, folders)]:
+            check_replaceable(path.parent, [path], f"use another {option}, or --force to replace it")
