@@ -7,21 +7,27 @@ import contextlib
 import torch
 
 
-def select_device(preference: str = "auto") -> torch.device:
+def select_device(preference: str = "auto", key: str = "device") -> torch.device:
     """Return the torch device to use.
 
     Args:
         preference: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
             ``"cuda:N"``.
+        key: the setting that chose it (``train.device``), for the message.
 
     Raises:
-        ValueError: if CUDA is asked for but not available.
+        ConfigError: CUDA (or that GPU index) is asked for but not available.
     """
+    from unet3plus.errors import ConfigError
+
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(preference)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {preference!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+        raise ConfigError(f"{key} = {preference!r}: CUDA is not available on this machine; use 'auto' or 'cpu'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{key} = {preference!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"numbered from 0")
     return device
 
 

@@ -324,7 +324,7 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
     if not force:
         check_replaceable(out_dir, outputs, "use another --out, or --force")
     scored = {"checkpoint_sha256": file_digest(checkpoint), "data_hash": data_hash(data_dir)}
-    device = select_device(config.evaluate.device)
+    device = select_device(config.evaluate.device, "evaluate.device")
     network = prepare_model(model_from_checkpoint(payload), device, config.train.mixed_precision)
     forward = _both_probabilities(network)
 

@@ -8,6 +8,8 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +52,65 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     """Write ``payload`` as indented, key-sorted JSON to ``path`` atomically."""
     return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+LOCK_NAME = ".unet3plus.lock"
+"""Lock file of :func:`folder_lock`, inside the locked folder while a writer holds it."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if missing) for the block; refuse a second holder.
+
+    The lock is an ``flock`` on :data:`LOCK_NAME` inside the folder, so the kernel releases it
+    when the holder dies, however it dies; the file names the holder (pid, host, start time) for
+    the refusal message and is removed at the end. A folder the lock had to create is removed again
+    when it is still empty at the end (a refused command leaves nothing behind).
+
+    Args:
+        folder: the output folder.
+        what: the holder's activity, for the message (e.g. "a training").
+
+    Raises:
+        UserError: another process holds the lock, naming it.
+    """
+    from unet3plus.errors import UserError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: --out is a file, not a folder; choose another --out")
+    created = not folder.exists()
+    lock = folder / LOCK_NAME
+    try:
+        while True:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise UserError(f"{folder}: cannot write there ({err.strerror})") from err
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = lock.read_text(errors="replace").strip() if lock.exists() else ""
+                os.close(descriptor)
+                raise UserError(f"{folder}: {what} is already writing here ({holder or 'another process'}); wait "
+                                "for it to end, or choose another --out") from None
+            # The holder before us may have removed the file between our open and our lock:
+            # then we hold a lock on a file nobody else sees, and must take the new one.
+            if lock.exists() and os.path.samestat(os.fstat(descriptor), os.stat(lock)):
+                break
+            os.close(descriptor)
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{what}: pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            os.close(descriptor)
+    finally:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def setup_logging(verbosity: int = 0) -> None:
