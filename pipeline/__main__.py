@@ -66,17 +66,19 @@ def _retries(text: str) -> int:
     return int(text)
 
 
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+def _label(text: str, what: str) -> tuple:
+    """``KEY=VALUE`` -> ``(KEY, VALUE)``, both checked as the API server checks labels."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{what} {text!r}: expected KEY=VALUE, e.g. team=imaging")
+    try:
+        return trainjob.check_label_key(key, what), trainjob.check_label_value(value, what)
+    except trainjob.SettingError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _pod_label(text: str) -> tuple:
-    """``KEY=VALUE`` -> ``(KEY, VALUE)``, both valid Kubernetes label parts."""
-    key, sep, value = text.partition("=")
-    if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with a Kubernetes label key and value, "
-                                         "e.g. team=imaging")
-    return key, value
+    return _label(text, "--pod-label")
 
 
 def _step_resources(text: str) -> tuple:
@@ -97,10 +99,7 @@ def _node_label(text: str) -> Optional[tuple]:
     """``LABEL=VALUE`` -> ``(LABEL, VALUE)``; ``""`` -> None (no node selector)."""
     if not text:
         return None
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=VALUE, e.g. nvidia.com/gpu.present=true")
-    return key, value
+    return _label(text, "--gpu-node-selector")
 
 
 def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
@@ -311,6 +310,7 @@ def _add_kubernetes_options(group: argparse._ArgumentGroup, default: ClusterSett
                        metavar="LABEL=VALUE",
                        help="node label training pods must match (default: %s)" % "=".join(default.gpu_node_selector))
     group.add_argument("--gpu-toleration", default=default.gpu_toleration, metavar="TAINT_KEY",
+                       type=_checked(trainjob.check_label_key, "--gpu-toleration", empty_is_none=True),
                        help="taint key of GPU nodes that training pods tolerate (default: %(default)s)")
     group.add_argument("--shm-size", type=_checked(trainjob.check_quantity, "--shm-size"), default=default.shm_size,
                        help="in-memory /dev/shm of training pods, for DataLoader workers (default: %(default)s)")
@@ -344,6 +344,7 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
                        default=None, metavar="CLAIM",
                        help="PersistentVolumeClaim mounted on the raw-data step (default: none)")
     group.add_argument("--data-mount", default=default.data_mount, metavar="PATH",
+                        type=_checked(trainjob.check_mount_path, "--data-mount"),
                        help="where --data-pvc is mounted (default: %(default)s)")
     group.add_argument("--resources", action="append", default=[], type=_step_resources, metavar="STEP=CPU,MEMORY",
                        help="CPU request and memory request and limit of a step (repeatable); steps and defaults: "
@@ -413,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "phantom dataset)")
     p.add_argument("--experiment", default=PIPELINE_NAME, help="Kubeflow experiment (default: %(default)s)")
     p.add_argument("--run-name", default=None, help="run name (default: pipeline name and time)")
-    p.add_argument("--namespace", type=_checked(trainjob.check_name, "--namespace"), default=None,
+    p.add_argument("--namespace", type=_checked(trainjob.check_namespace, "--namespace"), default=None,
                    help="Kubernetes namespace of a multi-user deployment")
     p.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                    help="give up on a host that does not answer within this long (default: %(default)g)")
@@ -441,12 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="claim with the data and for the model, ReadWriteMany for several nodes (default: "
                    "%(default)s)")
     p.add_argument("--data-mount", default=default.workspace_mount, metavar="PATH",
+                   type=_checked(trainjob.check_mount_path, "--data-mount"),
                    help="where the claim is mounted (default: %(default)s)")
     p.add_argument("--data-dir", default=None, metavar="PATH",
                    help="preprocessed dataset in the pod (default: DATA_MOUNT/processed/DATASET)")
     p.add_argument("--out-dir", default=None, metavar="PATH",
                    help="checkpoints in the pod (default: DATA_MOUNT/models/NAME)")
-    p.add_argument("--namespace", type=_checked(trainjob.check_name, "--namespace"), default=None,
+    p.add_argument("--namespace", type=_checked(trainjob.check_namespace, "--namespace"), default=None,
                    help="namespace of the job (default: kubectl's)")
     p.add_argument("--name", type=_checked(trainjob.check_name, "--name"), default=None,
                    help="job name, a DNS label (default: unet3plus-DATASET)")
