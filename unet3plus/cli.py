@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from unet3plus.config import LAYOUTS, Config, ablation_config, load_config
+from unet3plus.config import LAYOUTS, Config, ablation_config, load_config, params_path
 from unet3plus.errors import DataError, UserError
 from unet3plus.utils import check_files_replaceable, check_outputs, record_outputs, setup_logging
 
@@ -22,15 +22,8 @@ logger = logging.getLogger("unet3plus")
 EPILOG = "Configuration: every knob lives in params.yaml; override any with --set section.key=value."
 
 
-def _params_path(args: argparse.Namespace) -> Path | None:
-    """The parameters file the verb reads (an input: no output may replace it)."""
-    if args.params is None and Path("params.yaml").is_file():
-        return Path("params.yaml")
-    return args.params
-
-
 def _config(args: argparse.Namespace) -> Config:
-    config = load_config(_params_path(args), args.overrides)
+    config = load_config(params_path(args.params), args.overrides)
     if getattr(args, "ablation", None):
         return ablation_config(config, config.ablations.get(args.ablation))
     return config
@@ -40,7 +33,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from unet3plus.data.phantom import render_preview, write_dataset
 
     data = _config(args).data
-    check_outputs({"--out": args.out, "--preview": args.preview}, {"--params": _params_path(args)})
+    check_outputs({"--out": args.out, "--preview": args.preview}, {"--params": params_path(args.params)})
     check_files_replaceable("--preview", [args.preview], args.force)
     written = write_dataset(
         args.layout,
@@ -64,7 +57,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from unet3plus.utils import write_json_atomic
 
     config = _config(args)
-    check_outputs({"--report": args.report}, {"--raw": args.raw, "--params": _params_path(args)})
+    check_outputs({"--report": args.report}, {"--raw": args.raw, "--params": params_path(args.params)})
     check_files_replaceable("--report", [args.report], args.force)
     report = validate_dataset(args.layout, args.raw, workers=config.data.workers)
     for warning in report.warnings:
@@ -84,7 +77,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
     if args.size is not None:
         config.data.size = args.size
         config.data.validate()
-    check_outputs({"--out": args.out}, {"--raw": args.raw, "--params": _params_path(args)})
+    check_outputs({"--out": args.out}, {"--raw": args.raw, "--params": params_path(args.params)})
     manifest = preprocess_dataset(args.layout, args.raw, args.out, config.data)
     logger.info("manifest: %s", manifest)
 
@@ -93,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from unet3plus.train import train
 
     config = _config(args)
-    check_outputs({"--out": args.out}, {"--data": args.data, "--params": _params_path(args)})
+    check_outputs({"--out": args.out}, {"--data": args.data, "--params": params_path(args.params)})
     base = _config(argparse.Namespace(**{**vars(args), "ablation": None}))
     train(config, data_dir=args.data, out_dir=args.out, resume=args.resume, force=args.force,
           compile_model=args.compile, ablation=args.ablation or "main", base=base)
@@ -104,7 +97,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     config = _config(args)
     check_outputs({"--out": args.out}, {"--checkpoint": args.checkpoint, "--data": args.data, "--raw": args.raw,
-                                        "--params": _params_path(args)})
+                                        "--params": params_path(args.params)})
     evaluate(config, checkpoint=args.checkpoint, data_dir=args.data, raw_dir=args.raw, out_dir=args.out, force=args.force)
 
 
@@ -114,7 +107,7 @@ def cmd_register(args: argparse.Namespace) -> None:
 
     config = _config(args)
     check_outputs({"--output": args.output}, {"--checkpoint": args.checkpoint, "--metrics": args.metrics,
-                                              "--params": _params_path(args)})
+                                              "--params": params_path(args.params)})
     check_files_replaceable("--output", [args.output], args.force)
     result = register(config, checkpoint=args.checkpoint, metrics_path=args.metrics)
     logger.info("registered %s version %s%s", result["name"], result["version"], " (champion)" if result["champion"] else "")
@@ -132,7 +125,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         return
     files, plots = report_outputs(args.out)
     for path in (*files, plots):
-        check_outputs({"--out": path}, {"--readme": args.readme, "--params": _params_path(args)})
+        check_outputs({"--out": path}, {"--readme": args.readme, "--params": params_path(args.params)})
     check_files_replaceable("--out", files, args.force, folders=[plots])
     write_report(config, args.out, readme=args.readme)
 
@@ -148,7 +141,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     config = _config(args)
     model = None if is_mlflow_uri(args.model) else args.model
-    check_outputs({"--output": args.output}, {"--input": args.input, "--model": model, "--params": _params_path(args)})
+    check_outputs({"--output": args.output}, {"--input": args.input, "--model": model, "--params": params_path(args.params)})
     check_files_replaceable("--output", [args.output], args.force)
     predict_file(args.model, args.input, args.output, config=config)
     record_outputs(args.output.parent, [args.output])
