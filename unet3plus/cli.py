@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from unet3plus.config import LAYOUTS, Config, ablation_config, load_config, params_path
+from unet3plus.data.archive import MAX_BYTES
 from unet3plus.errors import DataError, UserError
 from unet3plus.utils import check_files_replaceable, check_outputs, record_outputs, setup_logging
 
@@ -133,7 +135,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_extract(args: argparse.Namespace) -> None:
     from unet3plus.data.archive import extract_dataset
 
-    extract_dataset(args.archive, args.out)
+    check_outputs({"--out": args.out}, {"--archive": args.archive, "--params": params_path(args.params)})
+    extract_dataset(args.archive, args.out, max_bytes=args.max_size)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -145,6 +148,19 @@ def cmd_predict(args: argparse.Namespace) -> None:
     check_files_replaceable("--output", [args.output], args.force)
     predict_file(args.model, args.input, args.output, config=config)
     record_outputs(args.output.parent, [args.output])
+
+
+def _size(text: str) -> int:
+    """``500M``, ``8G``, ``1024`` (bytes) -> bytes, for argparse."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.rstrip("KMGTkmgt"), text[len(text.rstrip("KMGTkmgt")):].upper()
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a size such as 500M or 8G, got {text!r}")
+    return int(value)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -252,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
              "device files) into --out, unwrapping its single top-level folder. Used by data/real/dvc.yaml.")
     p.add_argument("--archive", type=Path, required=True, help="the .tar (or .tar.gz) file")
     p.add_argument("--out", type=Path, required=True, help="raw dataset folder to create (must not exist or be empty)")
+    p.add_argument("--max-size", type=_size, default=MAX_BYTES, metavar="SIZE",
+                   help="refuse an archive that unpacks to more than this, e.g. 500M or 20G (default: 8G); free space "
+                   "is checked too, before anything is written")
 
     p = verb("report", cmd_report, "the ablation study's tables and plots, read back from MLflow",
              "Collect the latest study's training runs per organ from MLflow (the main model and the variants of "
