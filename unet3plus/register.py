@@ -1,19 +1,12 @@
 """Log a trained model to MLflow, register it as ``<name_prefix>-<dataset>`` and move the champion alias.
 
-MLflow model format (what :func:`register` writes, what :mod:`unet3plus.predict` reads):
+MLflow model format (what :func:`register` writes, what :mod:`unet3plus.predict` and every
+MLflow client read): the volume model of :mod:`unet3plus.serving`, a ``pyfunc`` that takes rows
+of base64 NIfTI CT scans and returns their masks, with its own preprocessing, geometry inversion
+and threshold; metadata ``{"unet3plus": {"data", "model", "dataset", "threshold"}}``.
 
-- flavour ``pytorch`` saved as ``pt2`` (``torch.export``, MLflow 3's default): a pickle-free graph
-  that loads without this package's code. The network is wrapped in
-  :class:`unet3plus.predict.ProbabilityModel`, so ``mlflow.pytorch.load_model(uri)(x)`` and
-  ``mlflow.pyfunc.load_model(uri).predict(x)`` both map a float32 batch (N, 3, S, S) of
-  HU-windowed 3-slice stacks to (N, C, S, S) probabilities with the CGM gate applied.
-- signature inferred from a 2-slice-stack input example (2, 3, S, S) and its output: batch
-  dimension dynamic, S fixed (a batch of 1 would make ``torch.export`` freeze the batch size).
-- metadata ``{"unet3plus": {"data": DataConfig, "model": ModelConfig, "dataset", "threshold"}}``
-  in the MLmodel file: everything :func:`unet3plus.predict.predict_file` needs to preprocess a
-  new scan.
-- version tags: ``test_<metric>`` for every number in ``metrics.json``, ``dataset``,
-  ``git_commit`` and ``data_hash`` (copied from the training run when it has them).
+Version tags: ``test_<metric>`` for every number in ``metrics.json``, ``dataset``, ``git_commit``
+and ``data_hash`` (copied from the training run when it has them).
 """
 
 from __future__ import annotations
@@ -26,23 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
-import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 
-from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint
+from unet3plus.checkpoint import load_checkpoint
 from unet3plus.config import Config
 from unet3plus.errors import DataError, UserError
-from unet3plus.predict import METADATA_KEY, ProbabilityModel
+from unet3plus.serving import log_volume_model
 from unet3plus.tracking import check_access, configure, experiment_id, explain_failure, git_commit
 from unet3plus.utils import file_digest
 
 logger = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = frozenset({"hd95", "assd"})
-RUN_TAGS_COPIED = ("git_commit", "data_hash", "dvc_md5")
-EXAMPLE_BATCH = 2
+RUN_TAGS_COPIED = ("git_commit", "data_hash", "dvc_md5", "kfp_run_id", "kfp_run_name", "kfp_pipeline_version")
 
 
 def _read_metrics(path: Path, metric: str) -> dict[str, Any]:
@@ -118,14 +107,6 @@ def _training_run(client: mlflow.MlflowClient, run_id: str | None) -> Any:
     return run if run.info.lifecycle_stage == "active" else None
 
 
-def _example(network: torch.nn.Module, size: int, in_channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded input example (EXAMPLE_BATCH, in_channels, S, S) in [0, 1] and the model's output."""
-    example = np.random.default_rng(0).random((EXAMPLE_BATCH, in_channels, size, size), dtype=np.float32)
-    with torch.no_grad():
-        output = network(torch.from_numpy(example)).numpy()
-    return example, output
-
-
 def register(config: Config, checkpoint: str | os.PathLike, metrics_path: str | os.PathLike) -> dict[str, Any]:
     """Log ``checkpoint`` as an MLflow model, register a new version, and move the alias if it is better.
 
@@ -160,12 +141,11 @@ def register(config: Config, checkpoint: str | os.PathLike, metrics_path: str | 
     _check_scored(metrics, metrics_path, checkpoint, payload)
     name = f"{config.register.name_prefix}-{dataset}"
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    network = ProbabilityModel(model_from_checkpoint(payload)).eval()
     uri = configure(config.mlflow)
     check_access(uri, registry=True)  # a missing login fails here, before anything is logged
     try:
         client = mlflow.MlflowClient()
-        version, run_tags = _log_model(client, config, payload, network, name)
+        version, run_tags = _log_model(client, config, payload, name)
         tags = {f"test_{key}": str(value) for key, value in numbers.items()}
         tags["dataset"] = dataset
         tags.update({key: run_tags[key] for key in RUN_TAGS_COPIED if key in run_tags})
@@ -198,9 +178,10 @@ def version_description(payload: dict[str, Any], tags: dict[str, str], numbers: 
 
 
 def _log_model(
-    client: mlflow.MlflowClient, config: Config, payload: dict[str, Any], network: torch.nn.Module, name: str
+    client: mlflow.MlflowClient, config: Config, payload: dict[str, Any], name: str
 ) -> tuple[str, dict[str, str]]:
-    """Log ``network`` (pt2, signature, metadata) in the training run or a new one and register it.
+    """Log the checkpoint's volume model (:func:`unet3plus.serving.log_volume_model`) in the training
+    run or a new one and register it.
 
     Returns:
         (the new version, the tags of the run it was logged in).
@@ -212,24 +193,9 @@ def _log_model(
         experiment, run_id, run_tags = experiment_id(client, config.mlflow.experiment), None, {}
     else:
         experiment, run_id, run_tags = training_run.info.experiment_id, training_run.info.run_id, training_run.data.tags
-    data_config, model_config = payload["config"]["data"], payload["config"]["model"]
-    example, output = _example(network, int(data_config["size"]), int(model_config["in_channels"]))
-    metadata = {
-        METADATA_KEY: {"data": data_config, "model": model_config, "dataset": payload["dataset"],
-                       "threshold": config.evaluate.threshold}
-    }  # fmt: skip
     # Nested when the caller already has a run open (e.g. a pipeline's parent run).
     with mlflow.start_run(run_id=run_id, experiment_id=experiment, nested=mlflow.active_run() is not None):
-        info = mlflow.pytorch.log_model(
-            network,
-            name="model",
-            signature=infer_signature(example, output),
-            input_example=example,
-            registered_model_name=name,
-            metadata=metadata,
-            # Listing requirements skips MLflow's slow inference (it reloads the model in a subprocess).
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
-        )
+        info = log_volume_model(payload, config.evaluate.threshold, name)
     return str(info.registered_model_version), run_tags
 
 
