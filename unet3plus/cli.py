@@ -111,8 +111,7 @@ def cmd_register(args: argparse.Namespace) -> None:
     check_outputs({"--output": args.output}, {"--checkpoint": args.checkpoint, "--metrics": args.metrics,
                                               "--params": params_path(args.params)})
     check_files_replaceable("--output", [args.output], args.force)
-    result = register(config, checkpoint=args.checkpoint, metrics_path=args.metrics)
-    logger.info("registered %s version %s%s", result["name"], result["version"], " (champion)" if result["champion"] else "")
+    result = register(config, checkpoint=args.checkpoint, metrics_path=args.metrics)  # logs the alias and why
     if args.output:
         write_json_atomic(args.output, result)
         record_outputs(args.output.parent, [args.output])
@@ -269,12 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace predictions/ and overlays/ even if they hold files evaluate did not write")
     p.add_argument("--ablation", default=None, metavar="NAME", help=ablation_help)
 
-    p = verb("register", cmd_register, "log the model to MLflow and register it; move 'champion' if better",
-             "Log the checkpoint as an MLflow model (signature and input example), register it as "
-             "unet3plus-<dataset> and move the 'champion' alias only when its test Dice beats the current champion's.")
+    p = verb("register", cmd_register, "log the model to MLflow and register it; move 'champion' only if earned",
+             "Log the checkpoint as an MLflow model (signature and input example) and register it as "
+             "unet3plus-<dataset> (trained on real data) or unet3plus-<dataset>-synthetic (trained on the phantom). "
+             "The 'champion' alias moves to it only when its test Dice is at least register.min_test_dice and beats "
+             "the champion's on the same test set; otherwise it gets 'challenger', or no alias below the floor "
+             "(exit 0 either way; the log says why). Running it again for the same checkpoint and metrics creates "
+             "no second version.")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to register")
     p.add_argument("--metrics", type=Path, required=True, help="metrics.json written by `evaluate`")
-    p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write the registered name, version and champion flag here")
+    p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write the registered name, version, alias and why here")
     p.add_argument("--force", action="store_true", help="replace --output even if unet3plus did not write it (or it was edited since)")
 
     p = verb("predict", cmd_predict, "segment CT volumes (NIfTI in, NIfTI mask out): one scan or a whole folder",

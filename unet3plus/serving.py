@@ -197,7 +197,7 @@ def example_scan() -> str:
 
 
 def log_volume_model(
-    payload: dict[str, Any], threshold: float, registered_model_name: str
+    payload: dict[str, Any], threshold: float, registered_model_name: str, version_tags: dict[str, str] | None = None
 ) -> mlflow.models.model.ModelInfo:
     """Log a trained network as a :class:`VolumeModel` in the active run and register it.
 
@@ -210,6 +210,7 @@ def log_volume_model(
         payload: a checkpoint dict (:func:`unet3plus.checkpoint.load_checkpoint`).
         threshold: the probability threshold the model answers with (evaluate's).
         registered_model_name: the registry name.
+        version_tags: tags the new version is created with (in the same call: no version exists without them).
 
     Returns:
         MLflow's ``ModelInfo`` (``registered_model_version`` is the new version).
@@ -235,6 +236,7 @@ def log_volume_model(
                           "mixed_precision": bool(config.get("train", {}).get("mixed_precision", True))},
             input_example=(pd.DataFrame({INPUT_COLUMN: [example_scan()]}), {"on_error": "raise"}),
             registered_model_name=registered_model_name,
+            tags=version_tags,
             metadata=metadata,
             # Listing requirements skips MLflow's slow inference (it reloads the model in a subprocess).
             pip_requirements=requirements,
