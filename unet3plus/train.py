@@ -111,9 +111,8 @@ def train(
             readable = all((Path(data_dir) / name).is_file() for name in ("cases.json", "manifest.csv"))
             if not recorded and not resume and readable:
                 dataset_name = json.loads((Path(data_dir) / "cases.json").read_text()).get("dataset", "unknown")
-                # No device was chosen yet: the run records the one asked for (train.device).
                 tracking.record_failure(config.mlflow, error=err, **_run_identity(
-                    config, base, Path(data_dir), dataset_name, ablation, new=True, device=config.train.device))
+                    config, base, Path(data_dir), dataset_name, ablation, new=True))
         raise
 
 
