@@ -192,13 +192,11 @@ def cmd_submit(args: argparse.Namespace) -> None:
     import kfp_server_api
     import urllib3
 
+    from unet3plus.config import params_path
     from unet3plus.errors import UserError
 
     cluster = cluster_settings(args)
-    params = args.params
-    if params is None and Path("params.yaml").is_file():
-        params = Path("params.yaml")
-    arguments = run_arguments(params, args.overrides, args.dataset, args.source_dir)
+    arguments = run_arguments(params_path(args.params), args.overrides, args.dataset, args.source_dir)
     pipeline_func = build_pipeline(cluster)
 
     outcome: "queue.Queue[tuple]" = queue.Queue()
@@ -260,11 +258,11 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def cmd_trainjob(args: argparse.Namespace) -> None:
     from components.common import layout_of
-    from unet3plus.config import load_config
+    from unet3plus.config import load_config, params_path
     from unet3plus.utils import atomic_path
 
     layout_of(args.dataset)
-    config = load_config(args.params, args.overrides)
+    config = load_config(params_path(args.params), args.overrides)
     name = args.name or f"unet3plus-{args.dataset}"
     settings = trainjob_settings(args)
     data_dir = args.data_dir or f"{args.data_mount}/processed/{args.dataset}"

@@ -188,6 +188,25 @@ def test_resuming_a_finished_run_trains_no_further(straight, data_dir, store, tm
     assert len(val_dice_history(uri, summary["mlflow_run_id"])) == 2  # nothing logged twice
 
 
+def test_resume_refuses_changed_train_and_loss_settings_and_records_a_longer_run(straight, data_dir, store, tmp_path):
+    """Issue 20: a new lr was silently ignored, a new loss weight used but not shown, a new optimizer a KeyError."""
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    changed = tiny_config(store, "train.lr=0.02", "loss.focal_weight=2", "train.optimizer=adamw")
+    with pytest.raises(CheckpointError) as refused:
+        train(changed, data_dir, tmp_path, resume=True)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'last.pt'}: --resume with settings other than the checkpoint's")
+    for change in ("train.lr (0.05 -> 0.02)", "loss.focal_weight (1.0 -> 2.0)", "train.optimizer ('sgd' -> 'adamw')"):
+        assert change in message
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    # Training longer is what resume is for: allowed, and the run says so (its params keep the first value).
+    summary = train(tiny_config(store, "train.epochs=3"), data_dir, tmp_path, resume=True)
+    run = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}").get_run(summary["mlflow_run_id"])
+    assert summary["epochs"] == 3 and run.data.tags["resumed_with"] == "train.epochs (2 -> 3)"
+    assert load_checkpoint(tmp_path / "last.pt")["config"]["train"]["epochs"] == 3
+
+
 @pytest.mark.parametrize("schedule", ["poly", "cosine", "constant"])
 def test_learning_rate_schedules_follow_their_formulas_per_step(schedule, store):
     config = tiny_config(store, f"train.schedule={schedule}", "train.poly_power=0.9").train

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from unet3plus.config import LAYOUTS, Config, ablation_config, load_config
+from unet3plus.config import LAYOUTS, Config, ablation_config, load_config, params_path
 from unet3plus.errors import DataError, UserError
 from unet3plus.utils import check_outputs, setup_logging
 
@@ -23,10 +23,7 @@ EPILOG = "Configuration: every knob lives in params.yaml; override any with --se
 
 
 def _config(args: argparse.Namespace) -> Config:
-    params = args.params
-    if params is None and Path("params.yaml").is_file():
-        params = "params.yaml"
-    config = load_config(params, args.overrides)
+    config = load_config(params_path(args.params), args.overrides)
     if getattr(args, "ablation", None):
         return ablation_config(config, config.ablations.get(args.ablation))
     return config

@@ -171,16 +171,19 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
 
 
 def git_commit(path: str | os.PathLike = ".") -> str | None:
-    """The commit checked out in the git repository containing ``path``.
+    """The commit checked out in the git repository containing ``path``, else the one the image was built from.
 
     Returns:
-        The full hash of ``HEAD``, or None outside a git repository (or without git).
+        The full hash of ``HEAD``; outside a git repository (or without git), ``UNET3PLUS_GIT_COMMIT``
+        (set by the project's image from its ``GIT_COMMIT`` build argument), or None.
     """
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
+        result = None
+    if result is not None and result.returncode == 0:
+        return result.stdout.strip()
+    return os.environ.get("UNET3PLUS_GIT_COMMIT") or None
 
 
 def git_dirty(path: str | os.PathLike = ".") -> bool | None:

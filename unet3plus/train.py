@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from unet3plus import tracking
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
-from unet3plus.config import Config, TrainConfig, config_from_dict
+from unet3plus.config import Config, LossConfig, TrainConfig, config_from_dict
 from unet3plus.data.dataset import SliceDataset, load_preprocessed
 from unet3plus.device import autocast_context, memory_format_for, prepare_model, select_device
 from unet3plus.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
@@ -150,7 +150,7 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(out_dir / "last.pt")
-        _check_resumable(checkpoint, config, dataset_name, out_dir / "last.pt", fingerprint)
+        allowed_changes = _check_resumable(checkpoint, config, dataset_name, out_dir / "last.pt", fingerprint)
         summary_path = out_dir / "train_summary.json"
         done = checkpoint["epoch"] >= train_config.epochs
         summary = json.loads(summary_path.read_text()) if done and summary_path.is_file() else {}
@@ -230,6 +230,9 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
             **_run_identity(config, base, data_dir, dataset_name, ablation, new=master and run_id is None),
         ) as run:
             run.log_text(_config_yaml(config), "config.yaml")
+            if checkpoint is not None and allowed_changes:  # MLflow params are immutable: the change is a tag
+                logger.info("resumed with %s", ", ".join(allowed_changes))
+                run.set_tags({"resumed_with": ", ".join(allowed_changes)})
             if not run.resumed:
                 tracking.log_datasets(run, data_dir, dataset_name, manifest)
             logged_epochs = _log_history(run, history, run.last_step("val_dice"))
@@ -538,7 +541,28 @@ def _check_finite_weights(model: nn.Module, epoch: int) -> None:
         )
 
 
-def _check_resumable(checkpoint: dict[str, Any], config: Config, dataset_name: str, path: Path, fingerprint: str) -> None:
+RESUME_MAY_CHANGE = ("train.epochs", "train.device", "train.num_workers")
+"""What ``--resume`` may change: train longer, on another machine. Every other train.* or loss.* change is refused
+(the optimiser state, the schedule and the MLflow params were made with the old values)."""
+
+
+def resume_changes(saved: dict[str, Any], config: Config) -> list[str]:
+    """``section.key (old -> new)`` for each train.* and loss.* setting of ``config`` that differs from ``saved``.
+
+    ``saved`` is a checkpoint's config; a key it lacks (an older checkpoint) had the default value.
+    """
+    changes = []
+    for section, defaults in (("train", TrainConfig()), ("loss", LossConfig())):
+        for key, value in dataclasses.asdict(getattr(config, section)).items():
+            old = saved.get(section, {}).get(key, getattr(defaults, key))
+            if old != value:
+                changes.append(f"{section}.{key} ({old!r} -> {value!r})")
+    return changes
+
+
+def _check_resumable(checkpoint: dict[str, Any], config: Config, dataset_name: str, path: Path,
+                     fingerprint: str) -> list[str]:
+    """Refuse a checkpoint that cannot continue as ``config`` says; returns the changes it may take (resume_changes)."""
     missing = [key for key in ("optimizer", "scheduler", "rng", "history", "best_epoch") if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path}: not a training checkpoint (lacks {', '.join(missing)}); cannot resume from it")
@@ -552,6 +576,13 @@ def _check_resumable(checkpoint: dict[str, Any], config: Config, dataset_name: s
             f"{path}: was trained with model {checkpoint['config']['model']}, but the configuration asks for "
             f"{config.to_dict()['model']}; resume with the same model section or train into a new output directory"
         )
+    changed = resume_changes(checkpoint["config"], config)
+    refused = [change for change in changed if change.partition(" ")[0] not in RESUME_MAY_CHANGE]
+    if refused:
+        raise CheckpointError(
+            f"{path}: --resume with settings other than the checkpoint's: {', '.join(refused)}; a resumed run "
+            "continues with the settings it started with: restore them, or train into a new --out (or --force)"
+        )
     if checkpoint["dataset"] != dataset_name:
         raise CheckpointError(
             f"{path}: was trained on {checkpoint['dataset']!r} data, not {dataset_name!r}; "
@@ -562,6 +593,7 @@ def _check_resumable(checkpoint: dict[str, Any], config: Config, dataset_name: s
             f"{path}: was trained on other data (data hash {checkpoint['data_hash']}, this --data has {fingerprint}); "
             "resume only on the same preprocessed data, or train into a new output directory"
         )
+    return changed
 
 
 def _seed_everything(seed: int) -> None:
