@@ -28,7 +28,7 @@ from unet3plus.data.sources import read_volume
 from unet3plus.device import autocast_context, memory_format_for, prepare_model, select_device
 from unet3plus.errors import CheckpointError, UserError
 from unet3plus.models import predict_proba
-from unet3plus.utils import atomic_path
+from unet3plus.utils import atomic_path, redact
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def load_predictor(
         metadata = mlflow.models.get_model_info(str(model)).metadata or {}
         module = mlflow.pytorch.load_model(str(model))
     except (MlflowException, OSError) as err:
-        raise UserError(f"cannot load MLflow model {model} from {mlflow.get_tracking_uri()}: {err}") from err
+        raise UserError(redact(f"cannot load MLflow model {model} from {mlflow.get_tracking_uri()}: {err}")) from err
     if METADATA_KEY not in metadata:
         raise UserError(f"MLflow model {model} has no {METADATA_KEY!r} metadata; register it with `unet3plus register`")
     data_config = config_from_dict({"data": metadata[METADATA_KEY]["data"]}).data

@@ -36,7 +36,7 @@ from unet3plus.config import Config
 from unet3plus.errors import DataError, UserError
 from unet3plus.predict import METADATA_KEY, ProbabilityModel
 from unet3plus.tracking import check_access, configure, experiment_id, explain_failure, git_commit
-from unet3plus.utils import file_digest
+from unet3plus.utils import file_digest, redact
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def register(config: Config, checkpoint: str | os.PathLike, metrics_path: str | 
         champion = _promote(client, name, version, float(numbers[metric]), config.register.alias, metric)
     except (MlflowException, OSError) as err:
         raise UserError(
-            f"MLflow model registry at {uri} failed while registering {name} from {checkpoint}: {explain_failure(err, uri)}"
+            f"MLflow model registry at {redact(uri)} failed while registering {name} from {checkpoint}: {explain_failure(err, uri)}"
         ) from err
     moved = f"; alias {config.register.alias!r} moved to it" if champion else ""
     logger.info("registered %s version %s (test %s = %.4f)%s", name, version, metric, metrics[metric], moved)
@@ -208,7 +208,7 @@ def _log_model(
     training_run = _training_run(client, payload.get("mlflow_run_id"))
     if training_run is None:
         logger.warning("training run %s not found in %s; logging the model in a new run",
-                       payload.get("mlflow_run_id"), mlflow.get_tracking_uri())
+                       payload.get("mlflow_run_id"), redact(mlflow.get_tracking_uri()))
         experiment, run_id, run_tags = experiment_id(client, config.mlflow.experiment), None, {}
     else:
         experiment, run_id, run_tags = training_run.info.experiment_id, training_run.info.run_id, training_run.data.tags

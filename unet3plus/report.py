@@ -26,7 +26,7 @@ import yaml
 from unet3plus.config import Config, MlflowConfig
 from unet3plus.errors import UserError
 from unet3plus.tracking import check_access, configure_for_reading
-from unet3plus.utils import atomic_path, write_json_atomic, write_text_atomic
+from unet3plus.utils import atomic_path, redact, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def collect_runs(mlflow_config: MlflowConfig, ablations: list[str] | None = None
     """
     uri = configure_for_reading(mlflow_config)  # capped HTTP retries; never creates a store
     check_access(uri)
-    where = f"experiment {mlflow_config.experiment!r} at {uri}"
+    where = f"experiment {mlflow_config.experiment!r} at {redact(uri)}"
     if mlflow.get_experiment_by_name(mlflow_config.experiment) is None:
         raise UserError(f"{where}: no such experiment; train and evaluate a model first (e.g. `dvc repro`)")
     runs = mlflow.search_runs(experiment_names=[mlflow_config.experiment], order_by=["attributes.start_time DESC"])
