@@ -175,6 +175,9 @@ def on_cluster(
         kubernetes.add_pod_label(task, key, value)
     if gpu:
         task.set_accelerator_type(cluster.gpu_type).set_accelerator_limit(cluster.gpus)
+        # train.device/evaluate.device "auto" must not fall back to the CPU on a GPU pod (unet3plus.device,
+        # not imported here: it imports torch, and compiling stays fast without).
+        task.set_env_variable("UNET3PLUS_REQUIRE_CUDA", "1")
         if cluster.gpu_node_selector:
             kubernetes.add_node_selector(task, *cluster.gpu_node_selector)
         if cluster.gpu_toleration:

@@ -18,6 +18,7 @@ from components.common import load_config as component_config
 from pipeline import DEFAULT_ABLATIONS, ClusterSettings, build_pipeline, unet3plus_pipeline
 from pipeline.__main__ import run_arguments
 from unet3plus.config import apply_overrides, load_config
+from unet3plus.device import REQUIRE_CUDA_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("raw-data", "validate-data", "preprocess-data", "train-model", "evaluate-model", "register-model")
@@ -96,10 +97,13 @@ def test_only_training_asks_for_a_gpu_and_every_step_runs_in_the_project_image(c
         container = executor["container"]
         assert container["image"] == DEFAULT_IMAGE, name
         accelerator = container.get("resources", {}).get("accelerator")
+        env = {variable["name"]: variable["value"] for variable in container.get("env", [])}
         if name.startswith("exec-train-model"):
             assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "1", name
+            # A GPU pod without CUDA (driver too old for the image's build) refuses to train on the CPU.
+            assert env == {REQUIRE_CUDA_ENV: "1"}, name
         else:
-            assert accelerator is None, name
+            assert accelerator is None and REQUIRE_CUDA_ENV not in env, name
         # The image has kfp already: nothing is pip-installed when a pod starts.
         assert "pip install" not in " ".join(container["command"]), name
 

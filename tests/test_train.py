@@ -36,6 +36,8 @@ from unet3plus.errors import CheckpointError, ConfigError, DataError
 from unet3plus.models import predict_proba
 from unet3plus.train import EpochSampler, lr_multiplier, train
 
+CPU = f"cpu ({torch.get_num_threads()} threads)"  # the device a run records (unet3plus.device.describe_device)
+
 LOSS_COLUMNS = ["loss", "loss_cgm", "loss_focal", "loss_iou", "loss_ms_ssim"]
 TINY = [
     "model.width=4",
@@ -266,6 +268,7 @@ def test_training_learns_and_is_recorded_in_files_and_mlflow(data_dir, store, tm
         "best_val_dice": history.val_dice.max(),
         "best_epoch": int(history.epoch[history.val_dice.idxmax()]),
         "epochs": 15,
+        "device": CPU,
     }
     last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
     assert last["epoch"] == 15 and last["config"] == as_trained(config).to_dict() and last["dataset"] == "liver"
@@ -277,7 +280,8 @@ def test_training_learns_and_is_recorded_in_files_and_mlflow(data_dir, store, tm
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == config.mlflow.experiment
-    assert run.data.params == {key: str(value) for key, value in as_trained(config).flat().items()}
+    assert run.data.params == {**{key: str(value) for key, value in as_trained(config).flat().items()}, "device": CPU}
+    assert run.data.tags["device"] == CPU
     for column in ["lr", *LOSS_COLUMNS, "val_dice"]:
         logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, column))
         assert logged == list(zip(history.epoch, history[column])), column
@@ -365,7 +369,8 @@ def test_training_against_a_tracking_server_is_readable_over_its_rest_api(
 
     run = rest(mlflow_server.url, "runs/get", run_id=summary["mlflow_run_id"])["run"]
     assert run["info"]["status"] == "FINISHED" and not summary["mlflow_offline"]
-    assert {p["key"]: p["value"] for p in run["data"]["params"]} == {k: str(v) for k, v in as_trained(config).flat().items()}
+    assert {p["key"]: p["value"] for p in run["data"]["params"]} == {
+        **{k: str(v) for k, v in as_trained(config).flat().items()}, "device": CPU}
     assert {t["key"]: t["value"] for t in run["data"]["tags"]}["dataset"] == "liver"
     history = pd.read_csv(tmp_path / "history.csv")
     assert logged_val_dice(mlflow_server.url, summary["mlflow_run_id"]) == list(zip(history.epoch, history.val_dice))
