@@ -303,6 +303,31 @@ def test_a_database_restart_mid_training_loses_nothing_after_resume(team, monkey
     team.outputs.append(caplog.text)
 
 
+def test_a_password_inside_mlflow_tracking_uri_works_and_is_shown_nowhere(team, capsys, monkeypatch, caplog):
+    """The login only in MLFLOW_TRACKING_URI (http://admin:PASSWORD@...) through train, evaluate, register, report.
+
+    The last test then greps every output, log, file, artifact and database row for the password.
+    """
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team.url.replace("http://", f"http://admin:{ADMIN_PASSWORD}@"))
+    caplog.set_level(logging.INFO)
+    assert cli(team, capsys, "train", "--data", "data", "--out", "login", *overrides("train.seed=11"))[0] == 0
+    assert not json.loads((team.work / "login" / "train_summary.json").read_text())["mlflow_offline"]
+    assert cli(team, capsys, "evaluate", "--checkpoint", "login/best.pt", "--data", "data", "--raw", "raw",
+               "--out", "login/evaluation", *overrides())[0] == 0  # fmt: skip
+    assert cli(team, capsys, "register", "--checkpoint", "login/best.pt", "--metrics", "login/evaluation/metrics.json",
+               "--output", "login/registered.json", *overrides())[0] == 0  # fmt: skip
+    assert cli(team, capsys, "report", *overrides())[0] == 0
+    # An error that shows the URI (a server that is not there): the server named, not the login.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://admin:{ADMIN_PASSWORD}@127.0.0.1:{free_port()}")
+    status, _, err = cli(team, capsys, "report", *overrides())
+    assert status == 2 and err.startswith("error: cannot reach the tracking server http://127.0.0.1:")
+    assert f"(new) in {team.url}" in caplog.text  # the logs show the server, without the login
+    team.outputs.append(caplog.text)
+
+
 def database_dump(team: Team) -> str:
     """Every row of every table of the tracking and auth databases, as text."""
     import psycopg2

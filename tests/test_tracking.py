@@ -18,6 +18,7 @@ import yaml
 from unet3plus import tracking
 from unet3plus.cli import main
 from unet3plus.config import MlflowConfig
+from unet3plus.errors import UserError
 from unet3plus.utils import redact
 
 
@@ -297,3 +298,7 @@ def test_a_login_in_the_environments_uri_moves_to_the_credential_variables(monke
     assert tracking.configure(MlflowConfig()) == database
     assert tracking.explain_failure(RuntimeError(f"cannot connect to {database}"), database) == (
         "postgresql+psycopg2://***@127.0.0.1:1/mlflow: cannot connect to postgresql+psycopg2://***@127.0.0.1:1/mlflow")
+    with pytest.raises(UserError) as caught, tracking.store_errors(MlflowConfig()):
+        raise OSError(f"cannot open {database}")
+    assert str(caught.value).startswith("postgresql+psycopg2://***@127.0.0.1:1/mlflow: cannot read") and ":pw@" not in str(
+        caught.value)
