@@ -21,6 +21,7 @@ Outputs in ``out_dir`` (each written atomically; the two folders are replaced as
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ from unet3plus.errors import DataError
 from unet3plus.metrics import METRIC_NAMES, dice, summarise, volume_metrics
 from unet3plus.models import predict_proba
 from unet3plus.predict import predict_slices, write_mask
-from unet3plus.tracking import data_hash, open_run
+from unet3plus.tracking import data_hash, data_source, open_run
 from unet3plus.utils import atomic_path, check_replaceable, file_digest, record_outputs, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,19 @@ def _test_cases(data_dir: Path, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, 
     if missing:
         raise DataError(f"{raw_dir}: label files of test cases not found (wrong --raw?): {', '.join(missing)}")
     return test, metadata
+
+
+def digest_test_set(test: pd.DataFrame, metadata: dict[str, Any], raw_dir: Path) -> str:
+    """sha256 identifying a test set: its case ids and the content of their raw label files.
+
+    Scores are computed against those labels on their original grid, so two evaluations with the
+    same digest scored the same volumes whatever the preprocessing (``register`` compares a new
+    version with the champion only on the same test set).
+    """
+    digest = hashlib.sha256()
+    for case_id in sorted(test["case_id"].unique()):
+        digest.update(f"{case_id}:{file_digest(raw_dir / metadata['cases'][case_id]['label'])}\n".encode())
+    return digest.hexdigest()
 
 
 def _warn_on_preprocessing_mismatch(
@@ -146,6 +160,18 @@ def cgm_classifier_metrics(organ_probability: np.ndarray, organ_present: np.ndar
         "cgm_average_precision": float(average_precision_score(truth, organ_probability)) if both else math.nan,
         **{f"cgm_{name}": int(count) for name, count in zip(("tn", "fp", "fn", "tp"), matrix)},
     }
+
+
+def cgm_roc_curve(organ_probability: np.ndarray, organ_present: np.ndarray) -> pd.DataFrame:
+    """The CGM's ROC curve over test slices: ``fpr``, ``tpr``, ``threshold`` (scikit-learn's ``roc_curve``).
+
+    scikit-learn's first threshold (infinity: nothing called "organ") is written as 1.0, a
+    probability JSON can hold (the KFP ``ClassificationMetrics`` artifact needs that).
+    """
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, threshold = roc_curve(np.asarray(organ_present).astype(int), organ_probability)
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(threshold, 1.0)})
 
 
 def _score_case(
@@ -305,8 +331,10 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
     Returns:
         The content of ``metrics.json`` (NaN means written as None), which also records what was
         scored: ``checkpoint_sha256`` (content hash of ``checkpoint``) and ``data_hash``
-        (:func:`unet3plus.tracking.data_hash` of ``data_dir``), checked by ``register``, and
-        ``device`` (:func:`unet3plus.device.describe_device`), also the run's ``evaluate_device`` tag.
+        (:func:`unet3plus.tracking.data_hash` of ``data_dir``), checked by ``register``;
+        ``data_source`` (synthetic, lits, msd) and ``test_set`` (:func:`digest_test_set`), which
+        decide what ``register`` compares the model with; and ``device``
+        (:func:`unet3plus.device.describe_device`), also the run's ``evaluate_device`` tag.
 
     Raises:
         CheckpointError: the checkpoint is missing or corrupt.
@@ -321,10 +349,11 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         raise DataError(f"{data_dir}: a {metadata['dataset']} dataset, but {checkpoint} is a {payload['dataset']} model"
                         " (evaluate each organ with its own model)")
     _warn_on_preprocessing_mismatch(payload, metadata, checkpoint, data_dir)
-    outputs = [out_dir / name for name in ("predictions", "overlays", "per_case.csv", "metrics.json")]
+    outputs = [out_dir / name for name in ("predictions", "overlays", "per_case.csv", "metrics.json", "cgm_roc.csv")]
     if not force:
         check_replaceable(out_dir, outputs, "use another --out, or --force")
-    scored = {"checkpoint_sha256": file_digest(checkpoint), "data_hash": data_hash(data_dir)}
+    scored = {"checkpoint_sha256": file_digest(checkpoint), "data_hash": data_hash(data_dir),
+              "data_source": data_source(data_dir), "test_set": digest_test_set(test, metadata, raw_dir)}
     device = select_device(config.evaluate.device)
     device_name = describe_device(device)
     logger.info("evaluating on %s", device_name)
@@ -344,10 +373,11 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         ]
         per_case = pd.DataFrame(rows, columns=list(PER_CASE_COLUMNS))
         _overlays(per_case, metadata, config, raw_dir, predictions_tmp, overlays_tmp)
-        cgm = {}
+        cgm, roc = {}, None
         if not np.isnan(rows[0]["organ_probability"]).any():
-            cgm = cgm_classifier_metrics(np.concatenate([row["organ_probability"] for row in rows]),
-                                         np.concatenate([row["organ_present"] for row in rows]))
+            slices = [np.concatenate([row[key] for row in rows]) for key in ("organ_probability", "organ_present")]
+            cgm = cgm_classifier_metrics(*slices)
+            roc = None if math.isnan(cgm["cgm_roc_auc"]) else cgm_roc_curve(*slices)
         summary = _json_safe({**summarise(rows, SUMMARY_METRICS), **cgm,
                               "fp_organ_free": int(per_case["fp_organ_free"].sum()),
                               "fp_organ_free_no_gate": int(per_case["fp_organ_free_no_gate"].sum()),
@@ -357,6 +387,11 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         _replace_dir(overlays_tmp, out_dir / "overlays")
     with atomic_path(out_dir / "per_case.csv") as tmp:
         per_case.to_csv(tmp, index=False)
+    if roc is not None:  # the CGM's ROC (for the KFP ClassificationMetrics artifact); none without a CGM
+        with atomic_path(out_dir / "cgm_roc.csv") as tmp:
+            roc.to_csv(tmp, index=False)
+    else:
+        (out_dir / "cgm_roc.csv").unlink(missing_ok=True)  # a previous evaluation's, checked replaceable above
     write_json_atomic(out_dir / "metrics.json", summary)
     record_outputs(out_dir, outputs)
     logger.info("%s: %d test volumes, mean Dice %.4f (without CGM gate %.4f)", checkpoint, summary["cases"],
@@ -388,7 +423,8 @@ def _log_to_mlflow(config: Config, payload: dict[str, Any], summary: dict[str, A
     with open_run(config.mlflow, run_id=training_run if own_data else None, run_name=name) as run:
         run.log_metrics(numbers, step=0)
         run.set_tags(tags)
-        for name in ("metrics.json", "per_case.csv"):
-            run.log_artifact(out_dir / name, "evaluation")
+        for name in ("metrics.json", "per_case.csv", "cgm_roc.csv"):
+            if (out_dir / name).is_file():
+                run.log_artifact(out_dir / name, "evaluation")
         for png in sorted((out_dir / "overlays").glob("*.png")):
             run.log_artifact(png, "evaluation/overlays")
