@@ -201,6 +201,16 @@ def test_learning_rate_schedules_follow_their_formulas_per_step(schedule, store)
     assert lr_multiplier(config, 150, total_steps=100) == pytest.approx(expected[schedule](1.0), abs=1e-12)
 
 
+def test_warm_up_rises_linearly_then_hands_over_to_the_schedule(store):
+    config = tiny_config(store, "train.schedule=cosine").train
+    # 4 warm-up steps of 10: factors 1/5, 2/5, 3/5, 4/5, then cosine over the 6 remaining steps
+    # (by hand: step 5 is progress 1/6, (1 + cos 30 deg) / 2 = 0.9330127; step 7 is progress 3/6,
+    # cos 90 deg = 0, so 0.5; step 10 is the end, 0, and stays there).
+    by_hand = {0: 0.2, 1: 0.4, 2: 0.6, 3: 0.8, 4: 1.0, 5: 0.9330127019, 7: 0.5, 10: 0.0, 12: 0.0}
+    for step, factor in by_hand.items():
+        assert lr_multiplier(config, step, total_steps=10, warmup_steps=4) == pytest.approx(factor, abs=1e-9)
+
+
 def test_history_lr_is_the_scheduled_rate_at_each_epochs_first_step(straight):
     history = pd.read_csv(straight / "history.csv")
     steps, base_lr, total = 3, 0.05, 2 * 3

@@ -207,7 +207,10 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
             model = torch.compile(model)
         criterion = Criterion(**dataclasses.asdict(config.loss))
         optimizer = make_optimizer(raw_model.parameters(), train_config, fused=device.type == "cuda")
-        multiplier = functools.partial(lr_multiplier, train_config, total_steps=train_config.epochs * steps_per_epoch)
+        multiplier = functools.partial(
+            lr_multiplier, train_config, total_steps=train_config.epochs * steps_per_epoch,
+            warmup_steps=round(train_config.warmup_epochs * steps_per_epoch),
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
         # -- resume -----------------------------------------------------------------------------------
@@ -495,14 +498,19 @@ def make_optimizer(
     return torch.optim.AdamW(parameters, lr=train_config.lr, weight_decay=train_config.weight_decay, **options)
 
 
-def lr_multiplier(train_config: TrainConfig, step: int, total_steps: int) -> float:
+def lr_multiplier(train_config: TrainConfig, step: int, total_steps: int, warmup_steps: int = 0) -> float:
     """Factor applied to the base learning rate at optimisation ``step`` (0-based).
 
-    ``poly``: ``(1 - step / total_steps) ** poly_power``; ``cosine``:
-    ``(1 + cos(pi * step / total_steps)) / 2``; ``constant``: 1. Past ``total_steps`` (a resume
-    with fewer epochs) the factor stays at its final value.
+    A linear warm-up first: ``(step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``, so
+    the first update is already non-zero and the factor reaches 1 at ``warmup_steps``. Then the
+    schedule over the remaining steps, with ``progress = (step - warmup_steps) / (total_steps -
+    warmup_steps)``: ``poly``: ``(1 - progress) ** poly_power``; ``cosine``:
+    ``(1 + cos(pi * progress)) / 2``; ``constant``: 1. Past ``total_steps`` (a resume with fewer
+    epochs) the factor stays at its final value.
     """
-    progress = min(step / max(total_steps, 1), 1.0)
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
     if train_config.schedule == "poly":
         return (1.0 - progress) ** train_config.poly_power
     if train_config.schedule == "cosine":
