@@ -46,6 +46,7 @@ def load_config(params: str, overrides: Optional[List[str]] = None) -> Any:
     from unet3plus.config import apply_overrides, config_from_dict, parse_yaml
     from unet3plus.errors import ConfigError
 
+    mlflow_environment()
     hint = "pass the text of params.yaml (python -m pipeline submit --params params.yaml does)"
     try:
         raw = parse_yaml(params)
@@ -63,6 +64,38 @@ def load_config(params: str, overrides: Optional[List[str]] = None) -> Any:
         return apply_overrides(config, overrides) if overrides else config
     except ConfigError as err:
         raise ConfigError(f"params: {err}") from err
+
+
+def mlflow_environment(mount: str = "/var/run/secrets/unet3plus/mlflow") -> None:
+    """Export the MLflow settings of the Kubernetes secret mounted at ``mount`` (one file per key), if any.
+
+    The pipeline mounts the secret as a volume rather than as environment variables: every
+    ``secretAsEnv`` that kfp-kubernetes >= 2.15 writes carries an ``optional`` field that the
+    minimum backend's driver refuses (``pipeline.backend.MINIMUM_KFP``). ``MLFLOW_TRACKING_URI`` is
+    required; ``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD`` and ``MLFLOW_TRACKING_TOKEN``
+    are exported when present. A variable already set in the pod is kept.
+
+    Raises:
+        ConfigError: the secret is mounted but has no ``MLFLOW_TRACKING_URI``.
+    """
+    import os
+    import pathlib
+
+    from unet3plus.errors import ConfigError
+
+    folder = pathlib.Path(mount)
+    if not folder.is_dir():
+        return
+    if not (folder / "MLFLOW_TRACKING_URI").is_file():
+        raise ConfigError(f"{folder}: the MLflow secret has no key MLFLOW_TRACKING_URI; add it "
+                          "(kubectl create secret generic ... --from-literal=MLFLOW_TRACKING_URI=https://...)")
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        if (folder / key).is_file():
+            os.environ.setdefault(key, (folder / key).read_text().rstrip("\n"))
+
+
+MLFLOW_SECRET_MOUNT = mlflow_environment.__defaults__[0]
+"""Where the pipeline mounts the MLflow secret in the pods that track."""
 
 
 def layout_of(dataset: str) -> str:
@@ -179,4 +212,4 @@ def variant_params(params: str, overrides: Optional[List[str]], ablation: str) -
     return yaml.safe_dump(raw, sort_keys=False), ["--ablation", name]
 
 
-HELPERS = [load_config, layout_of, input_dir, log_numbers, record_training, variant_params]
+HELPERS = [mlflow_environment, load_config, layout_of, input_dir, log_numbers, record_training, variant_params]

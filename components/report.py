@@ -28,7 +28,16 @@ def report_ablations(report: dsl.Output[dsl.Markdown], params: str, dataset: str
     from unet3plus.utils import setup_logging
 
     setup_logging()
-    config = load_config(params)
-    runs = collect_runs(config.mlflow, [ablation["name"] for ablation in ablations or []])
+    import dataclasses
+
+    from unet3plus.config import AblationsConfig, parse_yaml
+
+    # This run's variants (name, section.key=value overrides): the report gives each a row.
+    grid = AblationsConfig(
+        variants={entry["name"]: {key.strip(): parse_yaml(value) for key, _, value in
+                                  (item.partition("=") for item in entry["overrides"])} for entry in ablations or []},
+        run=[entry["name"] for entry in ablations or []])
+    config = dataclasses.replace(load_config(params), ablations=grid).validate()
+    collected = collect_runs(config, [dataset])
     with open(report.path, "w") as handle:
-        handle.write(report_markdown(configuration_table(runs[runs["dataset"] == dataset])))
+        handle.write(report_markdown(configuration_table(collected), collected.studies))

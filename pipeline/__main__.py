@@ -184,7 +184,10 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
+    import datetime
+    import os
     import queue
+    import tempfile
     import threading
     import warnings
 
@@ -192,25 +195,30 @@ def cmd_submit(args: argparse.Namespace) -> None:
     import kfp_server_api
     import urllib3
 
+    from pipeline.submit import TOKEN_ENV, submit_version_and_run, version_name
     from unet3plus.errors import UserError
+    from unet3plus.tracking import git_commit
 
     cluster = cluster_settings(args)
     params = args.params
     if params is None and Path("params.yaml").is_file():
         params = Path("params.yaml")
     arguments = run_arguments(params, args.overrides, args.dataset, args.source_dir)
-    pipeline_func = build_pipeline(cluster)
-
+    scratch = tempfile.TemporaryDirectory()
+    package = compile_pipeline(Path(scratch.name) / "pipeline.yaml", cluster)
+    version = version_name(package, git_commit())
+    run_name = args.run_name or f"{args.pipeline_name} {version} {datetime.datetime.now():%Y-%m-%d %H:%M:%S}"
+    token = args.token or os.environ.get(TOKEN_ENV) or None
     outcome: "queue.Queue[tuple]" = queue.Queue()
 
     def submit() -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # kfp's note on server versions
-                client = kfp.Client(host=args.host, namespace=args.namespace or "kubeflow")
-            outcome.put((client.create_run_from_pipeline_func(
-                pipeline_func, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
-                namespace=args.namespace,
+                client = kfp.Client(host=args.host, namespace=args.namespace or "kubeflow", existing_token=token)
+            outcome.put((submit_version_and_run(
+                client, package, pipeline_name=args.pipeline_name, version=version, experiment=args.experiment,
+                run_name=run_name, arguments=arguments, namespace=args.namespace,
             ), None))
         except BaseException as err:  # noqa: BLE001 - handed to the main thread, which decides
             outcome.put((None, err))
@@ -220,7 +228,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
     # urllib3's retry warnings (kfp_server_api resets its level): the outcome is reported below.
     logging.getLogger("urllib3.connectionpool").addFilter(lambda record: record.levelno >= logging.ERROR)
     threading.Thread(target=submit, daemon=True).start()
-    hint = "check --host, --namespace and that you are logged in"
+    hint = f"check --host, --namespace and the token (--token or ${TOKEN_ENV})"
     try:
         result, err = outcome.get(timeout=args.timeout)
     except queue.Empty:
@@ -231,8 +239,13 @@ def cmd_submit(args: argparse.Namespace) -> None:
     except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError) as err:
         reason = getattr(err, "reason", None) or err
         reason = str(reason).splitlines()[0][:200] if str(reason) else type(err).__name__
+        status = getattr(err, "status", None)
+        reason = f"HTTP {status} {reason}" if status else reason
         raise UserError(f"{args.host}: Kubeflow Pipelines refused or could not be reached ({reason}); {hint}") from err
-    logger.info("submitted run %s (%d ablations) to %s", result.run_id, len(arguments["ablations"]), args.host)
+    finally:
+        scratch.cleanup()
+    logger.info("submitted run %s of %s version %s (%d ablations) to %s", result["run_id"], args.pipeline_name,
+                version, len(arguments["ablations"]), args.host)
 
 
 def trainjob_settings(args: argparse.Namespace) -> trainjob.TrainJobSettings:
@@ -260,11 +273,11 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def cmd_trainjob(args: argparse.Namespace) -> None:
     from components.common import layout_of
-    from unet3plus.config import load_config
+    from unet3plus.config import load_config, params_path
     from unet3plus.utils import atomic_path
 
     layout_of(args.dataset)
-    config = load_config(args.params, args.overrides)
+    config = load_config(params_path(args.params), args.overrides)
     name = args.name or f"unet3plus-{args.dataset}"
     settings = trainjob_settings(args)
     data_dir = args.data_dir or f"{args.data_mount}/processed/{args.dataset}"
@@ -388,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw dataset folder inside the raw-data pod, e.g. on --data-pvc (default: synthesise a "
                    "phantom dataset)")
     p.add_argument("--experiment", default=PIPELINE_NAME, help="Kubeflow experiment (default: %(default)s)")
+    p.add_argument("--pipeline-name", default=PIPELINE_NAME, metavar="NAME",
+                   help="the pipeline to add a version to, named after the git commit and the compiled YAML's "
+                   "hash; created when absent (default: %(default)s)")
+    p.add_argument("--token", default=None, metavar="TOKEN",
+                   help="bearer token for a Kubeflow behind an authenticating proxy (multi-user); prefer the "
+                   "KF_PIPELINES_TOKEN environment variable, which a process list does not show")
     p.add_argument("--run-name", default=None, help="run name (default: pipeline name and time)")
     p.add_argument("--namespace", type=_checked(trainjob.check_name, "--namespace"), default=None,
                    help="Kubernetes namespace of a multi-user deployment")

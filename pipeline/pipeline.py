@@ -22,9 +22,9 @@ from kfp.dsl.for_loop import LoopArgumentVariable
 
 from components import (evaluate_model, preprocess_data, raw_data, register_model, report_ablations, train_model,
                         validate_data)
-from components.common import IMAGE
+from components.common import IMAGE, MLFLOW_SECRET_MOUNT
 from components.launch import train_on_trainjob
-from pipeline.trainjob import MLFLOW_OPTIONAL_KEYS, MLFLOW_REQUIRED_KEYS, TrainJobSettings
+from pipeline.trainjob import TrainJobSettings
 
 PIPELINE_NAME = "unet3plus"
 
@@ -175,6 +175,9 @@ def on_cluster(
         kubernetes.add_pod_label(task, key, value)
     if gpu:
         task.set_accelerator_type(cluster.gpu_type).set_accelerator_limit(cluster.gpus)
+        # train.device/evaluate.device "auto" must not fall back to the CPU on a GPU pod (unet3plus.device,
+        # not imported here: it imports torch, and compiling stays fast without).
+        task.set_env_variable("UNET3PLUS_REQUIRE_CUDA", "1")
         if cluster.gpu_node_selector:
             kubernetes.add_node_selector(task, *cluster.gpu_node_selector)
         if cluster.gpu_toleration:
@@ -182,9 +185,8 @@ def on_cluster(
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=cluster.shm_size)
     if mlflow and cluster.mlflow_secret:
-        kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {key: key for key in MLFLOW_REQUIRED_KEYS})
-        kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {key: key for key in MLFLOW_OPTIONAL_KEYS},
-                                     optional=True)
+        # A volume, not secretAsEnv (see components.common.mlflow_environment): readable by the minimum backend.
+        kubernetes.use_secret_as_volume(task, cluster.mlflow_secret, MLFLOW_SECRET_MOUNT)
     if data and cluster.data_pvc:
         kubernetes.mount_pvc(task, cluster.data_pvc, cluster.data_mount)
     return task

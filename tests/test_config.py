@@ -69,6 +69,11 @@ def test_flat_has_one_entry_per_knob():
         ({"ablations": {"run": "a"}}, "ablations.run = 'a' has the wrong type: expected a list"),
         ({"ablations": {"variants": {"a": {"loss.cgm_weight": 0}}}}, "ablation 'a': model.cgm = true with loss.cgm_weight = 0 is refused"),
         ({"loss": {"cgm_weight": 0}}, "model.cgm = true with loss.cgm_weight = 0 is refused"),
+        # issue 20: a variant that would replace the main model in the report, or whose overrides would be ignored
+        ({"ablations": {"variants": {"main": {"model.width": 4}}}}, "ablations.variants = 'main' is invalid: expected a name other than 'main'"),
+        ({"ablations": {"variants": {"a": {"data.size": 32}}}}, "ablations.variants.a = 'data.size' is invalid: expected keys of model, loss, train, evaluate: a variant cannot change data.*"),
+        ({"ablations": {"variants": {"a": {"mlflow.experiment": "x"}}}}, "ablations.variants.a = 'mlflow.experiment' is invalid"),
+        ({"ablations": {"variants": {"a": {"register.alias": "x"}}}}, "ablations.variants.a = 'register.alias' is invalid"),
     ],
 )
 def test_bad_params_raise_config_error_naming_the_key(raw, message):

@@ -21,6 +21,7 @@ from unet3plus.data.preprocess import preprocess_dataset
 from unet3plus.errors import CheckpointError, DataError
 from unet3plus.evaluate import OVERLAY_ALPHA, OVERLAY_COLOURS, evaluate, largest_organ_slice, overlay_rgb
 from unet3plus.models import create_model
+from unet3plus.tracking import data_hash
 from unet3plus.utils import OUTPUTS_RECORD
 
 SUMMARY_KEYS = {"dice", "iou", "precision", "recall", "hd95", "assd", "dice_no_gate", "cases", "dataset"}
@@ -36,14 +37,18 @@ def tiny_config(tmp_path: Path) -> Config:
     })  # fmt: skip
 
 
-def write_tiny_checkpoint(path: Path, config: Config, organ_verdict: str, run_id: str | None = None) -> Path:
-    """An untrained width-4 network whose CGM always answers ``organ_verdict`` ("present"/"absent")."""
+def write_tiny_checkpoint(path: Path, config: Config, organ_verdict: str, run_id: str | None = None,
+                          trained_on: Path | None = None) -> Path:
+    """An untrained width-4 network whose CGM always answers ``organ_verdict`` ("present"/"absent"), "trained" on
+    the preprocessed dataset ``trained_on`` (its data hash)."""
     torch.manual_seed(0)
     model = create_model(**dataclasses.asdict(config.model))
     with torch.no_grad():
         model.cgm.conv.weight.zero_()
         model.cgm.conv.bias.copy_(torch.tensor([-5.0, 5.0] if organ_verdict == "present" else [5.0, -5.0]))
     payload = {"model": model.state_dict(), "config": config.to_dict(), "dataset": "liver", "epoch": 0, "mlflow_run_id": run_id}
+    if trained_on is not None:
+        payload["data_hash"] = data_hash(trained_on)
     return save_checkpoint(path, payload)
 
 
@@ -72,9 +77,10 @@ def evaluated(dataset, tmp_path_factory) -> dict:
     experiment_id = client.create_experiment(config.mlflow.experiment, artifact_location=(root / "artifacts").as_uri())
     run_id = client.create_run(experiment_id, tags={"role": "training"}).info.run_id
     client.set_terminated(run_id)
-    checkpoint = write_tiny_checkpoint(root / "best.pt", config, "present", run_id=run_id)
+    checkpoint = write_tiny_checkpoint(root / "best.pt", config, "present", run_id=run_id, trained_on=processed)
     summary = evaluate(config, checkpoint, processed, raw, root / "out")
-    return {"summary": summary, "out": root / "out", "config": config, "run_id": run_id, "raw": raw, "processed": processed}
+    return {"summary": summary, "out": root / "out", "config": config, "run_id": run_id, "raw": raw,
+            "processed": processed, "checkpoint": checkpoint}
 
 
 def test_evaluate_writes_metrics_per_case_predictions_and_overlays(evaluated):
@@ -85,6 +91,7 @@ def test_evaluate_writes_metrics_per_case_predictions_and_overlays(evaluated):
     assert SUMMARY_KEYS <= set(summary)
     assert json.loads((out / "metrics.json").read_text()) == summary
     assert summary["cases"] == 2 and summary["dataset"] == "liver"
+    assert summary["device"] == f"cpu ({torch.get_num_threads()} threads)"  # where it ran, also a run tag
     per_case = pd.read_csv(out / "per_case.csv", dtype={"case_id": str})
     assert PER_CASE_KEYS <= set(per_case.columns)
     assert sorted(per_case["case_id"]) == test_ids
@@ -123,6 +130,23 @@ def test_metrics_are_logged_to_the_training_run(evaluated):
     assert run.data.metrics["test_dice"] == pytest.approx(evaluated["summary"]["dice"])
     logged = {item.path for item in client.list_artifacts(evaluated["run_id"], "evaluation")}
     assert {"evaluation/metrics.json", "evaluation/per_case.csv", "evaluation/overlays"} <= logged
+
+
+def test_evaluating_on_other_data_is_a_separate_run_and_leaves_the_training_run_alone(dataset, evaluated, tmp_path):
+    """Issue 20: evaluating a checkpoint on other data overwrote its training run's test_dice."""
+    raw, _ = dataset
+    other = tmp_path / "other"  # the same scans split otherwise: another dataset (another data hash)
+    preprocess_dataset("lits", raw, other, DataConfig(size=32, workers=1, val_fraction=0.4))
+    config, run_id = evaluated["config"], evaluated["run_id"]
+    client = mlflow.MlflowClient(config.mlflow.tracking_uri)
+    summary = evaluate(config, evaluated["checkpoint"], other, raw, tmp_path / "out")
+    assert summary["data_hash"] == data_hash(other) != data_hash(evaluated["processed"])
+    assert len(client.get_metric_history(run_id, "test_dice")) == 1  # only the evaluation on its own test split
+    assert client.get_run(run_id).data.tags["processed_dir"] == str(evaluated["processed"].resolve())
+    [separate] = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.evaluates = '{run_id}'")
+    assert separate.data.tags["data_hash"] == data_hash(other) and "ablation" not in separate.data.tags
+    assert separate.data.metrics["test_dice"] == pytest.approx(summary["dice"])
+    assert separate.data.tags["processed_dir"] == str(other.resolve())
 
 
 def test_a_cgm_that_sees_no_organ_empties_the_gated_masks_only(dataset, evaluated, tmp_path):

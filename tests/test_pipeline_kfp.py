@@ -13,11 +13,12 @@ import yaml
 from kfp import compiler, local
 from packaging.specifiers import SpecifierSet
 
-from components.common import DEFAULT_IMAGE
+from components.common import DEFAULT_IMAGE, MLFLOW_SECRET_MOUNT, mlflow_environment
 from components.common import load_config as component_config
 from pipeline import DEFAULT_ABLATIONS, ClusterSettings, build_pipeline, unet3plus_pipeline
 from pipeline.__main__ import run_arguments
 from unet3plus.config import apply_overrides, load_config
+from unet3plus.device import REQUIRE_CUDA_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("raw-data", "validate-data", "preprocess-data", "train-model", "evaluate-model", "register-model")
@@ -96,10 +97,13 @@ def test_only_training_asks_for_a_gpu_and_every_step_runs_in_the_project_image(c
         container = executor["container"]
         assert container["image"] == DEFAULT_IMAGE, name
         accelerator = container.get("resources", {}).get("accelerator")
+        env = {variable["name"]: variable["value"] for variable in container.get("env", [])}
         if name.startswith("exec-train-model"):
             assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "1", name
+            # A GPU pod without CUDA (driver too old for the image's build) refuses to train on the CPU.
+            assert env == {REQUIRE_CUDA_ENV: "1"}, name
         else:
-            assert accelerator is None, name
+            assert accelerator is None and REQUIRE_CUDA_ENV not in env, name
         # The image has kfp already: nothing is pip-installed when a pod starts.
         assert "pip install" not in " ".join(container["command"]), name
 
@@ -116,15 +120,34 @@ def test_kubernetes_settings_land_on_the_right_steps(compiled):
     tracked = ("exec-train-model", "exec-train-model-2", "exec-evaluate-model", "exec-evaluate-model-2",
                "exec-register-model", "exec-report-ablations")
     for name in tracked:
-        secrets = platform[name]["secretAsEnv"]
-        assert {secret["secretName"] for secret in secrets} == {"mlflow-credentials"}
-        required = [entry for secret in secrets if not secret.get("optional") for entry in secret["keyToEnv"]]
-        assert required == [{"secretKey": "MLFLOW_TRACKING_URI", "envVar": "MLFLOW_TRACKING_URI"}], name
-    assert set(platform["exec-report-ablations"]) == {"secretAsEnv"}
+        # Mounted, not secretAsEnv: the minimum backend cannot read secretAsEnv's `optional` (test_pipeline_backend).
+        assert "secretAsEnv" not in platform[name], name
+        assert platform[name]["secretAsVolume"] == [{
+            "secretName": "mlflow-credentials", "mountPath": MLFLOW_SECRET_MOUNT, "optional": False,
+            "secretNameParameter": {"runtimeValue": {"constant": "mlflow-credentials"}}}], name
+    assert set(platform["exec-report-ablations"]) == {"secretAsVolume"}
     report = spec["deploymentSpec"]["executors"]["exec-report-ablations"]["container"]["resources"]
     assert (report["resourceCpuRequest"], report["resourceMemoryRequest"], report["resourceMemoryLimit"]) == (
         "1", "4Gi", "4Gi") and "accelerator" not in report  # its own resources ("report"), no GPU
     assert set(platform) == set(tracked)  # data steps need nothing from the cluster by default
+
+
+def test_tracking_pods_export_the_mounted_mlflow_secret(tmp_path, monkeypatch):
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    mlflow_environment(str(tmp_path / "absent"))  # not mounted (kfp.local, data steps): nothing happens
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "MLFLOW_TRACKING_USERNAME").write_text("alice")
+    with pytest.raises(Exception, match="secret.*no key MLFLOW_TRACKING_URI"):
+        mlflow_environment(str(secret))
+    (secret / "MLFLOW_TRACKING_URI").write_text("https://mlflow.example.com\n")
+    (secret / "OTHER").write_text("not exported")
+    mlflow_environment(str(secret))
+    assert os.environ["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ and "OTHER" not in os.environ
 
 
 def test_cluster_settings_can_be_changed_or_turned_off(tmp_path):
@@ -217,7 +240,7 @@ def test_nodes_replace_the_train_pod_by_a_trainjob_launcher(tmp_path):
     settings = platform["exec-train-on-trainjob"]
     assert settings["pvcMount"][0]["mountPath"] == "/mnt/workspace"
     assert settings["pvcMount"][0]["pvcNameParameter"]["runtimeValue"]["constant"] == "shared-rwx"
-    assert {secret["secretName"] for secret in settings["secretAsEnv"]} == {"mlflow-credentials"}
+    assert {secret["secretName"] for secret in settings["secretAsVolume"]} == {"mlflow-credentials"}
     assert tasks["train-on-trainjob"]["retryPolicy"]["maxRetryCount"] == 2
     assert not tasks["train-on-trainjob"]["cachingOptions"].get("enableCache")
 
@@ -286,6 +309,15 @@ def test_dockerfile_builds_the_project_with_the_pinned_dependencies():
     assert re.search(r"pip install[^\n]*-c constraints\.txt[^\n]* \.", dockerfile)
     assert re.search(r"^USER (?!root|0\b)\S+", dockerfile, re.MULTILINE)
     assert "MPLBACKEND=Agg" in dockerfile and "PYTHONUNBUFFERED=1" in dockerfile
+    # Lineage: the commit is a build argument, the OCI revision label and the variable git_commit() falls back on.
+    assert re.search(r'^ARG GIT_COMMIT=""$', dockerfile, re.MULTILINE)
+    assert 'org.opencontainers.image.revision="${GIT_COMMIT}"' in dockerfile
+    assert re.search(r"^ENV UNET3PLUS_GIT_COMMIT=\$\{GIT_COMMIT\}$", dockerfile, re.MULTILINE)
+    # Older drivers: TORCH_CUDA=cu12x installs the pinned torch/torchvision from PyTorch's CUDA 12 index first.
+    assert re.search(r'^ARG TORCH_CUDA=""$', dockerfile, re.MULTILINE)
+    assert 'pip install --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in dockerfile
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().split() if "==" in line)
+    assert "torch" in pins and "torchvision" in pins  # what the grep in the Dockerfile reads
     ignored = (ROOT / ".dockerignore").read_text().split()
     for path in (".venv", "data", "models", "mlflow.db", ".git", ".dvc/cache"):
         assert path in ignored or f"/{path}" in ignored, path

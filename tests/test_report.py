@@ -11,8 +11,10 @@ import pytest
 
 from unet3plus import tracking
 from unet3plus.cli import main
-from unet3plus.config import Config, ablation_config, config_from_dict
-from unet3plus.errors import UserError
+from unet3plus.config import Config, DataConfig, ablation_config, apply_overrides, config_from_dict
+from unet3plus.data.phantom import write_dataset
+from unet3plus.data.preprocess import preprocess_dataset
+from unet3plus.errors import ConfigError, UserError
 from unet3plus.report import (
     README_BEGIN,
     README_END,
@@ -22,16 +24,24 @@ from unet3plus.report import (
     replace_readme_block,
     write_report,
 )
+from unet3plus.train import train
 
 GRID = {"variants": {"unet": {"model.arch": "unet", "model.deep_supervision": False, "model.cgm": False},
-                     "broken": {"model.width": 2}, "dropped": {"model.width": 3}},
-        "run": ["unet", "broken"]}
+                     "broken": {"model.width": 2}, "dropped": {"model.width": 3}, "never": {"loss.iou_weight": 0}},
+        "run": ["unet", "broken", "never"]}
 
 
 def log_training(base: Config, variant: str, dataset: str, digest: str, dice: float | None, seed: int = 0,
-                 fail: bool = False) -> None:
-    """A training run as `train` + `evaluate` leave it: child of the study parent, tagged, test metrics."""
-    config = base if variant == "main" else ablation_config(base, base.ablations.get(variant))
+                 fail: bool = False, changes: tuple[str, ...] = ()) -> None:
+    """A training run as `train` + `evaluate` leave it: child of the study parent, tagged, test metrics.
+
+    ``changes``: ``section.key=value`` applied to the base (another study) when ``variant`` is main, else to
+    the variant (an earlier definition of it, same study).
+    """
+    if variant == "main":
+        base = config = apply_overrides(base, list(changes))
+    else:
+        config = apply_overrides(ablation_config(base, base.ablations.get(variant)), list(changes))
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
     parent = tracking.study_parent(base.mlflow, dataset, digest, base)
     try:
@@ -70,13 +80,22 @@ def _log_runs(config: Config) -> None:
     log_training(config, "broken", "liver", "d1", None, fail=True)
     log_training(config, "dropped", "liver", "d1", 0.99)  # not in ablations.run: not reported
     log_training(config, "main", "spleen", "d2", 0.80)
+    # Issue 20: none of these may change what the report shows for the configuration above.
+    log_training(config, "main", "liver", "d1", 0.11, changes=("train.lr=0.5",))  # a stray train --set: its own study
+    log_training(config, "main", "spleen", "d2", 0.33, changes=("model.width=16",))  # a newer study, other widths
+    log_training(config, "unet", "liver", "d1", 0.22, changes=("model.width=4",))  # an earlier definition of unet
 
 
-def test_latest_study_latest_run_per_variant_and_seed_with_mean_spread_and_failures(base):
-    runs = collect_runs(base.mlflow, base.ablations.run)
+def test_the_study_of_the_parameters_latest_run_per_variant_and_seed_with_mean_spread_and_failures(base):
+    collected = collect_runs(base)
+    runs = collected.runs
     assert sorted(zip(runs["dataset"], runs["ablation"])) == [
         ("liver", "broken"), ("liver", "main"), ("liver", "main"), ("liver", "unet"), ("spleen", "main")]
-    table = configuration_table(runs).set_index(["dataset", "variant"])
+    study = tracking.study_name("liver", "d1", base)
+    assert collected.studies["liver"].startswith(f"liver: study `{study}` (data hash d1, parameters ")
+    assert "2 other studies of this organ not shown" in collected.studies["liver"]  # old-data and the stray lr
+    assert collected.studies["spleen"].startswith(f"spleen: study `{tracking.study_name('spleen', 'd2', base)}`")
+    table = configuration_table(collected).set_index(["dataset", "variant"])
     main_liver = table.loc[("liver", "main")]
     assert main_liver["dice_mean"] == pytest.approx(0.92)
     assert main_liver["dice_std"] == pytest.approx(pd.Series([0.90, 0.94]).std()) and main_liver["seeds"] == 2
@@ -87,6 +106,38 @@ def test_latest_study_latest_run_per_variant_and_seed_with_mean_spread_and_failu
     broken = table.loc[("liver", "broken")]
     assert broken["status"] == "FAILED" and "out of memory" in broken["error"] and math.isnan(broken["dice_mean"])
     assert table.loc[("spleen", "main"), "paper_params_m"] == 26.97
+    assert table.loc[("spleen", "main"), "dice_mean"] == pytest.approx(0.80)  # not the newer width-16 study's
+    # Every name of ablations.run has a row per organ: a variant never trained (or not in this organ's study) says so.
+    assert table.loc[("liver", "never"), "status"] == table.loc[("spleen", "unet"), "status"] == "not run"
+    assert table.loc[("liver", "never"), "loss"] == "focal+ms-ssim"  # described from the parameters
+
+
+def test_parameters_without_a_study_show_every_name_as_not_run_and_say_why(base):
+    other = apply_overrides(base, ["train.epochs=3"])
+    collected = collect_runs(other)
+    assert collected.runs.empty
+    table = configuration_table(collected)
+    assert len(table) == 8 and set(table["status"]) == {"not run"}
+    assert "liver: no study of the configuration given" in collected.studies["liver"]
+    assert "train.epochs (20 there, 3 here)" in collected.studies["liver"]
+    # A seed is a repeat within the study, not another study: the main model's seeds are averaged above.
+    assert tracking.params_hash(apply_overrides(base, ["train.seed=5"])) == tracking.params_hash(base)
+
+
+def test_a_variant_that_fails_before_training_is_a_failed_row_with_its_error(tmp_path, monkeypatch):
+    """Issue 20: a missing weights file failed before the variant's run existed, and the report omitted it."""
+    write_dataset("lits", tmp_path / "raw", cases=4, seed=0, size=32, slices=8)
+    preprocess_dataset("lits", tmp_path / "raw", tmp_path / "processed", DataConfig(size=16, workers=1))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    grid = {"variants": {"vgg": {"model.encoder": "vgg16", "model.encoder_weights": str(tmp_path / "absent.pth")}},
+            "run": ["vgg"]}
+    config = config_from_dict({"ablations": grid, "mlflow": {"system_metrics": False}})
+    with pytest.raises(ConfigError, match="file not found"):
+        train(ablation_config(config, config.ablations.get("vgg")), tmp_path / "processed", tmp_path / "out",
+              ablation="vgg", base=config)
+    table = configuration_table(collect_runs(config)).set_index("variant")
+    assert table.loc["vgg", "status"] == "FAILED" and "absent.pth': file not found" in table.loc["vgg", "error"]
+    assert table.loc["main", "status"] == "not run" and not (tmp_path / "out").exists()
 
 
 def test_parameter_counts_are_the_papers_at_width_64():
@@ -103,9 +154,12 @@ def test_write_report_tables_plots_and_readme_block(base, tmp_path):
     report = (tmp_path / "reports" / "ablations.md").read_text()
     assert "| main | UNet 3+ |" in report and "0.9200 ± 0.0283 (n=2)" in report
     assert "**FAILED**: MemoryError: CUDA out of memory" in report and "1 configuration(s) failed" in report
-    assert "dropped" not in report and "0.1000" not in report
+    assert "dropped" not in report and not any(f"{dice:.4f}" in report for dice in (0.10, 0.11, 0.22, 0.33))
+    assert f"- liver: study `{tracking.study_name('liver', 'd1', base)}`" in report
+    [missing] = [line for line in report.splitlines() if line.startswith("**4 configuration(s) not run**: ")]
+    assert all(name in missing for name in ("liver never", "spleen unet", "spleen broken", "spleen never"))
     csv = pd.read_csv(tmp_path / "reports" / "ablations.csv")
-    assert len(csv) == 4 and set(csv["status"]) == {"ok", "FAILED"}
+    assert len(csv) == 8 and set(csv["status"]) == {"ok", "FAILED", "not run"}
     assert (tmp_path / "reports" / "ablations_plots" / "dice_vs_params.png").stat().st_size > 5000
     text = readme.read_text()
     assert "stale table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith(f"{README_END}\nafter\n")
@@ -138,4 +192,4 @@ def test_cli_prints_markdown_and_refuses_an_empty_store(base, tmp_path, monkeypa
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'empty.db'}")
     with pytest.raises(UserError, match="no training run"):
         mlflow.set_experiment("unet3plus")
-        collect_runs(base.mlflow)
+        collect_runs(base)

@@ -59,7 +59,8 @@ def test_configure_caps_http_retries_but_keeps_the_users_own_settings(tmp_path, 
     assert int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 2
 
 
-def test_git_commit_reads_head_of_the_repository_and_none_outside(tmp_path):
+def test_git_commit_reads_head_of_the_repository_and_none_outside(tmp_path, monkeypatch):
+    monkeypatch.delenv("UNET3PLUS_GIT_COMMIT", raising=False)
     repo = tmp_path / "repo"
     repo.mkdir()
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
@@ -71,6 +72,10 @@ def test_git_commit_reads_head_of_the_repository_and_none_outside(tmp_path):
     assert tracking.git_commit(repo) == head and len(head) == 40
     (tmp_path / "plain").mkdir()
     assert tracking.git_commit(tmp_path / "plain") is None
+    # In the project's image (no .git) the commit it was built from; a checkout still wins.
+    monkeypatch.setenv("UNET3PLUS_GIT_COMMIT", "f" * 40)
+    assert tracking.git_commit(tmp_path / "plain") == "f" * 40
+    assert tracking.git_commit(repo) == head
 
 
 def test_data_hash_is_the_md5_of_manifest_and_cases_and_changes_with_them(tmp_path):

@@ -36,6 +36,8 @@ from unet3plus.errors import CheckpointError, ConfigError, DataError
 from unet3plus.models import predict_proba
 from unet3plus.train import EpochSampler, lr_multiplier, train
 
+CPU = f"cpu ({torch.get_num_threads()} threads)"  # the device a run records (unet3plus.device.describe_device)
+
 LOSS_COLUMNS = ["loss", "loss_cgm", "loss_focal", "loss_iou", "loss_ms_ssim"]
 TINY = [
     "model.width=4",
@@ -188,6 +190,25 @@ def test_resuming_a_finished_run_trains_no_further(straight, data_dir, store, tm
     assert len(val_dice_history(uri, summary["mlflow_run_id"])) == 2  # nothing logged twice
 
 
+def test_resume_refuses_changed_train_and_loss_settings_and_records_a_longer_run(straight, data_dir, store, tmp_path):
+    """Issue 20: a new lr was silently ignored, a new loss weight used but not shown, a new optimizer a KeyError."""
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    changed = tiny_config(store, "train.lr=0.02", "loss.focal_weight=2", "train.optimizer=adamw")
+    with pytest.raises(CheckpointError) as refused:
+        train(changed, data_dir, tmp_path, resume=True)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'last.pt'}: --resume with settings other than the checkpoint's")
+    for change in ("train.lr (0.05 -> 0.02)", "loss.focal_weight (1.0 -> 2.0)", "train.optimizer ('sgd' -> 'adamw')"):
+        assert change in message
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    # Training longer is what resume is for: allowed, and the run says so (its params keep the first value).
+    summary = train(tiny_config(store, "train.epochs=3"), data_dir, tmp_path, resume=True)
+    run = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}").get_run(summary["mlflow_run_id"])
+    assert summary["epochs"] == 3 and run.data.tags["resumed_with"] == "train.epochs (2 -> 3)"
+    assert load_checkpoint(tmp_path / "last.pt")["config"]["train"]["epochs"] == 3
+
+
 @pytest.mark.parametrize("schedule", ["poly", "cosine", "constant"])
 def test_learning_rate_schedules_follow_their_formulas_per_step(schedule, store):
     config = tiny_config(store, f"train.schedule={schedule}", "train.poly_power=0.9").train
@@ -257,6 +278,7 @@ def test_training_learns_and_is_recorded_in_files_and_mlflow(data_dir, store, tm
         "best_val_dice": history.val_dice.max(),
         "best_epoch": int(history.epoch[history.val_dice.idxmax()]),
         "epochs": 15,
+        "device": CPU,
     }
     last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
     assert last["epoch"] == 15 and last["config"] == as_trained(config).to_dict() and last["dataset"] == "liver"
@@ -268,7 +290,8 @@ def test_training_learns_and_is_recorded_in_files_and_mlflow(data_dir, store, tm
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == config.mlflow.experiment
-    assert run.data.params == {key: str(value) for key, value in as_trained(config).flat().items()}
+    assert run.data.params == {**{key: str(value) for key, value in as_trained(config).flat().items()}, "device": CPU}
+    assert run.data.tags["device"] == CPU
     for column in ["lr", *LOSS_COLUMNS, "val_dice"]:
         logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, column))
         assert logged == list(zip(history.epoch, history[column])), column
@@ -356,7 +379,8 @@ def test_training_against_a_tracking_server_is_readable_over_its_rest_api(
 
     run = rest(mlflow_server.url, "runs/get", run_id=summary["mlflow_run_id"])["run"]
     assert run["info"]["status"] == "FINISHED" and not summary["mlflow_offline"]
-    assert {p["key"]: p["value"] for p in run["data"]["params"]} == {k: str(v) for k, v in as_trained(config).flat().items()}
+    assert {p["key"]: p["value"] for p in run["data"]["params"]} == {
+        **{k: str(v) for k, v in as_trained(config).flat().items()}, "device": CPU}
     assert {t["key"]: t["value"] for t in run["data"]["tags"]}["dataset"] == "liver"
     history = pd.read_csv(tmp_path / "history.csv")
     assert logged_val_dice(mlflow_server.url, summary["mlflow_run_id"]) == list(zip(history.epoch, history.val_dice))

@@ -161,6 +161,17 @@ def test_trainjob_command_writes_a_manifest_for_kubectl(validator, tmp_path):
     assert "/mnt/workspace/processed/spleen" in job["spec"]["trainer"]["args"]
 
 
+def test_trainjob_reads_the_params_yaml_of_the_working_folder_like_every_command(tmp_path, monkeypatch):
+    """Without --params, ./params.yaml is the configuration (issue 20: it trained the built-in defaults)."""
+    from pipeline.__main__ import main
+
+    (tmp_path / "params.yaml").write_text("model:\n  width: 24\ntrain:\n  optimizer: adamw\n  epochs: 3\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["trainjob", "--nodes", "2", "--gpus-per-node", "1", "--output", "job.yaml"]) == 0
+    args = yaml.safe_load((tmp_path / "job.yaml").read_text())["spec"]["trainer"]["args"]
+    assert {"model.width=24", 'train.optimizer="adamw"', "train.epochs=3"} <= set(args)
+
+
 BAD_INPUT = [
     (["compile", "--nodes", "0"], "--nodes must be a positive integer"),
     (["compile", "--nodes=-3"], "--nodes must be a positive integer"),

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from unet3plus.config import LAYOUTS, Config, ablation_config, load_config
+from unet3plus.config import LAYOUTS, Config, ablation_config, load_config, params_path
 from unet3plus.errors import DataError, UserError
 from unet3plus.utils import check_outputs, setup_logging
 
@@ -23,10 +23,7 @@ EPILOG = "Configuration: every knob lives in params.yaml; override any with --se
 
 
 def _config(args: argparse.Namespace) -> Config:
-    params = args.params
-    if params is None and Path("params.yaml").is_file():
-        params = "params.yaml"
-    config = load_config(params, args.overrides)
+    config = load_config(params_path(args.params), args.overrides)
     if getattr(args, "ablation", None):
         return ablation_config(config, config.ablations.get(args.ablation))
     return config
@@ -119,7 +116,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     check_outputs({"--out": args.out}, {})
     with store_errors(config.mlflow):
         if args.out is None:
-            sys.stdout.write(report_markdown(configuration_table(collect_runs(config.mlflow, config.ablations.run))))
+            collected = collect_runs(config)
+            sys.stdout.write(report_markdown(configuration_table(collected), collected.studies))
         else:
             write_report(config, args.out, readme=args.readme)
 
@@ -204,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
              "outputs are the same as with one process. batch_size is per process.")
     p.add_argument("--data", type=Path, required=True, help="preprocessed dataset directory (from `preprocess`)")
     p.add_argument("--out", type=Path, required=True, help="directory for checkpoints and the run summary")
-    p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out/last.pt with its settings (a changed model, train.* or loss.* setting is "
+                   "refused, except train.epochs, train.device and train.num_workers)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (opt-in: off by default because it costs minutes of compilation "
                         "and was slower than eager on the official code; measure with benchmarks/gpu_check.py)")
@@ -243,10 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="raw dataset folder to create (must not exist or be empty)")
 
     p = verb("report", cmd_report, "the ablation study's tables and plots, read back from MLflow",
-             "Collect the latest study's training runs per organ from MLflow (the main model and the variants of "
-             "ablations.run) into the paper's Table 1 (model x encoder: parameters, test Dice per organ) and Table 2 "
+             "Collect, per organ, the training runs of the newest study of these parameters (params.yaml and --set; "
+             "a study is an organ, a data hash and the model/loss/train settings, seeds aside) from MLflow: a row for "
+             "the main model and every name of ablations.run (its result, FAILED with the error, or 'not run'), in "
+             "the paper's Table 1 (model x encoder: parameters, test Dice per organ) and Table 2 "
              "(UNet 3+ by loss and CGM, with the CGM's ROC AUC / AP and false positives on organ-free slices), mean "
-             "+/- spread over seeds. Failed runs are shown with their error.")
+             "+/- spread over seeds. The report names each study shown and never mixes two.")
     p.add_argument("--out", type=Path, default=None, metavar="MD",
                    help="write the markdown here, with .csv and .json beside it and plots in <stem>_plots/ "
                    "(default: print the markdown)")

@@ -195,6 +195,12 @@ class AblationConfig:
 
 
 VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9_]*")
+MAIN = "main"
+"""The ``ablation`` tag of the main model's runs: reserved, no variant may take it."""
+VARIANT_SECTIONS = ("model", "loss", "train", "evaluate")
+"""What a variant may override. ``data`` is the preprocessed data's (training uses the section the data was made
+with, shared by every variant), ``mlflow`` would send the run out of the study's experiment, ``register`` is
+never used (variants are not registered): such overrides would be silently ignored or lost, so they are refused."""
 
 
 @dataclass
@@ -228,8 +234,15 @@ class AblationsConfig:
         for name, overrides in self.variants.items():
             _check(isinstance(name, str) and VARIANT_NAME.fullmatch(name) is not None, "ablations.variants", name,
                    "variant names of lower-case letters, digits and '_' (they become DVC stage names)")
+            _check(name != MAIN, "ablations.variants", name,
+                   f"a name other than {MAIN!r} (the main model's runs are tagged ablation={MAIN})")
             _check(isinstance(overrides, dict), f"ablations.variants.{name}", overrides,
                    "a mapping of section.key: value overrides")
+            for key in overrides:
+                _check(str(key).partition(".")[0] in VARIANT_SECTIONS, f"ablations.variants.{name}", key,
+                       f"keys of {', '.join(VARIANT_SECTIONS)}: a variant cannot change data.* (training uses the "
+                       "preprocessed data's section, shared by all variants), mlflow.* (its run would leave the "
+                       "study) or register.* (variants are never registered)")
         _check(len(self.run) == len(set(self.run)), "ablations.run", self.run, "unique names")
         unknown = [name for name in self.run if name not in self.variants]
         _check(not unknown, "ablations.run", unknown, f"names of ablations.variants ({', '.join(self.variants) or 'none defined'})")
@@ -417,6 +430,13 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
     return config_from_dict(raw)
+
+
+def params_path(path: str | os.PathLike | None) -> Path | None:
+    """The parameters file a command reads: ``path`` when given, else ``./params.yaml`` if present, else None (defaults)."""
+    if path is None:
+        return Path("params.yaml") if Path("params.yaml").is_file() else None
+    return Path(path)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

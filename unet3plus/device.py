@@ -3,21 +3,70 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+from pathlib import Path
 
 import torch
+
+from unet3plus.errors import UserError
+
+REQUIRE_CUDA_ENV = "UNET3PLUS_REQUIRE_CUDA"
+"""``1`` on the pipeline's GPU steps: there ``auto`` refuses to fall back to the CPU (:func:`select_device`)."""
+
+MIN_DRIVER = {"12": "525.60.13", "13": "580.65.06"}
+"""Oldest Linux NVIDIA driver per CUDA major version of the torch build (CUDA minor-version compatibility)."""
+
+
+def nvidia_driver_version(proc_file: str | os.PathLike = "/proc/driver/nvidia/version") -> str | None:
+    """The NVIDIA kernel driver's version (``580.65.06``), or None when no driver is visible."""
+    try:
+        text = Path(proc_file).read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
+    return match.group(1) if match else None
+
+
+def cuda_unavailable_reason(driver: str | None) -> str:
+    """Why CUDA is unavailable, naming the torch build's CUDA version and the driver it needs against ``driver``."""
+    cuda = torch.version.cuda
+    if cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    needed = MIN_DRIVER.get(cuda.split(".")[0], "?")
+    if driver is None:
+        return (f"no NVIDIA driver is visible in this container (torch {torch.__version__} is built for CUDA {cuda}, "
+                f"driver >= {needed}); is the pod on a GPU node with the NVIDIA container runtime?")
+    return (f"torch {torch.__version__} is built for CUDA {cuda}, which needs NVIDIA driver >= {needed}, but this "
+            f"node's driver is {driver}; use the image built with --build-arg TORCH_CUDA=cu128 (CUDA 12, driver >= "
+            f"{MIN_DRIVER['12']}) or GPU nodes with a newer driver")
+
+
+def describe_device(device: torch.device) -> str:
+    """What a run records as its device: ``cuda:0 (NVIDIA H200, CUDA 13.0, driver 580.65.06)`` or ``cpu (8 threads)``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return (f"cuda:{index} ({torch.cuda.get_device_name(index)}, CUDA {torch.version.cuda}, "
+                f"driver {nvidia_driver_version() or 'unknown'})")
+    return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
 def select_device(preference: str = "auto") -> torch.device:
     """Return the torch device to use.
 
     Args:
-        preference: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
-            ``"cuda:N"``.
+        preference: ``"auto"`` (CUDA when available, else CPU; CUDA required where the pipeline
+            asked for GPUs, :data:`REQUIRE_CUDA_ENV`), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
 
     Raises:
+        UserError: GPUs were requested (:data:`REQUIRE_CUDA_ENV`) but CUDA is unavailable; the
+            message names the torch build's CUDA version, the driver it needs and the node's.
         ValueError: if CUDA is asked for but not available.
     """
     if preference == "auto":
+        if os.environ.get(REQUIRE_CUDA_ENV) == "1" and not torch.cuda.is_available():
+            raise UserError(f"GPUs were requested for this step, but CUDA is unavailable: "
+                            f"{cuda_unavailable_reason(nvidia_driver_version())}")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(preference)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -46,7 +46,7 @@ from unet3plus.data.dataset import load_preprocessed, load_sample
 from unet3plus.data.geometry import VolumeGeometry, restore_volume
 from unet3plus.data.preprocess import window_hu
 from unet3plus.data.sources import organ_mask, read_volume
-from unet3plus.device import prepare_model, select_device
+from unet3plus.device import describe_device, prepare_model, select_device
 from unet3plus.errors import DataError
 from unet3plus.metrics import METRIC_NAMES, dice, summarise, volume_metrics
 from unet3plus.models import predict_proba
@@ -305,7 +305,8 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
     Returns:
         The content of ``metrics.json`` (NaN means written as None), which also records what was
         scored: ``checkpoint_sha256`` (content hash of ``checkpoint``) and ``data_hash``
-        (:func:`unet3plus.tracking.data_hash` of ``data_dir``), checked by ``register``.
+        (:func:`unet3plus.tracking.data_hash` of ``data_dir``), checked by ``register``, and
+        ``device`` (:func:`unet3plus.device.describe_device`), also the run's ``evaluate_device`` tag.
 
     Raises:
         CheckpointError: the checkpoint is missing or corrupt.
@@ -325,6 +326,8 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         check_replaceable(out_dir, outputs, "use another --out, or --force")
     scored = {"checkpoint_sha256": file_digest(checkpoint), "data_hash": data_hash(data_dir)}
     device = select_device(config.evaluate.device)
+    device_name = describe_device(device)
+    logger.info("evaluating on %s", device_name)
     network = prepare_model(model_from_checkpoint(payload), device, config.train.mixed_precision)
     forward = _both_probabilities(network)
 
@@ -348,7 +351,8 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         summary = _json_safe({**summarise(rows, SUMMARY_METRICS), **cgm,
                               "fp_organ_free": int(per_case["fp_organ_free"].sum()),
                               "fp_organ_free_no_gate": int(per_case["fp_organ_free_no_gate"].sum()),
-                              "dataset": metadata["dataset"], "threshold": config.evaluate.threshold, **scored})
+                              "dataset": metadata["dataset"], "threshold": config.evaluate.threshold, **scored,
+                              "device": device_name})
         _replace_dir(predictions_tmp, out_dir / "predictions")
         _replace_dir(overlays_tmp, out_dir / "overlays")
     with atomic_path(out_dir / "per_case.csv") as tmp:
@@ -359,15 +363,29 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
                 summary["dice"], summary["dice_no_gate"])
     # Where `unet3plus report` finds the predictions, labels and images for its overlay grid.
     places = {"evaluation_dir": out_dir, "raw_dir": raw_dir, "processed_dir": data_dir}
-    _log_to_mlflow(config, payload, summary, out_dir, {key: str(path.resolve()) for key, path in places.items()})
+    _log_to_mlflow(config, payload, summary, out_dir, {**{key: str(path.resolve()) for key, path in places.items()},
+                                                       "evaluate_device": summary["device"]})
     return summary
 
 
 def _log_to_mlflow(config: Config, payload: dict[str, Any], summary: dict[str, Any], out_dir: Path,
                    tags: dict[str, str]) -> None:
-    """Add the test metrics, ``tags`` and evaluation files to the training run (a new run if it is gone)."""
+    """Add the test metrics, ``tags`` and evaluation files to the run they belong to.
+
+    On the model's own test split (the data hash its checkpoint records) that is the training run
+    (a new run if it is gone); on other data a separate evaluation run, tagged ``evaluates`` (the
+    training run) and ``data_hash``, so that the training run's ``test_*`` metrics stay those of
+    its own test split and the ablation report never mixes in other data.
+    """
     numbers = {f"test_{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    with open_run(config.mlflow, run_id=payload.get("mlflow_run_id"), run_name=f"evaluate-{summary['dataset']}") as run:
+    training_run = payload.get("mlflow_run_id")
+    own_data = payload.get("data_hash") == summary["data_hash"]
+    if not own_data:
+        logger.info("%s is not the data this model was trained on: its results go to a separate evaluation run",
+                    tags["processed_dir"])
+        tags = {**tags, "evaluates": str(training_run), "data_hash": summary["data_hash"], "dataset": summary["dataset"]}
+    name = f"evaluate-{summary['dataset']}" + ("" if own_data else f" on data {summary['data_hash'][:8]}")
+    with open_run(config.mlflow, run_id=training_run if own_data else None, run_name=name) as run:
         run.log_metrics(numbers, step=0)
         run.set_tags(tags)
         for name in ("metrics.json", "per_case.csv"):

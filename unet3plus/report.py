@@ -2,19 +2,22 @@
 
 Every training run carries an ``ablation`` tag (``main`` or a name of ``ablations.variants``) and is
 the child of its study's parent run (:func:`unet3plus.tracking.study_parent`); evaluation adds the
-test metrics to it. :func:`collect_runs` takes, per organ, the children of the latest study, the
-latest run per (variant, seed); :func:`configuration_table` gives a row per variant and organ
-(architecture, encoder, deep supervision, CGM, loss) with mean and spread over seeds;
-:func:`write_report` writes the markdown tables, a CSV, a JSON of the numbers (DVC metrics) and the
-plots. A failed run is shown as such, with its error, next to the rows that finished.
+test metrics to it. :func:`collect_runs` takes, per organ, the newest study of the parameters given
+(never rows of two studies) and in it the latest run per (name, seed) whose settings are the name's
+today; :func:`configuration_table` gives a row per organ for the main model and every name of
+``ablations.run`` (architecture, encoder, deep supervision, CGM, loss) with mean and spread over seeds,
+or why there is no result (FAILED with its error, not run); :func:`write_report` writes the markdown
+tables, naming the studies shown, a CSV, a JSON of the numbers (DVC metrics) and the plots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from unet3plus.config import Config, MlflowConfig
+from unet3plus import tracking
+from unet3plus.config import MAIN, Config, ablation_config
 from unet3plus.errors import UserError
 from unet3plus.tracking import check_access, configure_for_reading
 from unet3plus.utils import atomic_path, write_json_atomic, write_text_atomic
@@ -60,20 +64,72 @@ def parameter_count(model: dict[str, Any]) -> float:
     return sum(p.numel() for p in network.parameters()) / 1e6
 
 
-def collect_runs(mlflow_config: MlflowConfig, ablations: list[str] | None = None) -> pd.DataFrame:
-    """One row per training run of the latest study of each organ (latest run per variant and seed).
+@dataclass
+class StudyRuns:
+    """The runs :func:`write_report` shows, per organ the study of the parameters given.
+
+    Attributes:
+        runs: one row per training run kept (see :func:`collect_runs`).
+        expected: one row per organ and name of ``main`` + ``ablations.run``: ``dataset``, ``ablation``,
+            :data:`KEY`, ``params_m`` (each name gets a row in the tables, "not run" without a run).
+        studies: per organ, one line naming the study shown (or saying that none has these parameters).
+    """
+
+    runs: pd.DataFrame
+    expected: pd.DataFrame
+    studies: dict[str, str]
+
+
+def _describe(config: Config) -> dict[str, Any]:
+    """The :data:`KEY` columns and ``params_m`` of the model ``config`` trains."""
+    model = dataclasses.asdict(config.model)
+    return {"model": model["arch"], "encoder": model["encoder"], "DS": bool(model["deep_supervision"]),
+            "CGM": bool(model["cgm"]), "loss": tracking.loss_name(config.loss), "params_m": parameter_count(model)}
+
+
+def _pick_study(parents: pd.DataFrame, dataset: str, config: Config) -> tuple[str | None, str]:
+    """The run id of ``dataset``'s newest study of ``config``'s parameters (None: there is none) and a line naming it."""
+    wanted = tracking.params_hash(config)[:8]
+    mine = parents[parents["tags.dataset"] == dataset]
+    matching = mine[mine["tags.study"].fillna("").str.endswith(f"-{wanted}")]
+    if len(matching):
+        study = matching.iloc[0]  # newest first
+        others = len(mine) - 1
+        return study["run_id"], (
+            f"{dataset}: study `{study['tags.study']}` (data hash {study['tags.data_hash'][:8]}, parameters "
+            f"{wanted} = the configuration given), started {study['start_time']:%Y-%m-%d %H:%M} UTC"
+            + (f"; {others} other stud{'y' if others == 1 else 'ies'} of this organ not shown" if others else ""))
+    if mine.empty:
+        return None, f"{dataset}: no study"
+    latest = mine.iloc[0]
+    differ = [f"{key} ({latest.get(f'params.{key}')} there, {value} here)"
+              for key, value in tracking.study_params(config).items() if latest.get(f"params.{key}") != value]
+    return None, (f"{dataset}: no study of the configuration given (parameters {wanted}); the latest, "
+                  f"`{latest['tags.study']}`, differs in {', '.join(differ[:5]) or 'settings it does not record'}: "
+                  "run the study (`dvc repro`), or report with its parameters")
+
+
+def collect_runs(config: Config, datasets: list[str] | None = None) -> StudyRuns:
+    """The runs of the study of ``config``'s parameters, per organ: the main model and each name of ``ablations.run``.
+
+    A study (:func:`unet3plus.tracking.study_parent`) is an organ, a data hash and the base parameters
+    (:func:`unet3plus.tracking.study_params`); per organ the newest study whose parameters are ``config``'s is
+    shown, never rows of two studies. In it, a run counts for a name when its own parameters are what
+    ``config`` says for that name today (an earlier definition of a variant is left out), latest run per seed.
 
     Args:
-        mlflow_config: tracking URI (``MLFLOW_TRACKING_URI`` wins) and experiment.
-        ablations: keep only these variants (and ``main``); None keeps all.
+        config: the parameters (``params.yaml`` with any ``--set``): study, names and variants, ``mlflow``.
+        datasets: only these organs (default: every organ with a study in the experiment).
 
     Returns:
-        Columns ``dataset, ablation, seed, status, error, run_id`` + :data:`KEY` + ``params_m`` and
-        every ``test_*`` metric, plus the ``evaluation_dir``/``raw_dir``/``processed_dir`` tags.
+        :class:`StudyRuns`; ``runs`` has columns ``dataset, ablation, seed, status, error, run_id`` +
+        :data:`KEY` + ``params_m`` and every ``test_*`` metric, plus the ``evaluation_dir``/``raw_dir``/
+        ``processed_dir`` tags.
 
     Raises:
         UserError: no such experiment, or no training run in it.
     """
+    mlflow_config = config.mlflow
     uri = configure_for_reading(mlflow_config)  # capped HTTP retries; never creates a store
     check_access(uri)
     where = f"experiment {mlflow_config.experiment!r} at {uri}"
@@ -82,53 +138,66 @@ def collect_runs(mlflow_config: MlflowConfig, ablations: list[str] | None = None
     runs = mlflow.search_runs(experiment_names=[mlflow_config.experiment], order_by=["attributes.start_time DESC"])
     if "tags.ablation" not in runs or runs["tags.ablation"].isna().all():
         raise UserError(f"{where}: no training run; run `dvc repro` (or `unet3plus train`) first")
-    parents = runs[runs["tags.study_parent"] == "true"] if "tags.study_parent" in runs else runs.iloc[:0]
-    children = runs[runs["tags.ablation"].notna()].copy()
-    parent_column = "tags.mlflow.parentRunId"
-    if parent_column in children and not parents.empty:
-        latest = parents.drop_duplicates("tags.dataset")["run_id"]  # runs are newest first
-        children = children[children[parent_column].isin(set(latest))]
-    if ablations is not None:
-        children = children[children["tags.ablation"].isin(["main", *ablations])]
-    children = children.drop_duplicates(["tags.dataset", "tags.ablation", "params.train.seed"])
-    rows = []
-    for _, run in children.iterrows():
-        model = {key.removeprefix("params.model."): _value(run[key]) for key in run.index
-                 if key.startswith("params.model.")}
-        loss = {key.removeprefix("params.loss."): _value(run[key]) for key in run.index if key.startswith("params.loss.")}
-        parts = [n for n, w in (("focal", "focal_weight"), ("ms-ssim", "ms_ssim_weight"), ("iou", "iou_weight"))
-                 if float(loss[w]) > 0]
-        rows.append({
-            "dataset": run["tags.dataset"], "ablation": run["tags.ablation"], "seed": _value(run["params.train.seed"]),
-            "status": run["status"], "error": run.get("tags.error") if isinstance(run.get("tags.error"), str) else "",
-            "run_id": run["run_id"], "model": model["arch"], "encoder": model["encoder"],
-            "DS": bool(model["deep_supervision"]), "CGM": bool(model["cgm"]),
-            "loss": "hybrid" if len(parts) == 3 else "+".join(parts), "params_m": parameter_count(model),
-            **{key.removeprefix("metrics."): run[key] for key in run.index if key.startswith("metrics.test_")},
-            **{name: run.get(f"tags.{name}") for name in ("evaluation_dir", "raw_dir", "processed_dir")},
-        })
-    logger.info("%s: %d training run(s) in the latest studies", where, len(rows))
-    return pd.DataFrame(rows)
+    for column in ("tags.study_parent", "tags.study", "tags.mlflow.parentRunId"):
+        if column not in runs:
+            runs[column] = None
+    parents = runs[runs["tags.study_parent"] == "true"]
+    variants = {MAIN: config, **{name: ablation_config(config, config.ablations.get(name))
+                                 for name in config.ablations.run}}
+    wanted = {name: tracking.study_params(variant) for name, variant in variants.items()}
+    datasets = sorted(set(runs["tags.dataset"].dropna()) if datasets is None else datasets)
+    rows, expected, studies, stale = [], [], {}, 0
+    for dataset in datasets:
+        study, studies[dataset] = _pick_study(parents, dataset, config)
+        expected += [{"dataset": dataset, "ablation": name, **_describe(variant)} for name, variant in variants.items()]
+        children = runs[(runs["tags.mlflow.parentRunId"] == study) & runs["tags.ablation"].isin(list(variants))]
+        current = children.apply(lambda run: all(run.get(f"params.{key}") == value
+                                                 for key, value in wanted[run["tags.ablation"]].items()), axis=1)
+        stale += int((~current).sum()) if len(children) else 0
+        for _, run in children[current].drop_duplicates(["tags.ablation", "params.train.seed"]).iterrows():
+            name = run["tags.ablation"]
+            rows.append({
+                "dataset": dataset, "ablation": name, "seed": _value(run["params.train.seed"]),
+                "status": run["status"], "error": run.get("tags.error") if isinstance(run.get("tags.error"), str) else "",
+                "run_id": run["run_id"], **_describe(variants[name]),
+                **{key.removeprefix("metrics."): run[key] for key in run.index if key.startswith("metrics.test_")},
+                **{tag: run.get(f"tags.{tag}") for tag in ("evaluation_dir", "raw_dir", "processed_dir")},
+            })
+    if stale:
+        logger.info("%d run(s) of an earlier definition of a variant left out", stale)
+    logger.info("%s: %d training run(s) in the studies shown", where, len(rows))
+    columns = ["dataset", "ablation", "seed", "status", "error", "run_id", *KEY, "params_m"]
+    return StudyRuns(pd.DataFrame(rows, columns=None if rows else columns), pd.DataFrame(expected), studies)
 
 
-def configuration_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per variant (configuration) and organ: mean and spread (sample std) of the test Dice over seeds, and more.
+def configuration_table(collected: StudyRuns) -> pd.DataFrame:
+    """Per organ and name (main and ``ablations.run``): mean and spread (sample std) of the test Dice over seeds.
 
-    A variant whose runs all failed or were never evaluated has NaN Dice and its ``status``
-    and ``error`` say why.
+    ``status`` is ``ok``, ``FAILED`` (every run failed; ``error`` says why), ``running``, ``not evaluated``
+    or ``not run``; Dice is NaN unless ``ok``.
     """
     rows = []
-    for (dataset, variant), group in runs.groupby(["dataset", "ablation"], sort=False):
-        key = [group[column].iloc[0] for column in KEY]
+    runs = collected.runs
+    for _, wanted in collected.expected.iterrows():
+        dataset, variant = wanted["dataset"], wanted["ablation"]
+        group = runs[(runs["dataset"] == dataset) & (runs["ablation"] == variant)] if len(runs) else runs
+        key = [wanted[column] for column in KEY]
         dice = group["test_dice"].dropna() if "test_dice" in group else pd.Series(dtype=float)
         failed = group[group["status"] == "FAILED"]
-        status = "ok" if len(dice) else ("FAILED" if len(failed) else "not evaluated")
+        if len(dice):
+            status = "ok"
+        elif group.empty:
+            status = "not run"
+        elif len(failed) == len(group):
+            status = "FAILED"
+        else:
+            status = "running" if (group["status"] == "RUNNING").any() else "not evaluated"
         row = {"dataset": dataset, "variant": variant, **dict(zip(KEY, key)),
-               "params_m": group["params_m"].iloc[0], "paper_params_m": PAPER_PARAMS.get((key[0], key[1])),
+               "params_m": wanted["params_m"], "paper_params_m": PAPER_PARAMS.get((key[0], key[1])),
                "dice_mean": dice.mean() if len(dice) else math.nan,
                "dice_std": dice.std() if len(dice) > 1 else math.nan, "seeds": len(dice),
                "paper_dice": PAPER_DICE.get(tuple(key), {}).get(dataset), "status": status,
-               "failed_runs": len(failed), "error": "; ".join(e for e in failed["error"] if e)}
+               "failed_runs": len(failed), "error": "; ".join(e for e in failed["error"] if e) if len(failed) else ""}
         for column in CGM_COLUMNS:
             row[column.removeprefix("test_")] = group[column].mean() if column in group else math.nan
         rows.append(row)
@@ -206,13 +275,18 @@ FOOTNOTE = (
 )
 
 
-def report_markdown(table: pd.DataFrame) -> str:
-    """The whole ``ablations.md``: introduction, failures (if any), Table 1, Table 2."""
+def report_markdown(table: pd.DataFrame, studies: dict[str, str]) -> str:
+    """The whole ``ablations.md``: introduction, the studies shown, failures and names not run (if any), Tables 1, 2."""
     failed = table[table["status"] == "FAILED"]
-    text = ["# Ablation study", "", INTRODUCTION, ""]
+    missing = table[table["status"] == "not run"]
+    text = ["# Ablation study", "", INTRODUCTION, "", "Studies shown (one per organ, never mixed):", "",
+            *[f"- {line}" for line in studies.values()], ""]
     if len(failed):
         text += [f"**{len(failed)} configuration(s) failed**: " + "; ".join(
             f"{r['dataset']} {r['variant']} ({r['error'][:200] or 'no error recorded'})" for _, r in failed.iterrows()), ""]
+    if len(missing):
+        text += [f"**{len(missing)} configuration(s) not run**: "
+                 + ", ".join(f"{r['dataset']} {r['variant']}" for _, r in missing.iterrows()), ""]
     text += ["## Table 1: architectures and encoders", "", table1_markdown(table),
              "## Table 2: UNet 3+ by loss and CGM", "", table2_markdown(table), FOOTNOTE, ""]
     return "\n".join(text)
@@ -334,7 +408,8 @@ def plot_overlay_grid(runs: pd.DataFrame, dataset: str, path: Path, cases: int =
 def write_report(config: Config, out: str | os.PathLike, readme: str | os.PathLike | None = None) -> pd.DataFrame:
     """Write ``out`` (markdown), ``out`` with ``.csv`` and ``.json`` and the plots in ``<out stem>_plots/``.
 
-    Only variants named in ``config.ablations.run`` (and the main model) are reported. With
+    The main model and every name of ``config.ablations.run`` get a row per organ, from the study of
+    ``config``'s parameters (:func:`collect_runs`). With
     ``readme``, the results block between :data:`README_BEGIN` and :data:`README_END` is replaced too.
 
     Returns:
@@ -345,12 +420,13 @@ def write_report(config: Config, out: str | os.PathLike, readme: str | os.PathLi
     """
     out = Path(out)
     readme_text = _check_readme(Path(readme)) if readme else None
-    runs = collect_runs(config.mlflow, config.ablations.run)
-    table = configuration_table(runs)
+    collected = collect_runs(config)
+    runs, table = collected.runs, configuration_table(collected)
     plots = out.parent / f"{out.stem}_plots"
     plots.mkdir(parents=True, exist_ok=True)
     plot_dice_vs_params(table, plots / "dice_vs_params.png")
-    plot_per_case_dice(runs, plots / "per_case_dice.png")
+    if len(runs):
+        plot_per_case_dice(runs, plots / "per_case_dice.png")
     for dataset in sorted(runs["dataset"].unique()):
         plot_overlay_grid(runs, dataset, plots / f"overlays_{dataset}.png")
     with atomic_path(out.with_suffix(".csv")) as tmp:
@@ -358,7 +434,7 @@ def write_report(config: Config, out: str | os.PathLike, readme: str | os.PathLi
     numbers = {f"{row['dataset']}/{row['variant']}": {"dice": None if math.isnan(row["dice_mean"])
                else row["dice_mean"], "status": row["status"]} for _, row in table.iterrows()}
     write_json_atomic(out.with_suffix(".json"), numbers)
-    write_text_atomic(out, report_markdown(table))
+    write_text_atomic(out, report_markdown(table, collected.studies))
     if readme_text is not None:
         write_text_atomic(readme, replace_readme_block(readme_text, readme_block(runs, table)))
     logger.info("%d configuration(s) of %d run(s) written to %s and %s", len(table), len(runs), out, plots)

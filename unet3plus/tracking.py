@@ -171,16 +171,19 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
 
 
 def git_commit(path: str | os.PathLike = ".") -> str | None:
-    """The commit checked out in the git repository containing ``path``.
+    """The commit checked out in the git repository containing ``path``, else the one the image was built from.
 
     Returns:
-        The full hash of ``HEAD``, or None outside a git repository (or without git).
+        The full hash of ``HEAD``; outside a git repository (or without git), ``UNET3PLUS_GIT_COMMIT``
+        (set by the project's image from its ``GIT_COMMIT`` build argument), or None.
     """
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
+        result = None
+    if result is not None and result.returncode == 0:
+        return result.stdout.strip()
+    return os.environ.get("UNET3PLUS_GIT_COMMIT") or None
 
 
 def git_dirty(path: str | os.PathLike = ".") -> bool | None:
@@ -282,23 +285,43 @@ def run_name(config: Config, dataset: str) -> str:
                        "CGM" if model.cgm else "no CGM", loss_name(config.loss)])
 
 
+STUDY_SECTIONS = ("model", "loss", "train")
+
+
+def study_params(config: Config) -> dict[str, str]:
+    """The settings that make a study, as MLflow params (strings): every ``model.*``, ``loss.*``, ``train.*``.
+
+    ``train.seed`` is left out: seeds repeat a configuration within its study (the report gives mean and
+    spread over them). The data have their own hash; ``evaluate``, ``register`` and ``mlflow`` do not change
+    what is trained.
+    """
+    return {key: str(value) for key, value in config.flat().items()
+            if key.partition(".")[0] in STUDY_SECTIONS and key != "train.seed"}
+
+
 def params_hash(config: Config) -> str:
-    """md5 of every knob of ``config`` except its ablations: runs of one study share it."""
-    return hashlib.md5(json.dumps(config.flat(), sort_keys=True, default=str).encode()).hexdigest()
+    """md5 of :func:`study_params`: the base parameters of every run of one study share it."""
+    return hashlib.md5(json.dumps(study_params(config), sort_keys=True).encode()).hexdigest()
+
+
+def study_name(dataset: str, data_digest: str, base: Config) -> str:
+    """The ``study`` tag of a study: ``<dataset>-<data hash[:8]>-<params hash[:8]>``."""
+    return f"{dataset}-{data_digest[:8]}-{params_hash(base)[:8]}"
 
 
 def study_parent(mlflow_config: MlflowConfig, dataset: str, data_digest: str, base: Config) -> str | None:
     """The parent run of a study (``dataset``, data hash, hash of the base parameters), created when new.
 
     The parent is a finished run named ``<dataset> study <data hash[:8]>/<params hash[:8]>``
-    tagged ``study`` and ``study_parent=true``, holding the base parameters; every training run
+    tagged ``study`` (:func:`study_name`) and ``study_parent=true``, holding the base parameters
+    (:func:`study_params`); every training run
     of the study (the main model and each ablation) is its child, and moves the parent's end time
     to its own end (:meth:`TrackedRun.end`), so the parent's duration spans the study.
 
     Returns:
         The parent's run id, or None when MLflow fails (a warning; the child then runs alone).
     """
-    study = f"{dataset}-{data_digest[:8]}-{params_hash(base)[:8]}"
+    study = study_name(dataset, data_digest, base)
     try:
         client = mlflow.MlflowClient(configure(mlflow_config))
         experiment = client.get_experiment_by_name(mlflow_config.experiment)
@@ -317,8 +340,7 @@ def study_parent(mlflow_config: MlflowConfig, dataset: str, data_digest: str, ba
             run_name=f"{dataset} study {data_digest[:8]}/{params_hash(base)[:8]}",
             tags={"study": study, "study_parent": "true", "dataset": dataset, "data_hash": data_digest},
         )
-        client.log_batch(parent.info.run_id, params=[Param(k, str(v)[:6000])
-                                                     for k, v in base.flat().items()])
+        client.log_batch(parent.info.run_id, params=[Param(k, v[:6000]) for k, v in study_params(base).items()])
         client.set_terminated(parent.info.run_id, "FINISHED")
         # Variants of one study started at the same moment (a parallel ablation) may each have
         # created a parent: all of them keep the oldest, and the others delete their own.

@@ -48,9 +48,9 @@ from tqdm import tqdm
 
 from unet3plus import tracking
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
-from unet3plus.config import Config, TrainConfig, config_from_dict
+from unet3plus.config import MAIN, Config, LossConfig, TrainConfig, config_from_dict
 from unet3plus.data.dataset import SliceDataset, load_preprocessed
-from unet3plus.device import autocast_context, memory_format_for, prepare_model, select_device
+from unet3plus.device import autocast_context, describe_device, memory_format_for, prepare_model, select_device
 from unet3plus.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
 from unet3plus.losses import Criterion
 from unet3plus.metrics import dice
@@ -64,7 +64,7 @@ VAL_THRESHOLD = 0.5  # probability above which a pixel counts as organ in the va
 
 def train(
     config: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, resume: bool = False,
-    force: bool = False, compile_model: bool = False, ablation: str = "main", base: Config | None = None,
+    force: bool = False, compile_model: bool = False, ablation: str = MAIN, base: Config | None = None,
 ) -> dict[str, Any]:
     """Train the model of ``config`` on a preprocessed dataset and track the run in MLflow.
 
@@ -73,7 +73,8 @@ def train(
             sections are used.
         data_dir: a directory written by :func:`unet3plus.data.preprocess.preprocess_dataset`.
         out_dir: where checkpoints, history and summary go (created).
-        resume: continue from ``out_dir/last.pt`` (same model section and dataset) up to
+        resume: continue from ``out_dir/last.pt`` (same model, train and loss settings, except
+            :data:`RESUME_MAY_CHANGE`, and dataset) up to
             ``config.train.epochs``, and continue its MLflow run when the store still has it;
             metrics the run missed while tracking was unavailable are logged then. The dataset
             must be the one ``last.pt`` was trained on (same data hash).
@@ -98,14 +99,14 @@ def train(
     """
     try:
         return _train(config, Path(data_dir), Path(out_dir), resume, force, compile_model, ablation, base)
-    except UserError:
+    except Exception as err:
         # A refusal (bad setting, data, checkpoint or output folder) writes nothing, the tracking
         # store included; failures once training runs end as a FAILED run (see tracking.open_run).
-        raise
-    except Exception as err:
         # An unexpected failure before the MLflow run started (e.g. out of memory while building
-        # the model) still leaves a FAILED run with the error, so the report and the UI show it.
-        if "RANK" not in os.environ or os.environ["RANK"] == "0":
+        # the model), and a variant whose own settings cannot train (e.g. its encoder_weights file
+        # is missing), still leave a FAILED run with the error, so the report and the UI show it.
+        refusal = isinstance(err, UserError) and not (ablation != MAIN and isinstance(err, ConfigError))
+        if not refusal and ("RANK" not in os.environ or os.environ["RANK"] == "0"):
             recorded = hasattr(err, "mlflow_run_id")
             readable = all((Path(data_dir) / name).is_file() for name in ("cases.json", "manifest.csv"))
             if not recorded and not resume and readable:
@@ -116,13 +117,18 @@ def train(
 
 
 def _run_identity(config: Config, base: Config | None, data_dir: Path, dataset: str, ablation: str,
-                  new: bool) -> dict[str, Any]:
-    """Name, tags, params and study parent of a training run (the parent only for a ``new`` run)."""
+                  new: bool, device: str) -> dict[str, Any]:
+    """Name, tags, params and study parent of a training run (the parent only for a ``new`` run).
+
+    ``device`` (:func:`describe_device`) is a param of a new run and the ``device`` tag of every
+    start, so a run resumed elsewhere says where it ended.
+    """
     parent = None
     if new:
         parent = tracking.study_parent(config.mlflow, dataset, tracking.data_hash(data_dir), base or config)
-    return {"run_name": tracking.run_name(config, dataset), "params": config.flat(), "parent_run_id": parent,
-            "tags": {**tracking.run_tags(data_dir, dataset), "ablation": ablation}}
+    return {"run_name": tracking.run_name(config, dataset), "params": {**config.flat(), "device": device},
+            "parent_run_id": parent,
+            "tags": {**tracking.run_tags(data_dir, dataset), "ablation": ablation, "device": device}}
 
 
 def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: bool, compile_model: bool,
@@ -150,7 +156,7 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(out_dir / "last.pt")
-        _check_resumable(checkpoint, config, dataset_name, out_dir / "last.pt", fingerprint)
+        allowed_changes = _check_resumable(checkpoint, config, dataset_name, out_dir / "last.pt", fingerprint)
         summary_path = out_dir / "train_summary.json"
         done = checkpoint["epoch"] >= train_config.epochs
         summary = json.loads(summary_path.read_text()) if done and summary_path.is_file() else {}
@@ -173,6 +179,9 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
+    device_name = describe_device(device)
+    if master:
+        logger.info("training on %s", device_name)
     _seed_everything(train_config.seed + rank)
     autocast = autocast_context(device, train_config.mixed_precision)
     memory_format = memory_format_for(device, train_config.mixed_precision)
@@ -230,9 +239,13 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
             config.mlflow,
             run_id=run_id,
             enabled=master,
-            **_run_identity(config, base, data_dir, dataset_name, ablation, new=master and run_id is None),
+            **_run_identity(config, base, data_dir, dataset_name, ablation, new=master and run_id is None,
+                            device=device_name),
         ) as run:
             run.log_text(_config_yaml(config), "config.yaml")
+            if checkpoint is not None and allowed_changes:  # MLflow params are immutable: the change is a tag
+                logger.info("resumed with %s", ", ".join(allowed_changes))
+                run.set_tags({"resumed_with": ", ".join(allowed_changes)})
             if not run.resumed:
                 tracking.log_datasets(run, data_dir, dataset_name, manifest)
             logged_epochs = _log_history(run, history, run.last_step("val_dice"))
@@ -301,6 +314,7 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
                 "best_val_dice": best_val_dice,
                 "best_epoch": best_epoch,
                 "epochs": len(history),
+                "device": device_name,
             }
             write_json_atomic(out_dir / "train_summary.json", summary)
             record_outputs(out_dir, [out_dir / name for name in ("curves.png", "train_summary.json")])
@@ -546,7 +560,28 @@ def _check_finite_weights(model: nn.Module, epoch: int) -> None:
         )
 
 
-def _check_resumable(checkpoint: dict[str, Any], config: Config, dataset_name: str, path: Path, fingerprint: str) -> None:
+RESUME_MAY_CHANGE = ("train.epochs", "train.device", "train.num_workers")
+"""What ``--resume`` may change: train longer, on another machine. Every other train.* or loss.* change is refused
+(the optimiser state, the schedule and the MLflow params were made with the old values)."""
+
+
+def resume_changes(saved: dict[str, Any], config: Config) -> list[str]:
+    """``section.key (old -> new)`` for each train.* and loss.* setting of ``config`` that differs from ``saved``.
+
+    ``saved`` is a checkpoint's config; a key it lacks (an older checkpoint) had the default value.
+    """
+    changes = []
+    for section, defaults in (("train", TrainConfig()), ("loss", LossConfig())):
+        for key, value in dataclasses.asdict(getattr(config, section)).items():
+            old = saved.get(section, {}).get(key, getattr(defaults, key))
+            if old != value:
+                changes.append(f"{section}.{key} ({old!r} -> {value!r})")
+    return changes
+
+
+def _check_resumable(checkpoint: dict[str, Any], config: Config, dataset_name: str, path: Path,
+                     fingerprint: str) -> list[str]:
+    """Refuse a checkpoint that cannot continue as ``config`` says; returns the changes it may take (resume_changes)."""
     missing = [key for key in ("optimizer", "scheduler", "rng", "history", "best_epoch") if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path}: not a training checkpoint (lacks {', '.join(missing)}); cannot resume from it")
@@ -560,6 +595,13 @@ def _check_resumable(checkpoint: dict[str, Any], config: Config, dataset_name: s
             f"{path}: was trained with model {checkpoint['config']['model']}, but the configuration asks for "
             f"{config.to_dict()['model']}; resume with the same model section or train into a new output directory"
         )
+    changed = resume_changes(checkpoint["config"], config)
+    refused = [change for change in changed if change.partition(" ")[0] not in RESUME_MAY_CHANGE]
+    if refused:
+        raise CheckpointError(
+            f"{path}: --resume with settings other than the checkpoint's: {', '.join(refused)}; a resumed run "
+            "continues with the settings it started with: restore them, or train into a new --out (or --force)"
+        )
     if checkpoint["dataset"] != dataset_name:
         raise CheckpointError(
             f"{path}: was trained on {checkpoint['dataset']!r} data, not {dataset_name!r}; "
@@ -570,6 +612,7 @@ def _check_resumable(checkpoint: dict[str, Any], config: Config, dataset_name: s
             f"{path}: was trained on other data (data hash {checkpoint['data_hash']}, this --data has {fingerprint}); "
             "resume only on the same preprocessed data, or train into a new output directory"
         )
+    return changed
 
 
 def _seed_everything(seed: int) -> None:
