@@ -18,6 +18,7 @@ from unet3plus.checkpoint import save_checkpoint
 from unet3plus.config import Config, DataConfig, config_from_dict
 from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import preprocess_dataset
+from unet3plus.device import cpu_name
 from unet3plus.errors import CheckpointError, DataError
 from unet3plus.evaluate import OVERLAY_ALPHA, OVERLAY_COLOURS, evaluate, largest_organ_slice, overlay_rgb
 from unet3plus.models import create_model
@@ -91,7 +92,7 @@ def test_evaluate_writes_metrics_per_case_predictions_and_overlays(evaluated):
     assert SUMMARY_KEYS <= set(summary)
     assert json.loads((out / "metrics.json").read_text()) == summary
     assert summary["cases"] == 2 and summary["dataset"] == "liver"
-    assert summary["device"] == f"cpu ({torch.get_num_threads()} threads)"  # where it ran, also a run tag
+    assert summary["device"] == f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"  # where it ran, also a run tag
     per_case = pd.read_csv(out / "per_case.csv", dtype={"case_id": str})
     assert PER_CASE_KEYS <= set(per_case.columns)
     assert sorted(per_case["case_id"]) == test_ids

@@ -32,11 +32,12 @@ from unet3plus.config import Config, DataConfig, load_config
 from unet3plus.data.dataset import SliceDataset
 from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import preprocess_dataset
+from unet3plus.device import cpu_name
 from unet3plus.errors import CheckpointError, ConfigError, DataError
 from unet3plus.models import predict_proba
 from unet3plus.train import EpochSampler, lr_multiplier, train
 
-CPU = f"cpu ({torch.get_num_threads()} threads)"  # the device a run records (unet3plus.device.describe_device)
+CPU = f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"  # the device a run records (unet3plus.device.describe_device)
 
 LOSS_COLUMNS = ["loss", "loss_cgm", "loss_focal", "loss_iou", "loss_ms_ssim"]
 TINY = [

@@ -119,7 +119,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             collected = collect_runs(config)
             sys.stdout.write(report_markdown(configuration_table(collected), collected.studies))
         else:
-            write_report(config, args.out, readme=args.readme)
+            write_report(config, args.out, readme=args.readme, spread=args.spread)
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: print the markdown)")
     p.add_argument("--readme", type=Path, default=None, metavar="README",
                    help="also rewrite the results block between the markers of this README (with --out)")
+    p.add_argument("--spread", type=Path, default=None, metavar="JSON",
+                   help="with --readme: show the test Dice spread over seeds and threads that benchmarks/bench_recipe.py "
+                   "measured (benchmarks/bench_recipe.json) beside the table, and whether the order is the paper's")
     return parser
 
 
