@@ -424,7 +424,7 @@ def _epoch(sampler, epoch):
     return list(sampler)
 
 
-@pytest.mark.parametrize("fraction", [0.5, 0.75])
+@pytest.mark.parametrize("fraction", [0.5, 0.75, 0.8])
 def test_epoch_sampler_oversamples_organ_slices_to_the_requested_share(fraction):
     organ = np.zeros(40, dtype=np.float32)
     organ[[3, 17, 25, 31]] = 1.0  # natural share 10 %

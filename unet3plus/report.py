@@ -482,7 +482,9 @@ def order_note(table: pd.DataFrame, spread: dict[tuple[str, str], dict[str, Any]
             continue
         steps = [(upper[1] - lower[1], max(spread.get((dataset, v), {}).get("std", math.nan) for v in (lower[3], upper[3])))
                  for lower, upper in itertools.pairwise(ranked)]
-        chain = " <= ".join(f"{label} {dice:.3f}" for _, dice, label, _ in ranked)
+        chain = f"{ranked[0][2]} {ranked[0][1]:.3f}" + "".join(
+            f" {'<' if gap > 0 else '>' if gap < 0 else '='} {label} {dice:.3f}"
+            for (gap, _), (_, dice, label, _) in zip(steps, ranked[1:], strict=True))
         if any(gap < 0 for gap, _ in steps):
             verdict = "not the paper's order"
         elif all(gap > std for gap, std in steps):

@@ -112,7 +112,8 @@ def train(
             if not recorded and not resume and readable:
                 dataset_name = json.loads((Path(data_dir) / "cases.json").read_text()).get("dataset", "unknown")
                 tracking.record_failure(config.mlflow, error=err, **_run_identity(
-                    config, base, Path(data_dir), dataset_name, ablation, new=True))
+                    config, base, Path(data_dir), dataset_name, ablation, new=True,
+                    device="unknown (the run failed before training started)"))
         raise
 
 
