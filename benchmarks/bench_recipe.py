@@ -63,11 +63,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def recipe_hash(config: Any) -> str:
-    """Hash of every section that changes a run's result (not tracking, not the ablations not run)."""
+    """Hash of what decides a run's result: every params section that does (not tracking, not the ablations
+    not run) and the source of the ``unet3plus`` package (a code change is a new recipe too)."""
+    import unet3plus
+
     payload = {section: config.to_dict()[section] for section in RECIPE_SECTIONS}
     payload["train"] = {**payload["train"], "seed": None}
     payload["variants"] = {a.name: a.overrides for a in config.ablations.selected()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
+    package = Path(unet3plus.__file__).parent
+    for source in sorted(package.rglob("*.py")):
+        digest.update(str(source.relative_to(package)).encode() + source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cpu_name() -> str:
