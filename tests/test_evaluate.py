@@ -20,7 +20,7 @@ from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import preprocess_dataset
 from unet3plus.device import cpu_name
 from unet3plus.errors import CheckpointError, DataError
-from unet3plus.evaluate import OVERLAY_ALPHA, OVERLAY_COLOURS, evaluate, largest_organ_slice, overlay_rgb
+from unet3plus.evaluate import OVERLAY_ALPHA, OVERLAY_COLOURS, cgm_roc_curve, evaluate, largest_organ_slice, overlay_rgb
 from unet3plus.models import create_model
 from unet3plus.tracking import data_hash
 from unet3plus.utils import OUTPUTS_RECORD
@@ -93,6 +93,10 @@ def test_evaluate_writes_metrics_per_case_predictions_and_overlays(evaluated):
     assert json.loads((out / "metrics.json").read_text()) == summary
     assert summary["cases"] == 2 and summary["dataset"] == "liver"
     assert summary["device"] == f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"  # where it ran, also a run tag
+    # The CGM's ROC for the KFP ClassificationMetrics artifact: its area is the AUC in metrics.json.
+    roc = pd.read_csv(out / "cgm_roc.csv")
+    assert list(roc.columns) == ["fpr", "tpr", "threshold"] and roc["threshold"].le(1.0).all()
+    assert np.trapezoid(roc["tpr"], roc["fpr"]) == pytest.approx(summary["cgm_roc_auc"], abs=1e-12)
     per_case = pd.read_csv(out / "per_case.csv", dtype={"case_id": str})
     assert PER_CASE_KEYS <= set(per_case.columns)
     assert sorted(per_case["case_id"]) == test_ids
@@ -101,7 +105,8 @@ def test_evaluate_writes_metrics_per_case_predictions_and_overlays(evaluated):
     assert len(overlays) == 2 and overlays[0].startswith("best_1_") and overlays[1].startswith("worst_1_")
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [OUTPUTS_RECORD], "temporary files left behind"
     assert sorted(json.loads((out / OUTPUTS_RECORD).read_text())) == sorted(  # what a rerun may replace
-        ["metrics.json", "per_case.csv", *(f"predictions/{c}.nii.gz" for c in test_ids), *(f"overlays/{o}" for o in overlays)]
+        ["metrics.json", "per_case.csv", "cgm_roc.csv", *(f"predictions/{c}.nii.gz" for c in test_ids),
+         *(f"overlays/{o}" for o in overlays)]
     )
 
 
@@ -148,6 +153,14 @@ def test_evaluating_on_other_data_is_a_separate_run_and_leaves_the_training_run_
     assert separate.data.tags["data_hash"] == data_hash(other) and "ablation" not in separate.data.tags
     assert separate.data.metrics["test_dice"] == pytest.approx(summary["dice"])
     assert separate.data.tags["processed_dir"] == str(other.resolve())
+
+
+def test_the_cgm_roc_curve_matches_the_hand_computed_one():
+    """scikit-learn's documented example: scores 0.1, 0.4, 0.35, 0.8 for classes 0, 0, 1, 1."""
+    roc = cgm_roc_curve(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+    assert roc["fpr"].tolist() == [0.0, 0.0, 0.5, 0.5, 1.0]
+    assert roc["tpr"].tolist() == [0.0, 0.5, 0.5, 1.0, 1.0]
+    assert roc["threshold"].tolist() == [1.0, 0.8, 0.4, 0.35, 0.1]  # the first, infinity, written as 1.0
 
 
 def test_a_cgm_that_sees_no_organ_empties_the_gated_masks_only(dataset, evaluated, tmp_path):

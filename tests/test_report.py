@@ -96,7 +96,7 @@ def test_the_study_of_the_parameters_latest_run_per_variant_and_seed_with_mean_s
     assert sorted(zip(runs["dataset"], runs["ablation"])) == [
         ("liver", "broken"), ("liver", "main"), ("liver", "main"), ("liver", "unet"), ("spleen", "main")]
     study = tracking.study_name("liver", "d1", base)
-    assert collected.studies["liver"].startswith(f"liver: study `{study}` (data hash d1, parameters ")
+    assert collected.studies["liver"].startswith(f"liver: study `{study}` (data hash d1, the settings given), started ")
     assert "2 other studies of this organ not shown" in collected.studies["liver"]  # old-data and the stray lr
     assert collected.studies["spleen"].startswith(f"spleen: study `{tracking.study_name('spleen', 'd2', base)}`")
     table = configuration_table(collected).set_index(["dataset", "variant"])
@@ -122,7 +122,7 @@ def test_parameters_without_a_study_show_every_name_as_not_run_and_say_why(base)
     assert collected.runs.empty
     table = configuration_table(collected)
     assert len(table) == 8 and set(table["status"]) == {"not run"}
-    assert "liver: no study of the configuration given" in collected.studies["liver"]
+    assert "liver: no study of the settings given" in collected.studies["liver"]
     assert "train.epochs (20 there, 3 here)" in collected.studies["liver"]
     # A seed is a repeat within the study, not another study: the main model's seeds are averaged above.
     assert tracking.params_hash(apply_overrides(base, ["train.seed=5"])) == tracking.params_hash(base)

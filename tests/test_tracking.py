@@ -156,6 +156,23 @@ def test_continuing_a_run_keeps_its_id_and_reports_the_last_logged_step(store):
     assert record.data.metrics["val_dice"] == 0.3 and record.info.status == "FINISHED"
 
 
+def test_a_run_written_from_a_kubeflow_pod_names_its_kfp_run_and_pipeline_version(store, monkeypatch):
+    with tracking.open_run(store, run_name="local") as local:
+        pass
+    monkeypatch.setenv("KFP_RUN_ID", "6f1c1d2e-run")
+    monkeypatch.setenv("KFP_RUN_NAME", "unet3plus 0123456789ab-deadbeef 2026-12-03")
+    monkeypatch.setenv("KFP_PIPELINE_VERSION", "0123456789ab-deadbeef")
+    with tracking.open_run(store, run_name="pod", tags={"dataset": "liver"}) as pod:
+        pass
+    client = mlflow.MlflowClient(store.tracking_uri)
+    assert not any(key.startswith("kfp_") for key in client.get_run(local.run_id).data.tags)
+    tags = client.get_run(pod.run_id).data.tags
+    assert {key: tags[key] for key in tracking.KFP_RUN_TAGS} == {
+        "kfp_run_id": "6f1c1d2e-run", "kfp_run_name": "unet3plus 0123456789ab-deadbeef 2026-12-03",
+        "kfp_pipeline_version": "0123456789ab-deadbeef"}
+    assert tags["dataset"] == "liver"
+
+
 def test_processes_creating_one_experiment_at_once_all_get_its_id(store):
     client = mlflow.MlflowClient(store.tracking_uri)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:

@@ -148,6 +148,18 @@ def cgm_classifier_metrics(organ_probability: np.ndarray, organ_present: np.ndar
     }
 
 
+def cgm_roc_curve(organ_probability: np.ndarray, organ_present: np.ndarray) -> pd.DataFrame:
+    """The CGM's ROC curve over test slices: ``fpr``, ``tpr``, ``threshold`` (scikit-learn's ``roc_curve``).
+
+    scikit-learn's first threshold (infinity: nothing called "organ") is written as 1.0, a
+    probability JSON can hold (the KFP ``ClassificationMetrics`` artifact needs that).
+    """
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, threshold = roc_curve(np.asarray(organ_present).astype(int), organ_probability)
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(threshold, 1.0)})
+
+
 def _score_case(
     case_id: str,
     rows: pd.DataFrame,
@@ -321,7 +333,7 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         raise DataError(f"{data_dir}: a {metadata['dataset']} dataset, but {checkpoint} is a {payload['dataset']} model"
                         " (evaluate each organ with its own model)")
     _warn_on_preprocessing_mismatch(payload, metadata, checkpoint, data_dir)
-    outputs = [out_dir / name for name in ("predictions", "overlays", "per_case.csv", "metrics.json")]
+    outputs = [out_dir / name for name in ("predictions", "overlays", "per_case.csv", "metrics.json", "cgm_roc.csv")]
     if not force:
         check_replaceable(out_dir, outputs, "use another --out, or --force")
     scored = {"checkpoint_sha256": file_digest(checkpoint), "data_hash": data_hash(data_dir)}
@@ -344,10 +356,11 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         ]
         per_case = pd.DataFrame(rows, columns=list(PER_CASE_COLUMNS))
         _overlays(per_case, metadata, config, raw_dir, predictions_tmp, overlays_tmp)
-        cgm = {}
+        cgm, roc = {}, None
         if not np.isnan(rows[0]["organ_probability"]).any():
-            cgm = cgm_classifier_metrics(np.concatenate([row["organ_probability"] for row in rows]),
-                                         np.concatenate([row["organ_present"] for row in rows]))
+            slices = [np.concatenate([row[key] for row in rows]) for key in ("organ_probability", "organ_present")]
+            cgm = cgm_classifier_metrics(*slices)
+            roc = None if math.isnan(cgm["cgm_roc_auc"]) else cgm_roc_curve(*slices)
         summary = _json_safe({**summarise(rows, SUMMARY_METRICS), **cgm,
                               "fp_organ_free": int(per_case["fp_organ_free"].sum()),
                               "fp_organ_free_no_gate": int(per_case["fp_organ_free_no_gate"].sum()),
@@ -357,6 +370,11 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         _replace_dir(overlays_tmp, out_dir / "overlays")
     with atomic_path(out_dir / "per_case.csv") as tmp:
         per_case.to_csv(tmp, index=False)
+    if roc is not None:  # the CGM's ROC (for the KFP ClassificationMetrics artifact); none without a CGM
+        with atomic_path(out_dir / "cgm_roc.csv") as tmp:
+            roc.to_csv(tmp, index=False)
+    else:
+        (out_dir / "cgm_roc.csv").unlink(missing_ok=True)  # a previous evaluation's, checked replaceable above
     write_json_atomic(out_dir / "metrics.json", summary)
     record_outputs(out_dir, outputs)
     logger.info("%s: %d test volumes, mean Dice %.4f (without CGM gate %.4f)", checkpoint, summary["cases"],
@@ -388,7 +406,8 @@ def _log_to_mlflow(config: Config, payload: dict[str, Any], summary: dict[str, A
     with open_run(config.mlflow, run_id=training_run if own_data else None, run_name=name) as run:
         run.log_metrics(numbers, step=0)
         run.set_tags(tags)
-        for name in ("metrics.json", "per_case.csv"):
-            run.log_artifact(out_dir / name, "evaluation")
+        for name in ("metrics.json", "per_case.csv", "cgm_roc.csv"):
+            if (out_dir / name).is_file():
+                run.log_artifact(out_dir / name, "evaluation")
         for png in sorted((out_dir / "overlays").glob("*.png")):
             run.log_artifact(png, "evaluation/overlays")

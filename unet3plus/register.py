@@ -41,7 +41,7 @@ from unet3plus.utils import file_digest
 logger = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = frozenset({"hd95", "assd"})
-RUN_TAGS_COPIED = ("git_commit", "data_hash", "dvc_md5")
+RUN_TAGS_COPIED = ("git_commit", "data_hash", "dvc_md5", "kfp_run_id", "kfp_run_name", "kfp_pipeline_version")
 EXAMPLE_BATCH = 2
 
 

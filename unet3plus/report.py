@@ -90,25 +90,26 @@ def _describe(config: Config) -> dict[str, Any]:
 
 
 def _pick_study(parents: pd.DataFrame, dataset: str, config: Config) -> tuple[str | None, str]:
-    """The run id of ``dataset``'s newest study of ``config``'s parameters (None: there is none) and a line naming it."""
-    wanted = tracking.params_hash(config)[:8]
+    """The run id of ``dataset``'s newest study whose settings are ``config``'s (None: none is) and a line naming it."""
+    wanted = tracking.study_params(config)
     mine = parents[parents["tags.dataset"] == dataset]
-    matching = mine[mine["tags.study"].fillna("").str.endswith(f"-{wanted}")]
-    if len(matching):
-        study = matching.iloc[0]  # newest first
-        others = len(mine) - 1
+
+    def differences(study: pd.Series) -> list[str]:
+        return [f"{key} ({study.get(f'params.{key}')} there, {value} here)"
+                for key, value in wanted.items() if study.get(f"params.{key}") != value]
+
+    matching = [study for _, study in mine.iterrows() if not differences(study)]  # newest first
+    if matching:
+        study, others = matching[0], len(mine) - 1
         return study["run_id"], (
-            f"{dataset}: study `{study['tags.study']}` (data hash {study['tags.data_hash'][:8]}, parameters "
-            f"{wanted} = the configuration given), started {study['start_time']:%Y-%m-%d %H:%M} UTC"
+            f"{dataset}: study `{study['tags.study']}` (data hash {str(study['tags.data_hash'])[:8]}, the settings "
+            f"given), started {study['start_time']:%Y-%m-%d %H:%M} UTC"
             + (f"; {others} other stud{'y' if others == 1 else 'ies'} of this organ not shown" if others else ""))
     if mine.empty:
         return None, f"{dataset}: no study"
     latest = mine.iloc[0]
-    differ = [f"{key} ({latest.get(f'params.{key}')} there, {value} here)"
-              for key, value in tracking.study_params(config).items() if latest.get(f"params.{key}") != value]
-    return None, (f"{dataset}: no study of the configuration given (parameters {wanted}); the latest, "
-                  f"`{latest['tags.study']}`, differs in {', '.join(differ[:5]) or 'settings it does not record'}: "
-                  "run the study (`dvc repro`), or report with its parameters")
+    return None, (f"{dataset}: no study of the settings given; the latest, `{latest['tags.study']}`, differs in "
+                  f"{', '.join(differences(latest)[:5])}: run the study (`dvc repro`), or report with its settings")
 
 
 def collect_runs(config: Config, datasets: list[str] | None = None) -> StudyRuns:

@@ -254,6 +254,15 @@ def dvc_source(data_dir: str | os.PathLike) -> str | None:
     return next((dep["path"] for dep in entry[0].get("deps", []) if "nfiles" in dep), None) if entry else None
 
 
+KFP_RUN_TAGS = {"kfp_run_id": "KFP_RUN_ID", "kfp_run_name": "KFP_RUN_NAME", "kfp_pipeline_version": "KFP_PIPELINE_VERSION"}
+"""MLflow tag -> the environment variable a Kubeflow component sets from its run (see components.common)."""
+
+
+def kfp_tags() -> dict[str, str]:
+    """The :data:`KFP_RUN_TAGS` of this process: which Kubeflow run (and pipeline version) wrote the run; {} elsewhere."""
+    return {tag: os.environ[variable] for tag, variable in KFP_RUN_TAGS.items() if os.environ.get(variable)}
+
+
 def run_tags(data_dir: str | os.PathLike, dataset: str) -> dict[str, str]:
     """Reproducibility tags of a run on ``data_dir``: dataset, git commit and dirty flag, data hash(es), DVC stage.
 
@@ -338,7 +347,7 @@ def study_parent(mlflow_config: MlflowConfig, dataset: str, data_digest: str, ba
         parent = client.create_run(
             experiment_id,
             run_name=f"{dataset} study {data_digest[:8]}/{params_hash(base)[:8]}",
-            tags={"study": study, "study_parent": "true", "dataset": dataset, "data_hash": data_digest},
+            tags={"study": study, "study_parent": "true", "dataset": dataset, "data_hash": data_digest, **kfp_tags()},
         )
         client.log_batch(parent.info.run_id, params=[Param(k, v[:6000]) for k, v in study_params(base).items()])
         client.set_terminated(parent.info.run_id, "FINISHED")
@@ -463,7 +472,7 @@ class TrackedRun:
             run_name=None if self.run_id else run_name,
             nested=nested,
             parent_run_id=None if self.run_id else self._parent_run_id,
-            tags=tags,
+            tags={**kfp_tags(), **tags},  # every run written from a Kubeflow pod names its KFP run
             log_system_metrics=mlflow_config.system_metrics,
         )
         self._started = True
