@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -75,16 +74,6 @@ def recipe_hash(config: Any) -> str:
     for source in sorted(package.rglob("*.py")):
         digest.update(str(source.relative_to(package)).encode() + source.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (``platform.processor()`` elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def prepare_data(config: Any, work: Path) -> None:
@@ -151,6 +140,10 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{len(payload['threads'])} runs), test Dice per volume on the phantoms' test split; std is the sample "
         f"standard deviation. Targets (issue 16): min >= {MIN_DICE:.2f} and std <= {MAX_STD:.2f}."
     )
+    if not payload["complete"]:
+        done = sorted(set(payload["done"]))
+        conditions += (f" **Partial**: only the runs finished so far (n per row), from: "
+                       f"{', '.join(f'seed {seed} x {threads} thread(s)' for seed, threads in done)}.")
     lines = [
         conditions,
         "",
@@ -195,10 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(work / "results" / f"{organ}-{model}-s{seed}-t{threads}.json", record)
         return 0
 
-    import torch
-
     from unet3plus.config import load_config
-    from unet3plus.utils import write_json_atomic
 
     config = load_config(args.params)
     recipe = recipe_hash(config)
@@ -210,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(organ, model, seed, threads) for organ in args.organs for model in models for seed in args.seeds
             for threads in args.threads]
     todo = [job for job in jobs if "{}-{}-s{}-t{}".format(*job) not in runs]
-    todo.sort(key=lambda job: -COST.get(job[1], 2))  # long runs first, so the tail is short
+    # Every seed at the first thread count, then each further thread count seed by seed; long runs first
+    # within each group, so the tail is short. Stopped early, the summary then covers whole seeds.
+    def order(job: tuple[str, str, int, int]) -> tuple[int, int, int]:
+        position = args.threads.index(job[3])
+        return position, job[2] if position else 0, -COST.get(job[1], 2)
+
+    todo.sort(key=order)
     logger.info("recipe %s: %d of %d runs cached, %d to go", recipe, len(jobs) - len(todo), len(jobs), len(todo))
     running: dict[str, tuple[subprocess.Popen, int]] = {}
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -229,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                     running[key] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), job[3])
                 todo.remove(job)
                 logger.info("started %s", key)
+            elif job[3] > 1:
+                break  # a multi-thread run waits for the cores to free up; nothing behind it jumps the queue
         time.sleep(2)
         for key, (process, _) in list(running.items()):
             if process.poll() is None:
@@ -240,19 +238,32 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             runs[key] = json.loads(result.read_text())
             logger.info("%s: test Dice %.4f (val %s)", key, runs[key]["test_dice"], runs[key]["val_dice"])
-            write_json_atomic(store, {**payload, "runs": {**payload["runs"], **runs}})
-    done = [runs[key] for key in ("{}-{}-s{}-t{}".format(*job) for job in jobs) if key in runs]
-    payload = {
-        "runs": {**payload["runs"], **runs}, "recipe": recipe, "seeds": args.seeds, "threads": args.threads,
-        "date": datetime.now(UTC).date().isoformat(), "cpu": cpu_name(), "torch": torch.__version__,
-        "recipe_text": recipe_text(config), "summary": summarise(done),
-    }
-    write_json_atomic(store, payload)
-    write_results_section(Path(args.results), markdown(payload))
+            payload = publish(args, config, payload, runs, jobs)
+    payload = publish(args, config, payload, runs, jobs)
     for row in payload["summary"]:
         logger.info("%-6s %-16s n=%d min %.3f mean %.3f std %.3f %s", row["organ"], row["model"], row["runs"], row["min"],
                     row["mean"], row["std"], "ok" if row["passes"] else "MISSED")
-    return 0 if all(row["passes"] for row in payload["summary"]) and len(done) == len(jobs) else 1
+    return 0 if all(row["passes"] for row in payload["summary"]) and payload["complete"] else 1
+
+
+def publish(args: argparse.Namespace, config: Any, payload: dict[str, Any], runs: dict[str, Any],
+            jobs: list[tuple[str, str, int, int]]) -> dict[str, Any]:
+    """Write the JSON (every run kept, the summary of this grid's finished runs) and the RESULTS.md section."""
+    import torch
+
+    from unet3plus.device import cpu_name
+    from unet3plus.utils import write_json_atomic
+
+    done = [runs[key] for key in ("{}-{}-s{}-t{}".format(*job) for job in jobs) if key in runs]
+    payload = {
+        "runs": {**payload["runs"], **runs}, "recipe": recipe_hash(config), "seeds": args.seeds, "threads": args.threads,
+        "date": datetime.now(UTC).date().isoformat(), "cpu": cpu_name(), "torch": torch.__version__,
+        "recipe_text": recipe_text(config), "summary": summarise(done), "complete": len(done) == len(jobs),
+        "done": sorted((run["seed"], run["threads"]) for run in done),
+    }
+    write_json_atomic(Path(args.json), payload)
+    write_results_section(Path(args.results), markdown(payload))
+    return payload
 
 
 def recipe_text(config: Any) -> str:
