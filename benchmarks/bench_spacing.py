@@ -34,24 +34,22 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from unet3plus.checkpoint import load_checkpoint
 from unet3plus.config import Config, DataConfig, LossConfig, MlflowConfig, ModelConfig, TrainConfig
 from unet3plus.data.dataset import load_preprocessed
-from unet3plus.data.geometry import restore_volume
 from unet3plus.data.phantom import write_dataset
-from unet3plus.data.preprocess import prepare_volume, preprocess_dataset
+from unet3plus.data.preprocess import preprocess_dataset
 from unet3plus.data.sources import discover_cases, organ_mask, read_volume
 from unet3plus.metrics import dice
-from unet3plus.predict import load_predictor, predict_slices
+from unet3plus.predict import predictor_from_checkpoint
 from unet3plus.train import train
 
 
 def volume_dice(checkpoint: Path, image_path: Path, label_path: Path) -> float:
     """Dice of the checkpoint's mask on one scan, in the scan's own voxel grid."""
-    network, data_config, device = load_predictor(checkpoint, "cpu")
+    predictor = predictor_from_checkpoint(load_checkpoint(checkpoint), checkpoint, "cpu")
     scan, label = read_volume(image_path), read_volume(label_path)
-    stacks, geometry = prepare_volume(np.asarray(scan.get_fdata(dtype=np.float32)), scan.affine, data_config)
-    probabilities = predict_slices(network, stacks, 16, device, description=image_path.name)
-    mask = restore_volume(probabilities[:, 0], geometry, "linear") > 0.5
+    mask = predictor.segment(scan, image_path.name)
     return dice(mask, organ_mask(np.asanyarray(label.dataobj), "lits").astype(bool))
 
 

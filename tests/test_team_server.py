@@ -46,7 +46,7 @@ WRITERS = 8
 EXPERIMENT = "team"
 TINY = ["model.width=4", "train.epochs=2", "train.batch_size=4", "train.max_steps_per_epoch=2", "train.num_workers=0",
         "train.optimizer=sgd", "train.lr=0.05", f"mlflow.experiment={EXPERIMENT}", "mlflow.system_metrics=true",
-        "evaluate.device=cpu", "evaluate.batch_size=8"]  # fmt: skip
+        "evaluate.device=cpu", "evaluate.batch_size=8", "register.min_test_dice=0"]  # fmt: skip
 ADMIN_PASSWORD = "adm1n-Pw-7f3c9e1b"
 DECOYS = {"CLUSTER_API_TOKEN": "tok-5d8e2a91c7", "AWS_SECRET_ACCESS_KEY_SECRET": "sec-b41f0e6d3a",
           "POSTGRES_PASSWORD": "pg-c2a7f9e815"}  # fmt: skip
@@ -139,8 +139,9 @@ def test_train_evaluate_register_and_report_end_to_end_with_credentials_from_the
     run_id = json.loads((team.work / "e2e" / "train_summary.json").read_text())["mlflow_run_id"]
     run = team.client().get_run(run_id)
     assert run.info.status == "FINISHED" and "test_dice" in run.data.metrics
-    assert json.loads((team.work / "e2e" / "registered.json").read_text()) == {
-        "name": "unet3plus-liver", "version": 1, "champion": True}  # fmt: skip
+    registered = json.loads((team.work / "e2e" / "registered.json").read_text())
+    assert registered | {"reason": None} == {"name": "unet3plus-liver-synthetic", "version": 1, "alias": "champion",
+                                             "champion": True, "reason": None}  # fmt: skip
     main_row = next(line for line in table.splitlines() if line.startswith("| main |"))  # Table 1's main model
     assert "| Dice liver |" in table and f"| {run.data.metrics['test_dice']:.4f} |" in main_row
     parent = team.client().get_run(run.data.tags["mlflow.parentRunId"])  # the study's parent run
@@ -168,7 +169,7 @@ def test_register_and_report_without_a_valid_login_fail_at_once_naming_the_varia
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
     assert len(team.client().search_registered_models()) == models_before  # nothing half-registered
-    versions = team.client().search_model_versions("name = 'unet3plus-liver'")
+    versions = team.client().search_model_versions("name = 'unet3plus-liver-synthetic'")
     assert len(versions) == 1
     assert len(team.client().search_runs([experiment])) == runs_before
 
@@ -254,11 +255,13 @@ def test_eight_concurrent_trainings_lose_and_duplicate_nothing(team):
 
 def test_eight_concurrent_registrations_give_consistent_versions_and_one_champion(team):
     dice = [0.50 + 0.05 * i for i in (3, 7, 1, 5, 0, 6, 2, 4)]
+    evaluated = json.loads((team.work / "e2e" / "evaluation" / "metrics.json").read_text())
     commands = []
     for i, value in enumerate(dice):
         metrics = team.work / "load" / str(i) / "metrics.json"
         scored = {"checkpoint_sha256": file_digest(team.work / "load" / str(i) / "best.pt"),
-                  "data_hash": data_hash(team.work / "data")}  # what `unet3plus evaluate` records and register checks
+                  "data_hash": data_hash(team.work / "data"),  # what `unet3plus evaluate` records and register checks
+                  **{key: evaluated[key] for key in ("data_source", "test_set")}}  # the same test set
         metrics.write_text(json.dumps({"dice": value, "dataset": "liver", **scored}))
         commands.append(["register", "--checkpoint", f"load/{i}/best.pt", "--metrics", str(metrics),
                          "--output", f"load/{i}/registered.json", *overrides()])  # fmt: skip
@@ -270,14 +273,14 @@ def test_eight_concurrent_registrations_give_consistent_versions_and_one_champio
     versions = sorted(r["version"] for r in registered)
     assert versions == list(range(2, WRITERS + 2))  # version 1 is the end-to-end test's: no gap, no repeat
     for i, record in enumerate(registered):
-        version = client.get_model_version("unet3plus-liver", str(record["version"]))
+        version = client.get_model_version("unet3plus-liver-synthetic", str(record["version"]))
         assert float(version.tags["test_dice"]) == dice[i]
         summary = json.loads((team.work / "load" / str(i) / "train_summary.json").read_text())
         assert version.run_id == summary["mlflow_run_id"]  # logged into its own training run
-    every = [client.get_model_version("unet3plus-liver", str(v)) for v in range(1, WRITERS + 2)]
+    every = [client.get_model_version("unet3plus-liver-synthetic", str(v)) for v in range(1, WRITERS + 2)]
     holders = [v.version for v in every if "champion" in v.aliases]
     assert len(holders) == 1
-    champion = client.get_model_version_by_alias("unet3plus-liver", "champion")
+    champion = client.get_model_version_by_alias("unet3plus-liver-synthetic", "champion")
     assert [champion.version] == holders and float(champion.tags["test_dice"]) >= min(dice)
 
 

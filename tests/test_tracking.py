@@ -262,6 +262,9 @@ def test_a_disabled_run_never_contacts_mlflow(tmp_path, monkeypatch):
 
 def test_run_tags_name_dataset_commit_and_data_hash(tmp_path, monkeypatch):
     (tmp_path / "manifest.csv").write_text("m")
-    (tmp_path / "cases.json").write_text("{}")
+    (tmp_path / "cases.json").write_text('{"data_source": "msd"}')
     monkeypatch.chdir(tmp_path)  # outside any git repository
-    assert tracking.run_tags(tmp_path, "spleen") == {"dataset": "spleen", "data_hash": tracking.data_hash(tmp_path)}
+    assert tracking.run_tags(tmp_path, "spleen") == {"dataset": "spleen", "data_source": "msd",
+                                                     "data_hash": tracking.data_hash(tmp_path)}
+    (tmp_path / "cases.json").write_text("{}")  # preprocessed before the source was recorded
+    assert tracking.run_tags(tmp_path, "spleen")["data_source"] == "unknown"

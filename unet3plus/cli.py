@@ -102,8 +102,7 @@ def cmd_register(args: argparse.Namespace) -> None:
 
     config = _config(args)
     check_outputs({"--output": args.output}, {"--checkpoint": args.checkpoint, "--metrics": args.metrics})
-    result = register(config, checkpoint=args.checkpoint, metrics_path=args.metrics)
-    logger.info("registered %s version %s%s", result["name"], result["version"], " (champion)" if result["champion"] else "")
+    result = register(config, checkpoint=args.checkpoint, metrics_path=args.metrics)  # logs the alias and why
     if args.output:
         write_json_atomic(args.output, result)
 
@@ -129,12 +128,31 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from unet3plus.predict import is_mlflow_uri, predict_file
+    from unet3plus.predict import is_mlflow_uri, predict_file, predict_folder
 
     config = _config(args)
     model = None if is_mlflow_uri(args.model) else args.model
     check_outputs({"--output": args.output}, {"--input": args.input, "--model": model})
-    predict_file(args.model, args.input, args.output, config=config)
+    if not args.input.is_dir():
+        predict_file(args.model, args.input, args.output, config=config)
+        return
+    if args.output.exists() and not args.output.is_dir():
+        raise UserError(f"{args.output}: --input is a folder, so --output must be a folder too (this is a file)")
+    failures = predict_folder(args.model, args.input, args.output, config=config)
+    if failures:
+        raise DataError(f"{args.input}: {len(failures)} scan(s) failed, the others were segmented into {args.output}: "
+                        + "; ".join(failures.values()))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from unet3plus.serving import export_model
+    from unet3plus.tracking import configure_for_reading, store_errors
+
+    config = _config(args)
+    check_outputs({"--out": args.out}, {})
+    configure_for_reading(config.mlflow)
+    with store_errors(config.mlflow):
+        export_model(args.model, args.out)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -222,19 +240,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace predictions/ and overlays/ even if they hold files evaluate did not write")
     p.add_argument("--ablation", default=None, metavar="NAME", help=ablation_help)
 
-    p = verb("register", cmd_register, "log the model to MLflow and register it; move 'champion' if better",
-             "Log the checkpoint as an MLflow model (signature and input example), register it as "
-             "unet3plus-<dataset> and move the 'champion' alias only when its test Dice beats the current champion's.")
+    p = verb("register", cmd_register, "log the model to MLflow and register it; move 'champion' only if earned",
+             "Log the checkpoint as an MLflow model (signature and input example) and register it as "
+             "unet3plus-<dataset> (trained on real data) or unet3plus-<dataset>-synthetic (trained on the phantom). "
+             "The 'champion' alias moves to it only when its test Dice is at least register.min_test_dice and beats "
+             "the champion's on the same test set; otherwise it gets 'challenger', or no alias below the floor "
+             "(exit 0 either way; the log says why). Running it again for the same checkpoint and metrics creates "
+             "no second version.")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to register")
     p.add_argument("--metrics", type=Path, required=True, help="metrics.json written by `evaluate`")
-    p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write the registered name, version and champion flag here")
+    p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write the registered name, version, alias and why here")
 
-    p = verb("predict", cmd_predict, "segment one CT volume (NIfTI in, NIfTI mask out)",
-             "Segment a whole CT volume with a registered model (models:/unet3plus-liver@champion) or a checkpoint "
-             "file; the mask is written in the input's original geometry and affine.")
+    p = verb("predict", cmd_predict, "segment CT volumes (NIfTI in, NIfTI mask out): one scan or a whole folder",
+             "Segment whole CT volumes with a registered model (models:/unet3plus-liver@champion) or a checkpoint "
+             "file; each mask is written in its scan's original geometry and affine. The preprocessing and the "
+             "threshold are the model's own; it runs on the GPU when there is one (evaluate.device). With a folder "
+             "as --input, every .nii / .nii.gz in it is segmented (progress bar) into --output/<scan>.nii.gz plus "
+             "--output/volumes.csv (scan, organ_voxels, organ_volume_ml); a bad scan is reported in one line and "
+             "skipped, the others finish, and the exit status is 2 when any failed.")
     p.add_argument("--model", required=True, help="MLflow model URI (models:/NAME@ALIAS, runs:/...) or checkpoint path")
-    p.add_argument("--input", type=Path, required=True, help="CT volume, .nii or .nii.gz")
-    p.add_argument("--output", type=Path, required=True, help="mask to write, .nii.gz")
+    p.add_argument("--input", type=Path, required=True, help="CT volume (.nii or .nii.gz) or a folder of them")
+    p.add_argument("--output", type=Path, required=True, help="mask to write (.nii.gz), or a folder for a folder --input")
+
+    p = verb("export", cmd_export, "copy a registered model to a folder that MLflow serving or KServe reads",
+             "Download a registered model (e.g. models:/unet3plus-liver@champion) from the tracking server into a new "
+             "folder: MLmodel, the unet3plus code, the weights and requirements. `mlflow models serve -m DIR` serves "
+             "it; copy DIR to the volume or bucket that deploy/serving/ InferenceServices read (see README, Serving).")
+    p.add_argument("--model", required=True, help="registered model URI, models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--out", type=Path, required=True, help="folder to create (must not exist or be empty)")
 
     p = verb("extract", cmd_extract, "safely unpack a downloaded dataset archive (MSD Task09_Spleen.tar)",
              "Extract a tar archive with Python's 'data' filter (no absolute paths, no '..', no links outside, no "

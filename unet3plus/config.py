@@ -25,6 +25,7 @@ from unet3plus.errors import ConfigError
 logger = logging.getLogger(__name__)
 LAYOUTS = ("lits", "msd-spleen")
 DATASET_OF_LAYOUT = {"lits": "liver", "msd-spleen": "spleen"}
+SQLITE = "sqlite:///"
 
 
 @dataclass
@@ -160,27 +161,48 @@ class EvaluateConfig:
 
 @dataclass
 class RegisterConfig:
-    """MLflow Model Registry: the model is registered as ``<name_prefix>-<dataset>``."""
+    """MLflow Model Registry: ``<name_prefix>-<dataset>`` (``-synthetic`` added for phantom-trained models).
+
+    ``alias`` moves only to a version that beats its holder on the same test set and whose test Dice
+    is at least ``min_test_dice``; see :mod:`unet3plus.register`.
+    """
 
     name_prefix: str = "unet3plus"
     alias: str = "champion"
-    metric: str = "dice"  # test metric that decides whether the alias moves (higher is better)
+    metric: str = "dice"  # test metric that decides whether the alias moves (hd95/assd: lower is better)
+    min_test_dice: float = 0.80  # quality floor: a version below it gets no alias at all
 
     def validate(self) -> None:
         _check(bool(self.name_prefix), "register.name_prefix", self.name_prefix, "a non-empty string")
         _check(bool(self.alias), "register.alias", self.alias, "a non-empty string")
+        _check(0.0 <= self.min_test_dice <= 1.0, "register.min_test_dice", self.min_test_dice, "a number in [0, 1]")
 
 
 @dataclass
 class MlflowConfig:
-    """Tracking. ``MLFLOW_TRACKING_URI`` in the environment wins over ``tracking_uri``."""
+    """Tracking. ``MLFLOW_TRACKING_URI`` in the environment wins over ``tracking_uri``.
+
+    Where runs go, not what a model is: no DVC stage that trains or evaluates depends on this section.
+    """
 
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "unet3plus"
     system_metrics: bool = True
 
     def resolved_tracking_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+        """The URI in use: ``MLFLOW_TRACKING_URI``, else ``tracking_uri``, relative SQLite paths anchored.
+
+        Inside a DVC stage (``DVC_ROOT`` set) a relative ``sqlite:///`` path is resolved against the
+        DVC root, which for ``dvc exp run --temp`` and ``--queue`` is the project, not the throw-away
+        copy under ``.dvc/tmp/exps/`` the command runs in: their runs land in the project's store.
+        Elsewhere it stays relative to the working directory.
+        """
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+        relative = uri.removeprefix(SQLITE)
+        root = os.environ.get("DVC_ROOT")
+        if not uri.startswith(SQLITE) or not relative or relative.startswith(("/", ":memory:")) or not root:
+            return uri
+        return SQLITE + (Path(root).resolve() / relative).as_posix()
 
     def validate(self) -> None:
         _check(bool(self.experiment), "mlflow.experiment", self.experiment, "a non-empty string")

@@ -107,10 +107,16 @@ def memory_format_for(device: torch.device, mixed_precision: bool = True) -> tor
     return torch.contiguous_format
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device, mixed_precision: bool = True) -> torch.nn.Module:
-    """Move ``model`` to ``device`` in the layout of :func:`memory_format_for`; on CUDA turn on
-    ``cudnn.benchmark`` (every batch of a run has the same size, so the autotuned kernels are
-    chosen once and reused). Train, evaluate and predict all go through here."""
+def prepare_model(
+    model: torch.nn.Module,
+    device: torch.device,
+    mixed_precision: bool = True,
+    memory_format: torch.memory_format | None = None,
+) -> torch.nn.Module:
+    """Move ``model`` to ``device`` in ``memory_format`` (default: the layout of
+    :func:`memory_format_for`); on CUDA turn on ``cudnn.benchmark`` (every batch of a run has the
+    same size, so the autotuned kernels are chosen once and reused). Train, evaluate and predict
+    all go through here."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return model.to(device, memory_format=memory_format_for(device, mixed_precision))
+    return model.to(device, memory_format=memory_format or memory_format_for(device, mixed_precision))

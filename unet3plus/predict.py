@@ -12,10 +12,13 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -26,15 +29,19 @@ from unet3plus.data.geometry import restore_volume
 from unet3plus.data.preprocess import prepare_volume
 from unet3plus.data.sources import read_volume
 from unet3plus.device import autocast_context, memory_format_for, prepare_model, select_device
-from unet3plus.errors import CheckpointError, UserError
+from unet3plus.errors import CheckpointError, DataError, UserError
 from unet3plus.models import predict_proba
-from unet3plus.utils import atomic_path
+from unet3plus.models.inference import INFERENCE_MEMORY_FORMAT, inference_network
+from unet3plus.utils import atomic_path, check_replaceable, record_outputs
 
 logger = logging.getLogger(__name__)
 
 # Key of the MLflow model metadata written by unet3plus.register (MLmodel "metadata" field).
 METADATA_KEY = "unet3plus"
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+VOLUMES_FILE = "volumes.csv"
+VOLUME_COLUMNS = ("scan", "organ_voxels", "organ_volume_ml")
 
 
 class ProbabilityModel(nn.Module):
@@ -57,48 +64,130 @@ def is_mlflow_uri(model: str | os.PathLike) -> bool:
     return bool(_URI_SCHEME.match(str(model)))
 
 
-def load_predictor(
-    model: str | os.PathLike, device_preference: str = "auto", mixed_precision: bool = True
-) -> tuple[nn.Module, DataConfig, torch.device]:
-    """Load a model for inference, with the data configuration it was trained on.
+@dataclass
+class Predictor:
+    """A network ready for inference and everything that turns a scan into a mask with it.
+
+    The one implementation of "CT volume in, mask out": ``unet3plus predict`` (one scan or a
+    folder), the registered MLflow model (:class:`unet3plus.serving.VolumeModel`) and the batch
+    pipeline all call :meth:`segment`, so they give the same mask voxel for voxel.
+
+    Attributes:
+        network: maps a (N, 3, S, S) float32 batch on ``device`` to (N, C, S, S) probabilities
+            (:func:`unet3plus.models.inference.inference_network` wrapped in :class:`ProbabilityModel`).
+        data_config: the preprocessing the model was trained with (size, HU window, resize mode).
+        threshold: probability above which a voxel is organ; the model's own.
+        device: where the network runs.
+        batch_size: slices per forward pass.
+        mixed_precision: bf16 autocast on CUDA (ignored on the CPU).
+    """
+
+    network: nn.Module
+    data_config: DataConfig
+    threshold: float
+    device: torch.device
+    batch_size: int = 16
+    mixed_precision: bool = True
+
+    def segment(self, scan: nib.spatialimages.SpatialImage, name: str = "scan") -> np.ndarray:
+        """Segment one 3-D CT volume (Hounsfield units) read with :func:`unet3plus.data.sources.read_volume`.
+
+        Args:
+            scan: the volume; its affine decides the reorientation.
+            name: how messages and the progress bar call it.
+
+        Returns:
+            (X, Y, Z) bool mask on the scan's own voxel grid.
+
+        Raises:
+            DataError: naming ``name``, when the volume cannot be preprocessed (NaN voxels, a
+                singular affine).
+        """
+        try:
+            image_hu = np.asarray(scan.get_fdata(dtype=np.float32))
+            stacks, geometry = prepare_volume(image_hu, scan.affine, self.data_config)
+        except ValueError as err:
+            raise DataError(f"{name}: cannot be segmented: {err}") from err
+        probabilities = predict_slices(self.network, stacks, self.batch_size, self.device, description=name,
+                                       mixed_precision=self.mixed_precision, memory_format=INFERENCE_MEMORY_FORMAT)
+        return restore_volume(probabilities[:, 0], geometry, interpolation="linear") > self.threshold
+
+
+def predictor_from_checkpoint(
+    checkpoint: dict[str, Any],
+    source: str | os.PathLike,
+    device_preference: str = "auto",
+    batch_size: int = 16,
+    mixed_precision: bool = True,
+) -> Predictor:
+    """Build the :class:`Predictor` of a checkpoint: its network in inference form, its data
+    configuration and its threshold (``config["evaluate"]["threshold"]``, default 0.5).
+
+    Args:
+        checkpoint: a dict from :func:`unet3plus.checkpoint.load_checkpoint`.
+        source: where it came from, for messages.
+        device_preference: ``"auto"`` (CUDA when there is one), ``"cpu"``, ``"cuda[:N]"``.
+        batch_size: slices per forward pass.
+        mixed_precision: bf16 autocast on CUDA.
+
+    Raises:
+        CheckpointError: the checkpoint's configuration is invalid.
+        UserError: the device is unavailable.
+    """
+    stored = checkpoint["config"]
+    try:
+        settings = config_from_dict({"data": stored["data"],
+                                     "evaluate": {"threshold": stored.get("evaluate", {}).get("threshold", 0.5)}})
+    except (KeyError, TypeError, AttributeError, UserError) as err:
+        raise CheckpointError(f"{source}: checkpoint has no valid data configuration ({err})") from err
+    try:
+        device = select_device(device_preference)
+    except ValueError as err:
+        raise UserError(f"{source}: {err}") from err
+    network = ProbabilityModel(inference_network(model_from_checkpoint(checkpoint)))
+    network = prepare_model(network, device, mixed_precision, memory_format=INFERENCE_MEMORY_FORMAT).eval()
+    return Predictor(network, settings.data, settings.evaluate.threshold, device, batch_size, mixed_precision)
+
+
+def load_predictor(model: str | os.PathLike, config: Config) -> Predictor:
+    """Load a checkpoint or a registered MLflow model as a :class:`Predictor`.
+
+    A registered model is loaded as the pyfunc every MLflow client gets
+    (:class:`unet3plus.serving.VolumeModel`), and its own predictor is used, so ``unet3plus
+    predict models:/...`` and the served model agree voxel for voxel.
 
     Args:
         model: MLflow model URI or checkpoint path.
-        device_preference: ``config.evaluate.device`` (``"auto"``, ``"cpu"``, ``"cuda[:N]"``); used
-            for checkpoints. MLflow models are ``torch.export`` programs saved on the CPU and run there.
-        mixed_precision: on CUDA, lay the checkpoint's network out channels_last for bf16 (see
-            :func:`unet3plus.device.prepare_model`).
-
-    Returns:
-        (module mapping a (N, 3, S, S) float32 tensor to (N, C, S, S) probabilities, in eval mode
-        on the device; the training :class:`DataConfig`; the device).
+        config: ``evaluate.device``, ``evaluate.batch_size`` and ``train.mixed_precision`` choose
+            how it runs; ``mlflow`` gives the tracking/registry URI. The preprocessing and the
+            threshold come from the model.
 
     Raises:
         CheckpointError: the checkpoint is missing, corrupt or not a unet3plus checkpoint.
-        UserError: the MLflow model cannot be loaded or was not logged by unet3plus.
+        UserError: the MLflow model cannot be loaded or was not logged by ``unet3plus register``.
     """
+    options = {"device": config.evaluate.device, "batch_size": config.evaluate.batch_size,
+               "mixed_precision": config.train.mixed_precision}  # fmt: skip
     if not is_mlflow_uri(model):
-        checkpoint = load_checkpoint(model)
-        device = select_device(device_preference)
-        try:
-            data_config = config_from_dict({"data": checkpoint["config"]["data"]}).data
-        except (KeyError, TypeError, UserError) as err:
-            raise CheckpointError(f"{model}: checkpoint has no valid data configuration ({err})") from err
-        network = prepare_model(ProbabilityModel(model_from_checkpoint(checkpoint)), device, mixed_precision)
-        return network.eval(), data_config, device
+        return predictor_from_checkpoint(load_checkpoint(model), model, options["device"], options["batch_size"],
+                                         options["mixed_precision"])
     # Imported here: MLflow takes seconds to import and checkpoints do not need it.
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:
-        metadata = mlflow.models.get_model_info(str(model)).metadata or {}
-        module = mlflow.pytorch.load_model(str(model))
-    except (MlflowException, OSError) as err:
-        raise UserError(f"cannot load MLflow model {model} from {mlflow.get_tracking_uri()}: {err}") from err
-    if METADATA_KEY not in metadata:
-        raise UserError(f"MLflow model {model} has no {METADATA_KEY!r} metadata; register it with `unet3plus register`")
-    data_config = config_from_dict({"data": metadata[METADATA_KEY]["data"]}).data
-    return module, data_config, torch.device("cpu")
+    from unet3plus.serving import VolumeModel
+    from unet3plus.tracking import configure_for_reading, store_errors
+
+    configure_for_reading(config.mlflow)
+    with store_errors(config.mlflow):
+        try:
+            loaded = mlflow.pyfunc.load_model(str(model), model_config=options)
+        except (MlflowException, OSError) as err:
+            raise UserError(f"cannot load MLflow model {model} from {mlflow.get_tracking_uri()}: {err}") from err
+    python_model = loaded.unwrap_python_model() if loaded.loader_module == "mlflow.pyfunc.model" else None
+    if not isinstance(python_model, VolumeModel):
+        raise UserError(f"MLflow model {model} is not a unet3plus volume model; register it with `unet3plus register`")
+    return python_model.predictor
 
 
 @torch.no_grad()
@@ -109,6 +198,7 @@ def predict_slices(
     device: torch.device,
     description: str = "slices",
     mixed_precision: bool = True,
+    memory_format: torch.memory_format | None = None,
 ) -> np.ndarray:
     """Run ``forward`` over a volume's 3-slice stacks in order, batch by batch.
 
@@ -122,11 +212,12 @@ def predict_slices(
         description: label of the progress bar.
         mixed_precision: on CUDA, bf16 autocast and channels_last batches (the recipe of
             :func:`unet3plus.device.prepare_model`); ignored on CPU.
+        memory_format: layout of the batches (default: :func:`unet3plus.device.memory_format_for`).
 
     Returns:
         (Z, C, S, S) float32 array.
     """
-    memory_format = memory_format_for(device, mixed_precision)
+    memory_format = memory_format or memory_format_for(device, mixed_precision)
     outputs = []
     for start in tqdm(range(0, len(stacks), batch_size), desc=description, unit="batch", leave=False):
         batch = torch.from_numpy(np.ascontiguousarray(stacks[start : start + batch_size], dtype=np.float32))
@@ -159,6 +250,11 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, reference: nib.spatial
     return Path(path)
 
 
+def organ_volume_ml(mask: np.ndarray, affine: np.ndarray) -> float:
+    """Volume of a mask in millilitres: voxels times the voxel volume given by ``affine`` (mm^3 / 1000)."""
+    return float(np.count_nonzero(mask) * abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])) / 1000.0)
+
+
 def predict_file(model: str | os.PathLike, input: str | os.PathLike, output: str | os.PathLike, config: Config) -> Path:
     """Segment one CT volume and write its mask.
 
@@ -167,10 +263,8 @@ def predict_file(model: str | os.PathLike, input: str | os.PathLike, output: str
             checkpoint path.
         input: 3-D CT volume in Hounsfield units, ``.nii`` or ``.nii.gz``.
         output: mask to write (``.nii.gz``): uint8 0/1, shape and affine of ``input``.
-        config: ``evaluate.threshold``, ``evaluate.batch_size``, ``evaluate.device`` and
-            ``train.mixed_precision`` (bf16 + channels_last on CUDA) are used;
-            ``mlflow`` gives the tracking/registry URI for ``models:/`` URIs. The preprocessing
-            parameters come from the model itself.
+        config: how to run it (see :func:`load_predictor`); the preprocessing and the threshold
+            come from the model itself.
 
     Returns:
         ``output`` as a Path.
@@ -180,24 +274,74 @@ def predict_file(model: str | os.PathLike, input: str | os.PathLike, output: str
         CheckpointError: the checkpoint is missing or corrupt.
         UserError: the MLflow model cannot be loaded.
     """
-    if not str(output).endswith((".nii", ".nii.gz")):
+    if not str(output).endswith(NIFTI_SUFFIXES):
         raise UserError(f"{output}: the mask is written as NIfTI; give an --output ending in .nii.gz or .nii")
     scan = read_volume(input)
-    if is_mlflow_uri(model):
-        from unet3plus.tracking import configure_for_reading, store_errors
-
-        configure_for_reading(config.mlflow)
-        with store_errors(config.mlflow):
-            network, data_config, device = load_predictor(model, config.evaluate.device, config.train.mixed_precision)
-    else:
-        network, data_config, device = load_predictor(model, config.evaluate.device, config.train.mixed_precision)
-    image_hu = np.asarray(scan.get_fdata(dtype=np.float32))
-    stacks, geometry = prepare_volume(image_hu, scan.affine, data_config)
-    probabilities = predict_slices(network, stacks, config.evaluate.batch_size, device, description=Path(input).name,
-                                   mixed_precision=config.train.mixed_precision)
-    restored = restore_volume(probabilities[:, 0], geometry, interpolation="linear")
-    mask = restored > config.evaluate.threshold
+    predictor = load_predictor(model, config)
+    mask = predictor.segment(scan, Path(input).name)
     write_mask(output, mask, scan)
-    logger.info("%s: %d organ voxels written to %s", input, int(mask.sum()), output)
+    logger.info("%s: %d organ voxels (%.1f mL) written to %s", input, int(mask.sum()), organ_volume_ml(mask, scan.affine),
+                output)
     return Path(output)
 
+
+def scans_in(folder: str | os.PathLike) -> list[Path]:
+    """The NIfTI files (``.nii``, ``.nii.gz``) directly inside ``folder``, sorted; hidden files skipped."""
+    return sorted(p for p in Path(folder).iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
+
+
+def mask_name(scan: Path) -> str:
+    """File name of the mask of ``scan`` in the output folder: the scan's name as ``.nii.gz``."""
+    return scan.name.removesuffix(".gz").removesuffix(".nii") + ".nii.gz"
+
+
+def predict_folder(
+    model: str | os.PathLike, input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: Config
+) -> dict[str, str]:
+    """Segment every scan of a folder: one mask per scan and ``volumes.csv``, bad scans skipped.
+
+    The model is loaded once. A scan that cannot be read or segmented is reported in one log
+    line and skipped; the others are still segmented. ``output_dir`` gets ``<scan>.nii.gz`` per
+    scan and :data:`VOLUMES_FILE` (columns :data:`VOLUME_COLUMNS`: the scan's file name, organ
+    voxels, organ volume in mL), each written atomically, and a record of what was written, so a
+    rerun may replace its own outputs but never a file the user put there.
+
+    Args:
+        model: MLflow model URI or checkpoint path.
+        input_dir: folder of ``.nii`` / ``.nii.gz`` CT volumes.
+        output_dir: folder for the masks (created).
+        config: as :func:`predict_file`.
+
+    Returns:
+        ``{scan file name: reason}`` of the scans that failed (empty when all succeeded).
+
+    Raises:
+        DataError: ``input_dir`` holds no NIfTI file, or an output would replace a file unet3plus
+            did not write (nothing is written).
+        CheckpointError, UserError: as :func:`load_predictor`.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    scans = scans_in(input_dir)
+    if not scans:
+        raise DataError(f"{input_dir}: no .nii or .nii.gz scan in this folder")
+    outputs = [output_dir / mask_name(scan) for scan in scans]
+    check_replaceable(output_dir, [*outputs, output_dir / VOLUMES_FILE], "choose another --output")
+    predictor = load_predictor(model, config)
+    rows, failures = [], {}
+    for scan_path, output in zip(tqdm(scans, desc="scans", unit="scan"), outputs):
+        try:
+            scan = read_volume(scan_path)
+            mask = predictor.segment(scan, scan_path.name)
+        except DataError as err:
+            failures[scan_path.name] = str(err)
+            logger.error("skipped %s", err)
+            continue
+        write_mask(output, mask, scan)
+        record_outputs(output_dir, [output])
+        rows.append((scan_path.name, int(np.count_nonzero(mask)), organ_volume_ml(mask, scan.affine)))
+    with atomic_path(output_dir / VOLUMES_FILE) as tmp:
+        pd.DataFrame(rows, columns=VOLUME_COLUMNS).to_csv(tmp, index=False)
+    record_outputs(output_dir, [output_dir / VOLUMES_FILE])
+    logger.info("%s: %d of %d scans segmented, masks and %s in %s", input_dir, len(rows), len(scans), VOLUMES_FILE,
+                output_dir)
+    return failures

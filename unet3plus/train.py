@@ -118,18 +118,19 @@ def train(
 
 
 def _run_identity(config: Config, base: Config | None, data_dir: Path, dataset: str, ablation: str,
-                  new: bool, device: str) -> dict[str, Any]:
+                  new: bool, device: str = "") -> dict[str, Any]:
     """Name, tags, params and study parent of a training run (the parent only for a ``new`` run).
 
-    ``device`` (:func:`describe_device`) is a param of a new run and the ``device`` tag of every
-    start, so a run resumed elsewhere says where it ended.
+    ``device`` (:func:`describe_device`; ``""`` before one was chosen) is a param of a new run and
+    the ``device`` tag of every start, so a run resumed elsewhere says where it ended.
     """
     parent = None
     if new:
         parent = tracking.study_parent(config.mlflow, dataset, tracking.data_hash(data_dir), base or config)
-    return {"run_name": tracking.run_name(config, dataset), "params": {**config.flat(), "device": device},
+    on = {"device": device} if device else {}
+    return {"run_name": tracking.run_name(config, dataset), "params": {**config.flat(), **on},
             "parent_run_id": parent,
-            "tags": {**tracking.run_tags(data_dir, dataset), "ablation": ablation, "device": device}}
+            "tags": {**tracking.run_tags(data_dir, dataset), "ablation": ablation, **on}}
 
 
 def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: bool, compile_model: bool,

@@ -7,8 +7,9 @@ own voxel grid is :func:`unet3plus.data.geometry.restore_volume`.
 Output layout of ``out_dir``::
 
     manifest.csv   case_id, slice_index, path (relative to out_dir), organ_present (0/1), split
-    cases.json     layout, dataset, data_config, fingerprint, and per case: image/label paths
-                   relative to raw_dir, split, slices, geometry (VolumeGeometry.to_dict())
+    cases.json     layout, dataset, data_source (synthetic, lits or msd: sources.data_source),
+                   data_config, fingerprint, and per case: image/label paths relative to
+                   raw_dir, split, slices, geometry (VolumeGeometry.to_dict())
     samples/<case_id>/<slice_index:04d>.npz   image float16 (3, S, S) in [0, 1], mask uint8 (S, S),
                                               organ_present uint8
 
@@ -66,7 +67,7 @@ from unet3plus.data.geometry import (
     resample_to_slices,
     volume_geometry,
 )
-from unet3plus.data.sources import Case, discover_cases, organ_mask
+from unet3plus.data.sources import Case, data_source, discover_cases, organ_mask
 from unet3plus.data.validation import SLAB_SLICES, CaseScan
 from unet3plus.errors import DataError
 from unet3plus.utils import atomic_path, write_json_atomic
@@ -84,8 +85,13 @@ WRITER_THREADS = 2
 STAGING_PREFIX = ".staging-"
 """Samples are written into ``out_dir/.staging-<random>`` first and moved into place only when every case passed."""
 
-CODE_FILES = tuple(Path(__file__).with_name(name) for name in ("preprocess.py", "geometry.py", "sources.py"))
-"""Modules whose source decides the output: any edit to them invalidates previous output."""
+CODE_FILES = (
+    *(Path(__file__).with_name(name) for name in ("preprocess.py", "dataset.py", "geometry.py", "sources.py",
+                                                  "validation.py")),
+    *(Path(__file__).parents[1] / name for name in ("config.py", "errors.py", "utils.py")),
+)
+"""Every module preprocessing imports (tests/test_dvc_deps.py derives the list from the imports):
+any edit to them invalidates previous output."""
 
 
 def prepare_volume(
@@ -223,7 +229,7 @@ def _share(count: int, fraction: float) -> int:
 
 
 def dataset_fingerprint(layout: str, raw_dir: Path, cases: list[Case], data_config: DataConfig) -> str:
-    """SHA-256 over the raw files (relative name, size, mtime), output parameters and code.
+    """SHA-256 over the data source, raw files (relative name, size, mtime), output parameters and code.
 
     Args:
         layout: the raw layout.
@@ -245,6 +251,7 @@ def dataset_fingerprint(layout: str, raw_dir: Path, cases: list[Case], data_conf
         code.update(path.read_bytes())
     payload = {
         "layout": layout,
+        "source": data_source(layout, raw_dir),
         "files": files,
         "params": {name: getattr(data_config, name) for name in OUTPUT_PARAMS},
         "code": code.hexdigest(),
@@ -341,6 +348,7 @@ def preprocess_dataset(
         {
             "layout": layout,
             "dataset": DATASET_OF_LAYOUT[layout],
+            "data_source": data_source(layout, raw_dir),
             "data_config": dataclasses.asdict(data_config),
             "fingerprint": fingerprint,
             "cases": case_entries,

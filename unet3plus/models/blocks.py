@@ -199,7 +199,10 @@ class FullScaleSkip(nn.Module):
         elif tuple(x.shape[-2:]) != tuple(size):
             if self.impl == "factored":
                 conv, norm, activation = self.conv
-                return activation(norm(upsample_conv3x3(x, conv.weight, tuple(size))))
+                mixed = upsample_conv3x3(x, conv.weight, tuple(size))
+                if conv.bias is not None:  # batch norm folded into the conv for inference
+                    mixed = mixed + conv.bias.view(1, -1, 1, 1)
+                return activation(norm(mixed))
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return self.conv(x)
 
