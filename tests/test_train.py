@@ -181,6 +181,16 @@ def test_the_same_seed_gives_identical_weights_and_another_seed_does_not(straigh
     assert not all(torch.equal(other["model"][name], tensor) for name, tensor in reference["model"].items())
 
 
+def test_select_checkpoint_last_epoch_keeps_the_final_epoch_whatever_its_validation_dice(data_dir, store, tmp_path):
+    with contextlib.chdir(store):
+        summary = train(tiny_config(store, "train.select_checkpoint=last_epoch", "train.epochs=3"), data_dir, tmp_path)
+    history = pd.read_csv(tmp_path / "history.csv")
+    last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == last["epoch"] == summary["best_epoch"] == 3
+    assert summary["best_val_dice"] == history.val_dice.iloc[-1] == best["best_metric"]
+    assert all(torch.equal(best["model"][key], value) for key, value in last["model"].items())
+
+
 def test_resuming_a_finished_run_trains_no_further(straight, data_dir, store, tmp_path):
     shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
     before = load_checkpoint(tmp_path / "last.pt")

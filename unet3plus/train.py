@@ -11,7 +11,9 @@ Outputs in ``out_dir`` (all written atomically):
 - ``last.pt``: the complete training state after every epoch (model, optimiser, scheduler,
   epoch, best metric, history, config, dataset, RNG states of every rank, MLflow run id);
   ``train(..., resume=True)`` continues from it exactly.
-- ``best.pt``: a copy of ``last.pt`` from the epoch with the best validation Dice.
+- ``best.pt``: the checkpoint that evaluate and register use, a copy of ``last.pt`` from the epoch
+  with the best validation Dice (``train.select_checkpoint: val_dice``) or from the final epoch
+  (``last_epoch``; then ``best_val_dice`` and ``best_epoch`` describe the final epoch).
 - ``history.csv``: one row per epoch (epoch, lr, loss and its parts, val_dice, seconds).
 - ``curves.png``: the learning curves; ``train_summary.json``: see :func:`train`.
 """
@@ -270,7 +272,8 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
                 val_dice = validation_dice(raw_model, val_loader, device, autocast, memory_format) if master else None
                 rng = _gather_rng(generator, ddp, world_size)  # after validation, whose loader draws a seed
                 if master:
-                    improved = best_val_dice is None or val_dice > best_val_dice
+                    improved = (train_config.select_checkpoint == "last_epoch" or best_val_dice is None
+                                or val_dice > best_val_dice)
                     if improved:
                         best_val_dice, best_epoch = val_dice, epoch
                     seconds = time.perf_counter() - started
