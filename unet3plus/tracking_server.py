@@ -303,7 +303,7 @@ class MlflowServer:
         self.log = self.root / "server.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180.0) -> None:
+    def start(self, timeout: float = 300.0) -> None:
         """Start the server; returns once its own processes listen on the port and answer ``/health``.
 
         Raises:
