@@ -32,7 +32,7 @@ from unet3plus.device import autocast_context, memory_format_for, prepare_model,
 from unet3plus.errors import CheckpointError, DataError, UserError
 from unet3plus.models import predict_proba
 from unet3plus.models.inference import INFERENCE_MEMORY_FORMAT, inference_network
-from unet3plus.utils import atomic_path, check_replaceable, record_outputs
+from unet3plus.utils import atomic_path, check_replaceable, record_outputs, redact
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def load_predictor(model: str | os.PathLike, config: Config) -> Predictor:
         try:
             loaded = mlflow.pyfunc.load_model(str(model), model_config=options)
         except (MlflowException, OSError) as err:
-            raise UserError(f"cannot load MLflow model {model} from {mlflow.get_tracking_uri()}: {err}") from err
+            raise UserError(redact(f"cannot load MLflow model {model} from {mlflow.get_tracking_uri()}: {err}")) from err
     python_model = loaded.unwrap_python_model() if loaded.loader_module == "mlflow.pyfunc.model" else None
     # A unet3plus.serving.VolumeModel carries its Predictor (serving imports this module, not the reverse).
     predictor = getattr(python_model, "predictor", None)
