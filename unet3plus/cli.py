@@ -17,7 +17,7 @@ from pathlib import Path
 from unet3plus.config import LAYOUTS, Config, ablation_config, load_config, params_path
 from unet3plus.data.archive import MAX_BYTES
 from unet3plus.errors import DataError, UserError
-from unet3plus.utils import check_files_replaceable, check_outputs, record_outputs, setup_logging
+from unet3plus.utils import check_files_replaceable, check_outputs, record_outputs, redact, setup_logging
 
 logger = logging.getLogger("unet3plus")
 
@@ -351,7 +351,7 @@ def run_parsed(args: argparse.Namespace) -> int:
         return 130
     except (UserError, OSError) as err:
         logger.debug("error details", exc_info=True)
-        print(f"error: {_describe(err)}", file=sys.stderr)
+        print(f"error: {redact(_describe(err))}", file=sys.stderr)
         return 2
     return 0
 

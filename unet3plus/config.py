@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from unet3plus.errors import ConfigError
+from unet3plus.utils import redact
 
 logger = logging.getLogger(__name__)
 LAYOUTS = ("lits", "msd-spleen")
@@ -210,6 +211,10 @@ class MlflowConfig:
 
     def validate(self) -> None:
         _check(bool(self.experiment), "mlflow.experiment", self.experiment, "a non-empty string")
+        if redact(self.tracking_uri) != self.tracking_uri:  # it would be written to params, config.yaml, checkpoints
+            raise ConfigError(f"mlflow.tracking_uri: {redact(self.tracking_uri)!r} holds a login (user:password@), "
+                              "which would be written with the settings; remove it and set MLFLOW_TRACKING_USERNAME "
+                              "and MLFLOW_TRACKING_PASSWORD in the environment")  # fmt: skip
 
 
 @dataclass

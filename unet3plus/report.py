@@ -32,7 +32,7 @@ from unet3plus import tracking
 from unet3plus.config import MAIN, Config, ablation_config
 from unet3plus.errors import UserError
 from unet3plus.tracking import check_access, configure_for_reading, store_errors
-from unet3plus.utils import atomic_path, record_outputs, write_json_atomic, write_text_atomic
+from unet3plus.utils import atomic_path, record_outputs, redact, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def collect_runs(config: Config, datasets: list[str] | None = None) -> StudyRuns
     with store_errors(mlflow_config):  # only the store's errors are reported as such
         uri = configure_for_reading(mlflow_config)  # capped HTTP retries; never creates a store
         check_access(uri)
-        where = f"experiment {mlflow_config.experiment!r} at {uri}"
+        where = f"experiment {mlflow_config.experiment!r} at {redact(uri)}"
         if mlflow.get_experiment_by_name(mlflow_config.experiment) is None:
             raise UserError(f"{where}: no such experiment; train and evaluate a model first (e.g. `dvc repro`)")
         runs = mlflow.search_runs(experiment_names=[mlflow_config.experiment], order_by=["attributes.start_time DESC"])
