@@ -18,6 +18,7 @@ from unet3plus.checkpoint import save_checkpoint
 from unet3plus.config import Config, DataConfig, config_from_dict
 from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import preprocess_dataset
+from unet3plus.device import cpu_name
 from unet3plus.errors import CheckpointError, DataError
 from unet3plus.evaluate import (
     OVERLAY_ALPHA,
@@ -99,7 +100,7 @@ def test_evaluate_writes_metrics_per_case_predictions_and_overlays(evaluated):
     assert SUMMARY_KEYS <= set(summary)
     assert json.loads((out / "metrics.json").read_text()) == summary
     assert summary["cases"] == 2 and summary["dataset"] == "liver"
-    assert summary["device"] == f"cpu ({torch.get_num_threads()} threads)"  # where it ran, also a run tag
+    assert summary["device"] == f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"  # where it ran, also a run tag
     # The CGM's ROC for the KFP ClassificationMetrics artifact: its area is the AUC in metrics.json.
     roc = pd.read_csv(out / "cgm_roc.csv")
     assert list(roc.columns) == ["fpr", "tpr", "threshold"] and roc["threshold"].le(1.0).all()

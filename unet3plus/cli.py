@@ -17,7 +17,7 @@ from pathlib import Path
 from unet3plus.config import LAYOUTS, Config, ablation_config, load_config, params_path
 from unet3plus.data.archive import MAX_BYTES
 from unet3plus.errors import DataError, UserError
-from unet3plus.utils import check_files_replaceable, check_outputs, record_outputs, setup_logging
+from unet3plus.utils import check_files_replaceable, check_outputs, record_outputs, redact, setup_logging
 
 logger = logging.getLogger("unet3plus")
 
@@ -127,9 +127,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         return
     files, plots = report_outputs(args.out)
     for path in (*files, plots):
-        check_outputs({"--out": path}, {"--readme": args.readme, "--params": params_path(args.params)})
+        check_outputs({"--out": path}, {"--readme": args.readme, "--spread": args.spread, "--params": params_path(args.params)})
     check_files_replaceable("--out", files, args.force, folders=[plots])
-    write_report(config, args.out, readme=args.readme)
+    write_report(config, args.out, readme=args.readme, spread=args.spread)
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: print the markdown)")
     p.add_argument("--readme", type=Path, default=None, metavar="README",
                    help="also rewrite the results block between the markers of this README (with --out)")
+    p.add_argument("--spread", type=Path, default=None, metavar="JSON",
+                   help="with --readme: show the test Dice spread over seeds and threads that benchmarks/bench_recipe.py "
+                   "measured (benchmarks/bench_recipe.json) beside the table, and whether the order is the paper's")
     p.add_argument("--force", action="store_true", help="replace the report's files and plots even if unet3plus did not write it (or it was edited since)")
     return parser
 
@@ -348,7 +351,7 @@ def run_parsed(args: argparse.Namespace) -> int:
         return 130
     except (UserError, OSError) as err:
         logger.debug("error details", exc_info=True)
-        print(f"error: {_describe(err)}", file=sys.stderr)
+        print(f"error: {redact(_describe(err))}", file=sys.stderr)
         return 2
     return 0
 

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from unet3plus.errors import ConfigError
+from unet3plus.utils import redact
 
 logger = logging.getLogger(__name__)
 LAYOUTS = ("lits", "msd-spleen")
@@ -119,6 +120,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "poly"  # poly | cosine | constant
     poly_power: float = 0.9
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up before the schedule, in epochs (fractions allowed)
+    select_checkpoint: str = "val_dice"  # what best.pt keeps: the best validation Dice (val_dice) or the final epoch (last_epoch)
     seed: int = 0
     num_workers: int = 2  # DataLoader workers
     augment: bool = True
@@ -135,6 +138,9 @@ class TrainConfig:
         for name in ("momentum", "weight_decay"):
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "a number >= 0")
         _check(self.poly_power > 0, "train.poly_power", self.poly_power, "a number > 0")
+        _check(self.select_checkpoint in ("val_dice", "last_epoch"), "train.select_checkpoint", self.select_checkpoint,
+               "'val_dice' or 'last_epoch'")
+        _check(0 <= self.warmup_epochs <= self.epochs, "train.warmup_epochs", self.warmup_epochs, "a number in [0, train.epochs]")
         _check(_DEVICE.fullmatch(self.device) is not None, "train.device", self.device, DEVICE_CHOICES)
         _check(self.schedule in ("poly", "cosine", "constant"), "train.schedule", self.schedule, "'poly', 'cosine' or 'constant'")
         _check(0.0 <= self.organ_fraction < 1.0, "train.organ_fraction", self.organ_fraction, "a number in [0, 1)")
@@ -205,6 +211,10 @@ class MlflowConfig:
 
     def validate(self) -> None:
         _check(bool(self.experiment), "mlflow.experiment", self.experiment, "a non-empty string")
+        if redact(self.tracking_uri) != self.tracking_uri:  # it would be written to params, config.yaml, checkpoints
+            raise ConfigError(f"mlflow.tracking_uri: {redact(self.tracking_uri)!r} holds a login (user:password@), "
+                              "which would be written with the settings; remove it and set MLFLOW_TRACKING_USERNAME "
+                              "and MLFLOW_TRACKING_PASSWORD in the environment")  # fmt: skip
 
 
 @dataclass

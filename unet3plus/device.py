@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import re
 from pathlib import Path
 
@@ -42,13 +43,26 @@ def cuda_unavailable_reason(driver: str | None) -> str:
             f"{MIN_DRIVER['12']}) or GPU nodes with a newer driver")
 
 
+def cpu_name(proc_file: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU model (``AMD EPYC 7B13``) from ``/proc/cpuinfo``, else ``platform.processor()`` or the machine type.
+
+    Float results depend on it (SIMD kernels, summation order), so runs record it.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path(proc_file).read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def describe_device(device: torch.device) -> str:
-    """What a run records as its device: ``cuda:0 (NVIDIA H200, CUDA 13.0, driver 580.65.06)`` or ``cpu (8 threads)``."""
+    """What a run records as its device: ``cuda:0 (NVIDIA H200, CUDA 13.0, driver 580.65.06)`` or
+    ``cpu (AMD EPYC 7B13, 8 threads)``."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return (f"cuda:{index} ({torch.cuda.get_device_name(index)}, CUDA {torch.version.cuda}, "
                 f"driver {nvidia_driver_version() or 'unknown'})")
-    return f"{device.type} ({torch.get_num_threads()} threads)"
+    return f"{device.type} ({cpu_name()}, {torch.get_num_threads()} threads)"
 
 
 def select_device(preference: str = "auto", key: str = "device") -> torch.device:

@@ -32,7 +32,7 @@ from unet3plus.device import autocast_context, memory_format_for, prepare_model,
 from unet3plus.errors import CheckpointError, DataError, UserError
 from unet3plus.models import predict_proba
 from unet3plus.models.inference import INFERENCE_MEMORY_FORMAT, inference_network
-from unet3plus.utils import atomic_path, check_replaceable, record_outputs
+from unet3plus.utils import atomic_path, check_replaceable, record_outputs, redact
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def load_predictor(model: str | os.PathLike, config: Config) -> Predictor:
         try:
             loaded = mlflow.pyfunc.load_model(str(model), model_config=options)
         except (MlflowException, OSError) as err:
-            raise UserError(f"cannot load MLflow model {model} from {mlflow.get_tracking_uri()}: {err}") from err
+            raise UserError(redact(f"cannot load MLflow model {model} from {mlflow.get_tracking_uri()}: {err}")) from err
     python_model = loaded.unwrap_python_model() if loaded.loader_module == "mlflow.pyfunc.model" else None
     if not isinstance(python_model, VolumeModel):
         raise UserError(f"MLflow model {model} is not a unet3plus volume model; register it with `unet3plus register`")

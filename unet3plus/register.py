@@ -38,7 +38,7 @@ from unet3plus.data.sources import REAL_SOURCE
 from unet3plus.errors import DataError, UserError
 from unet3plus.serving import log_volume_model
 from unet3plus.tracking import UNKNOWN_SOURCE, check_access, configure, experiment_id, explain_failure, git_commit
-from unet3plus.utils import file_digest
+from unet3plus.utils import file_digest, redact
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def register(config: Config, checkpoint: str | os.PathLike, metrics_path: str | 
         alias, reason = assign_alias(client, name, version, config.register)
     except (MlflowException, OSError) as err:
         raise UserError(
-            f"MLflow model registry at {uri} failed while registering {name} from {checkpoint}: {explain_failure(err, uri)}"
+            f"MLflow model registry at {redact(uri)} failed while registering {name} from {checkpoint}: {explain_failure(err, uri)}"
         ) from err
     logger.info("registered %s version %s: %s", name, version, f"alias {alias!r} ({reason})" if alias else f"no alias ({reason})")
     return {"name": name, "version": int(version), "alias": alias, "champion": alias == config.register.alias,
@@ -280,7 +280,7 @@ def _log_model(
     training_run = _training_run(client, payload.get("mlflow_run_id"))
     if training_run is None:
         logger.warning("training run %s not found in %s; logging the model in a new run",
-                       payload.get("mlflow_run_id"), mlflow.get_tracking_uri())
+                       payload.get("mlflow_run_id"), redact(mlflow.get_tracking_uri()))
         experiment, run_id = experiment_id(client, config.mlflow.experiment), None
     else:
         experiment, run_id = training_run.info.experiment_id, training_run.info.run_id

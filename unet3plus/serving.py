@@ -52,6 +52,7 @@ import unet3plus
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
 from unet3plus.errors import DataError, UserError
 from unet3plus.predict import METADATA_KEY, Predictor, organ_volume_ml, predictor_from_checkpoint, write_mask
+from unet3plus.utils import redact
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ def export_model(model_uri: str, out_dir: str | os.PathLike) -> Path:
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging))
         except (MlflowException, OSError) as err:
-            raise UserError(f"cannot export {model_uri} from {mlflow.get_tracking_uri()}: {err}") from err
+            raise UserError(redact(f"cannot export {model_uri} from {mlflow.get_tracking_uri()}: {err}")) from err
         if not (staging / "MLmodel").is_file():
             raise UserError(f"{model_uri}: not an MLflow model (no MLmodel file)")
         if out_dir.exists():

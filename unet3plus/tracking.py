@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import mlflow
 import yaml
@@ -44,6 +44,7 @@ from mlflow.exceptions import MlflowException
 
 from unet3plus.config import SQLITE, Config, LossConfig, MlflowConfig
 from unet3plus.errors import UserError
+from unet3plus.utils import redact
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def configure(mlflow_config: MlflowConfig) -> str:
     """
     for name, value in HTTP_LIMITS.items():
         os.environ.setdefault(name, value)
-    uri = mlflow_config.resolved_tracking_uri()
+    uri = _login_to_environment(mlflow_config.resolved_tracking_uri())
     exported = "MLFLOW_TRACKING_URI" in os.environ
     mlflow.set_tracking_uri(uri)
     if not exported:
@@ -90,9 +91,28 @@ CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 """The environment variables MLflow sends as HTTP basic-auth credentials to a tracking server."""
 
 
+def _login_to_environment(uri: str) -> str:
+    """``uri`` without the ``user:password@`` of an HTTP(S) URI, whose login moves to :data:`CREDENTIALS`.
+
+    MLflow then never holds the password in its tracking URI (it prints that URI's host in its
+    "View run" lines); the login still reaches the server, unless the variables were set already
+    (they win, as they would over the URI's login in the HTTP client). Other URIs (a database
+    with its password) are returned as they are: every message shows them through :func:`redact`.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    login, _, host = parts.netloc.rpartition("@")
+    user, _, password = login.partition(":")
+    for name, value in zip(CREDENTIALS, (user, password)):
+        if value:
+            os.environ.setdefault(name, unquote(value))
+    return urlunsplit(parts._replace(netloc=host))
+
+
 def explain_failure(err: Exception, uri: str) -> str:
     """One line saying why an MLflow call to ``uri`` failed and what to set: login, reachability, registry."""
-    code, text = getattr(err, "error_code", None), str(err)
+    code, text, uri = getattr(err, "error_code", None), redact(str(err)), redact(uri)
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     if code == "UNAUTHENTICATED":
         missing = [name for name in CREDENTIALS if not os.environ.get(name)]
@@ -164,7 +184,8 @@ def store_errors(mlflow_config: MlflowConfig) -> Iterator[None]:
         yield
     except (MlflowException, SQLAlchemyError, OSError) as err:
         message = " ".join(str(err).split())[:300]
-        raise UserError(f"{mlflow_config.resolved_tracking_uri()}: cannot read the MLflow tracking store ({message})") from err
+        uri = redact(mlflow_config.resolved_tracking_uri())
+        raise UserError(redact(f"{uri}: cannot read the MLflow tracking store ({message})")) from err
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
@@ -385,8 +406,13 @@ def study_parent(mlflow_config: MlflowConfig, dataset: str, data_digest: str, ba
             client.delete_run(parent.info.run_id)
         return oldest.info.run_id
     except Exception as err:  # tracking must never stop training
-        logger.warning("MLflow: could not find or create the parent run of study %s (%s)", study, err)
+        logger.warning("MLflow: could not find or create the parent run of study %s (%s)", study, redact(str(err)))
         return None
+
+
+def error_text(error: BaseException) -> str:
+    """``Type: message`` of ``error`` for a run's ``error`` tag: credentials redacted, at most 8000 characters."""
+    return redact(f"{type(error).__name__}: {error}")[:8000]
 
 
 def record_failure(mlflow_config: MlflowConfig, *, run_name: str, tags: dict[str, str], params: dict[str, Any],
@@ -396,7 +422,7 @@ def record_failure(mlflow_config: MlflowConfig, *, run_name: str, tags: dict[str
     (Failures inside the run are recorded by :func:`open_run`.) Never raises.
     """
     run = TrackedRun(mlflow_config, run_name=run_name, tags=tags, params=params, parent_run_id=parent_run_id)
-    run.set_tags({"error": f"{type(error).__name__}: {error}"[:8000]})
+    run.set_tags({"error": error_text(error)})
     run.end("FAILED")
 
 
@@ -488,7 +514,7 @@ class TrackedRun:
         uri = configure(mlflow_config)
         client = self._client = mlflow.MlflowClient(uri)
         if self.run_id is not None and not _run_exists(client, self.run_id):
-            logger.warning("MLflow run %s not found in %s; starting a new run", self.run_id, uri)
+            logger.warning("MLflow run %s not found in %s; starting a new run", self.run_id, redact(uri))
             self.run_id = None
         nested = mlflow.active_run() is not None
         if nested:
@@ -507,7 +533,7 @@ class TrackedRun:
         self.run_id = active.info.run_id
         if params and not self.resumed:
             mlflow.log_params(params, run_id=self.run_id)
-        logger.info("MLflow run %s (%s) in %s", self.run_id, "continued" if self.resumed else "new", uri)
+        logger.info("MLflow run %s (%s) in %s", self.run_id, "continued" if self.resumed else "new", redact(uri))
 
     def _guard(self, action: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         """Call ``function`` unless offline; on any failure warn once and go offline."""
@@ -603,7 +629,7 @@ def open_run(mlflow_config: MlflowConfig, **kwargs: Any) -> Iterator[TrackedRun]
         run.end("KILLED")
         raise
     except BaseException as err:
-        run.set_tags({"error": f"{type(err).__name__}: {err}"[:8000]})
+        run.set_tags({"error": error_text(err)})
         run.end("FAILED")
         err.mlflow_run_id = run.run_id  # the failure is recorded (see record_failure)
         raise

@@ -11,7 +11,9 @@ Outputs in ``out_dir`` (all written atomically):
 - ``last.pt``: the complete training state after every epoch (model, optimiser, scheduler,
   epoch, best metric, history, config, dataset, RNG states of every rank, MLflow run id);
   ``train(..., resume=True)`` continues from it exactly.
-- ``best.pt``: a copy of ``last.pt`` from the epoch with the best validation Dice.
+- ``best.pt``: the checkpoint that evaluate and register use, a copy of ``last.pt`` from the epoch
+  with the best validation Dice (``train.select_checkpoint: val_dice``) or from the final epoch
+  (``last_epoch``; then ``best_val_dice`` and ``best_epoch`` describe the final epoch).
 - ``history.csv``: one row per epoch (epoch, lr, loss and its parts, val_dice, seconds).
 - ``curves.png``: the learning curves; ``train_summary.json``: see :func:`train`.
 """
@@ -115,7 +117,8 @@ def train(
             if not recorded and not resume and readable:
                 dataset_name = json.loads((Path(data_dir) / "cases.json").read_text()).get("dataset", "unknown")
                 tracking.record_failure(config.mlflow, error=err, **_run_identity(
-                    config, base, Path(data_dir), dataset_name, ablation, new=True))
+                    config, base, Path(data_dir), dataset_name, ablation, new=True,
+                    device="unknown (the run failed before training started)"))
         raise
 
 
@@ -220,7 +223,10 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
             model = torch.compile(model)
         criterion = Criterion(**dataclasses.asdict(config.loss))
         optimizer = make_optimizer(raw_model.parameters(), train_config, fused=device.type == "cuda")
-        multiplier = functools.partial(lr_multiplier, train_config, total_steps=train_config.epochs * steps_per_epoch)
+        multiplier = functools.partial(
+            lr_multiplier, train_config, total_steps=train_config.epochs * steps_per_epoch,
+            warmup_steps=round(train_config.warmup_epochs * steps_per_epoch),
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
         # -- resume -----------------------------------------------------------------------------------
@@ -269,7 +275,8 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
                 val_dice = validation_dice(raw_model, val_loader, device, autocast, memory_format) if master else None
                 rng = _gather_rng(generator, ddp, world_size)  # after validation, whose loader draws a seed
                 if master:
-                    improved = best_val_dice is None or val_dice > best_val_dice
+                    improved = (train_config.select_checkpoint == "last_epoch" or best_val_dice is None
+                                or val_dice > best_val_dice)
                     if improved:
                         best_val_dice, best_epoch = val_dice, epoch
                     seconds = time.perf_counter() - started
@@ -513,14 +520,19 @@ def make_optimizer(
     return torch.optim.AdamW(parameters, lr=train_config.lr, weight_decay=train_config.weight_decay, **options)
 
 
-def lr_multiplier(train_config: TrainConfig, step: int, total_steps: int) -> float:
+def lr_multiplier(train_config: TrainConfig, step: int, total_steps: int, warmup_steps: int = 0) -> float:
     """Factor applied to the base learning rate at optimisation ``step`` (0-based).
 
-    ``poly``: ``(1 - step / total_steps) ** poly_power``; ``cosine``:
-    ``(1 + cos(pi * step / total_steps)) / 2``; ``constant``: 1. Past ``total_steps`` (a resume
-    with fewer epochs) the factor stays at its final value.
+    A linear warm-up first: ``(step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``, so
+    the first update is already non-zero and the factor reaches 1 at ``warmup_steps``. Then the
+    schedule over the remaining steps, with ``progress = (step - warmup_steps) / (total_steps -
+    warmup_steps)``: ``poly``: ``(1 - progress) ** poly_power``; ``cosine``:
+    ``(1 + cos(pi * progress)) / 2``; ``constant``: 1. Past ``total_steps`` (a resume with fewer
+    epochs) the factor stays at its final value.
     """
-    progress = min(step / max(total_steps, 1), 1.0)
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
     if train_config.schedule == "poly":
         return (1.0 - progress) ** train_config.poly_power
     if train_config.schedule == "cosine":

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -52,6 +53,26 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     """Write ``payload`` as indented, key-sorted JSON to ``path`` atomically."""
     return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+USERINFO = re.compile(r"(?<=://)[^\s/?#]*@")
+"""The ``user:password@`` of a URI (its authority up to the last ``@``, as ``urllib`` parses it)."""
+
+
+def redact(text: str) -> str:
+    """``text`` with the userinfo of every URI in it replaced by ``***`` (``http://***@host:5000``).
+
+    The one place credentials are scrubbed: every URI or error text the project prints, logs or
+    records (MLflow tags) goes through it.
+    """
+    return USERINFO.sub("***@", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log formatter that passes every formatted record (tracebacks included) through :func:`redact`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 LOCK_NAME = ".unet3plus.lock"
@@ -114,9 +135,11 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
 
 
 def setup_logging(verbosity: int = 0) -> None:
-    """Configure root logging once for command-line use (``-v`` for debug)."""
+    """Configure root logging once for command-line use (``-v`` for debug); URIs are logged redacted."""
     level = logging.DEBUG if verbosity > 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("urllib3", "git", "alembic", "matplotlib", "PIL", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
