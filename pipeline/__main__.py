@@ -172,9 +172,8 @@ def run_arguments(params_path: Optional[Path], overrides: List[str], dataset: st
 def _check_output(args: argparse.Namespace) -> None:
     """The ``unet3plus`` verbs' output checks for ``--output``: not over the parameters file under any spelling,
     not a folder, not a file unet3plus did not write (without ``--force``)."""
-    from unet3plus.utils import check_files_replaceable, check_outputs
-
     from unet3plus.config import params_path
+    from unet3plus.utils import check_files_replaceable, check_outputs
 
     # trainjob reads a parameters file (default ./params.yaml); compile does not
     params = params_path(args.params) if "params" in args else None

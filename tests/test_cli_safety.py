@@ -232,7 +232,7 @@ def test_every_command_that_writes_a_file_keeps_the_users_files(workspace):
     ]  # fmt: skip
     expect_refusals(root, cases)
     assert "epochs=2" in (root / "job.yaml").read_text()
-    assert sorted(path.name for path in (root / "rep" / "ablations_plots").iterdir())[:1] == ["dice_vs_params.png"]
+    assert (root / "rep" / "ablations_plots" / "dice_vs_params.png").is_file()
     (root / "rep" / "ablations.csv").write_text("edited")
     expect_refusals(root, [(["report", "--out", "rep/ablations.md", *TINY], ["rep/ablations.csv", "--force"])])
     for name in ("notes.md", "mine.csv", "p.yaml", "params.yaml", "mask.nii.gz"):
@@ -245,7 +245,7 @@ def test_bad_scans_checkpoints_and_devices_are_one_line_before_the_model_loads(w
     unknown model key, a truncated tensor, a missing one or an absurd width; CUDA asked for where there is none;
     a mask named only '.nii.gz'; report's file-system errors named as such."""
     root = workspace
-    scan = sorted((root / "raw").glob("volume-*.nii"))[0]
+    scan = min((root / "raw").glob("volume-*.nii"))
     image = nib.load(scan)
     voxels = np.asarray(image.dataobj).astype(np.float32)
     voxels[0, 0, 0] = np.nan
@@ -444,7 +444,7 @@ def test_a_second_training_into_a_busy_out_is_refused_and_ctrl_c_exits_130(works
     assert all(word in refusal["stderr"] for word in ("run", "a training", f"pid {process.pid}", "started")), refusal
     assert process.poll() is None  # the first one goes on
     process.send_signal(signal.SIGINT)
-    rest = process.communicate(timeout=60)[1]
+    rest = process.communicate(timeout=300)[1]  # a loaded 2-core machine can take a while to exit
     stderr = "".join(lines) + rest
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.rstrip().endswith("interrupted"), stderr

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from unet3plus.config import LAYOUTS, Config, load_config, params_path
-from unet3plus.data.archive import MAX_BYTES
 from unet3plus.errors import DataError, UserError
 from unet3plus.utils import check_files_replaceable, check_outputs, record_outputs, redact, setup_logging
 
@@ -130,10 +129,10 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from unet3plus.data.archive import extract_dataset
+    from unet3plus.data.archive import MAX_BYTES, extract_dataset
 
     check_outputs({"--out": args.out}, {"--archive": args.archive, "--params": params_path(args.params)})
-    extract_dataset(args.archive, args.out, max_bytes=args.max_size)
+    extract_dataset(args.archive, args.out, max_bytes=args.max_size or MAX_BYTES)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -302,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
              "device files) into --out, unwrapping its single top-level folder. Used by data/real/dvc.yaml.")
     p.add_argument("--archive", type=Path, required=True, help="the .tar (or .tar.gz) file")
     p.add_argument("--out", type=Path, required=True, help="raw dataset folder to create (must not exist or be empty)")
-    p.add_argument("--max-size", type=_size, default=MAX_BYTES, metavar="SIZE",
+    p.add_argument("--max-size", type=_size, default=None, metavar="SIZE",
                    help="refuse an archive that unpacks to more than this, e.g. 500M or 20G (default: 8G); free space "
                    "is checked too, before anything is written")
 
