@@ -77,7 +77,8 @@ class ModelConfig:
     def validate(self) -> None:
         _check(self.arch in ("unet", "unet2plus", "unet3plus"), "model.arch", self.arch, "'unet', 'unet2plus' or 'unet3plus'")
         _check(self.encoder in ("unet", "vgg16", "resnet101"), "model.encoder", self.encoder, "'unet', 'vgg16' or 'resnet101'")
-        _check(self.width >= 1, "model.width", self.width, "an integer >= 1")
+        # 512 is 8x the paper's channels (64x its parameters): above, a width is a typo, not a model.
+        _check(1 <= self.width <= 512, "model.width", self.width, "an integer from 1 to 512")
         _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "an integer >= 1")
         _check(self.num_classes >= 1, "model.num_classes", self.num_classes, "an integer >= 1")
         _check(self.skip_impl in ("auto", "naive", "factored"), "model.skip_impl", self.skip_impl, "'auto', 'naive' or 'factored'")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from unet3plus.errors import UserError
+from unet3plus.errors import ConfigError, UserError
 
 REQUIRE_CUDA_ENV = "UNET3PLUS_REQUIRE_CUDA"
 """``1`` on the pipeline's GPU steps: there ``auto`` refuses to fall back to the CPU (:func:`select_device`)."""
@@ -51,17 +51,18 @@ def describe_device(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
-def select_device(preference: str = "auto") -> torch.device:
+def select_device(preference: str = "auto", key: str = "device") -> torch.device:
     """Return the torch device to use.
 
     Args:
         preference: ``"auto"`` (CUDA when available, else CPU; CUDA required where the pipeline
             asked for GPUs, :data:`REQUIRE_CUDA_ENV`), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        key: the setting that chose it (``train.device``), for the message.
 
     Raises:
         UserError: GPUs were requested (:data:`REQUIRE_CUDA_ENV`) but CUDA is unavailable; the
             message names the torch build's CUDA version, the driver it needs and the node's.
-        ValueError: if CUDA is asked for but not available.
+        ConfigError: CUDA (or that GPU index) is asked for but not available.
     """
     if preference == "auto":
         if os.environ.get(REQUIRE_CUDA_ENV) == "1" and not torch.cuda.is_available():
@@ -70,7 +71,10 @@ def select_device(preference: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(preference)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {preference!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+        raise ConfigError(f"{key} = {preference!r}: CUDA is not available on this machine; use 'auto' or 'cpu'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{key} = {preference!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"numbered from 0")
     return device
 
 

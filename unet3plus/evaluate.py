@@ -345,7 +345,7 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
         check_replaceable(out_dir, outputs, "use another --out, or --force")
     scored = {"checkpoint_sha256": file_digest(checkpoint), "data_hash": data_hash(data_dir),
               "data_source": data_source(data_dir), "test_set": digest_test_set(test, metadata, raw_dir)}
-    device = select_device(config.evaluate.device)
+    device = select_device(config.evaluate.device, "evaluate.device")
     device_name = describe_device(device)
     logger.info("evaluating on %s", device_name)
     network = prepare_model(model_from_checkpoint(payload), device, config.train.mixed_precision)

@@ -29,8 +29,8 @@ import yaml
 from unet3plus import tracking
 from unet3plus.config import MAIN, Config, ablation_config
 from unet3plus.errors import UserError
-from unet3plus.tracking import check_access, configure_for_reading
-from unet3plus.utils import atomic_path, write_json_atomic, write_text_atomic
+from unet3plus.tracking import check_access, configure_for_reading, store_errors
+from unet3plus.utils import atomic_path, record_outputs, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -134,12 +134,13 @@ def collect_runs(config: Config, datasets: list[str] | None = None, kfp_run_id: 
         UserError: no such experiment, or no training run in it.
     """
     mlflow_config = config.mlflow
-    uri = configure_for_reading(mlflow_config)  # capped HTTP retries; never creates a store
-    check_access(uri)
-    where = f"experiment {mlflow_config.experiment!r} at {uri}"
-    if mlflow.get_experiment_by_name(mlflow_config.experiment) is None:
-        raise UserError(f"{where}: no such experiment; train and evaluate a model first (e.g. `dvc repro`)")
-    runs = mlflow.search_runs(experiment_names=[mlflow_config.experiment], order_by=["attributes.start_time DESC"])
+    with store_errors(mlflow_config):  # only the store's errors are reported as such
+        uri = configure_for_reading(mlflow_config)  # capped HTTP retries; never creates a store
+        check_access(uri)
+        where = f"experiment {mlflow_config.experiment!r} at {uri}"
+        if mlflow.get_experiment_by_name(mlflow_config.experiment) is None:
+            raise UserError(f"{where}: no such experiment; train and evaluate a model first (e.g. `dvc repro`)")
+        runs = mlflow.search_runs(experiment_names=[mlflow_config.experiment], order_by=["attributes.start_time DESC"])
     if "tags.ablation" not in runs or runs["tags.ablation"].isna().all():
         raise UserError(f"{where}: no training run; run `dvc repro` (or `unet3plus train`) first")
     for column in ("tags.study_parent", "tags.study", "tags.mlflow.parentRunId", "tags.kfp_run_id"):
@@ -411,12 +412,21 @@ def plot_overlay_grid(runs: pd.DataFrame, dataset: str, path: Path, cases: int =
     return _save(figure, path)
 
 
+def report_outputs(out: str | os.PathLike) -> tuple[list[Path], Path]:
+    """The files (``out``, its ``.csv`` and ``.json``) and the plots folder (``<out stem>_plots``) of a report."""
+    out = Path(out)
+    return [out, out.with_suffix(".csv"), out.with_suffix(".json")], out.parent / f"{out.stem}_plots"
+
+
 def write_report(config: Config, out: str | os.PathLike, readme: str | os.PathLike | None = None) -> pd.DataFrame:
     """Write ``out`` (markdown), ``out`` with ``.csv`` and ``.json`` and the plots in ``<out stem>_plots/``.
 
     The main model and every name of ``config.ablations.run`` get a row per organ, from the study of
     ``config``'s parameters (:func:`collect_runs`). With
     ``readme``, the results block between :data:`README_BEGIN` and :data:`README_END` is replaced too.
+    Everything is made in a hidden folder beside ``out`` first and moved into place only when all
+    of it is made, so an unreadable store or prediction leaves the previous report as it was; the
+    files written are added to the folder's :data:`unet3plus.utils.OUTPUTS_RECORD`.
 
     Returns:
         The configuration table.
@@ -428,19 +438,26 @@ def write_report(config: Config, out: str | os.PathLike, readme: str | os.PathLi
     readme_text = _check_readme(Path(readme)) if readme else None
     collected = collect_runs(config)
     runs, table = collected.runs, configuration_table(collected)
-    plots = out.parent / f"{out.stem}_plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    plot_dice_vs_params(table, plots / "dice_vs_params.png")
-    if len(runs):
-        plot_per_case_dice(runs, plots / "per_case_dice.png")
-    for dataset in sorted(runs["dataset"].unique()):
-        plot_overlay_grid(runs, dataset, plots / f"overlays_{dataset}.png")
-    with atomic_path(out.with_suffix(".csv")) as tmp:
-        table.to_csv(tmp, index=False)
-    numbers = {f"{row['dataset']}/{row['variant']}": {"dice": None if math.isnan(row["dice_mean"])
-               else row["dice_mean"], "status": row["status"]} for _, row in table.iterrows()}
-    write_json_atomic(out.with_suffix(".json"), numbers)
-    write_text_atomic(out, report_markdown(table, collected.studies))
+    files, plots = report_outputs(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as scratch:
+        staged = Path(scratch)
+        (staged / plots.name).mkdir()
+        plot_dice_vs_params(table, staged / plots.name / "dice_vs_params.png")
+        if len(runs):
+            plot_per_case_dice(runs, staged / plots.name / "per_case_dice.png")
+        for dataset in sorted(runs["dataset"].unique()):
+            plot_overlay_grid(runs, dataset, staged / plots.name / f"overlays_{dataset}.png")
+        table.to_csv(staged / files[1].name, index=False)
+        numbers = {f"{row['dataset']}/{row['variant']}": {"dice": None if math.isnan(row["dice_mean"])
+                   else row["dice_mean"], "status": row["status"]} for _, row in table.iterrows()}
+        write_json_atomic(staged / files[2].name, numbers)
+        write_text_atomic(staged / out.name, report_markdown(table, collected.studies))
+        moves = [(path, plots / path.name) for path in sorted((staged / plots.name).iterdir())]
+        plots.mkdir(exist_ok=True)
+        for source, target in [*moves, *((staged / file.name, file) for file in files)]:
+            os.replace(source, target)
+    record_outputs(out.parent, [*files, plots])
     if readme_text is not None:
         write_text_atomic(readme, replace_readme_block(readme_text, readme_block(runs, table)))
     logger.info("%d configuration(s) of %d run(s) written to %s and %s", len(table), len(runs), out, plots)

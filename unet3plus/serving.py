@@ -88,20 +88,21 @@ def decode_mask(value: str) -> nib.Nifti1Image:
 def scan_from_bytes(raw: bytes, name: str) -> nib.spatialimages.SpatialImage:
     """Read a 3-D CT volume from the bytes of a ``.nii`` or ``.nii.gz`` file, checked as any input file.
 
-    The bytes go through :func:`unet3plus.data.sources.read_volume` (the checks of ``unet3plus
-    predict``: readable, not truncated, real-valued, 3-D, not empty) via a private temporary file.
+    The bytes go through :func:`unet3plus.predict.read_scan` (the checks of ``unet3plus predict``:
+    readable, not truncated, numeric, 3-D, not empty, invertible affine, a size that fits in memory,
+    finite voxels) via a private temporary file.
 
     Raises:
         DataError: ``"<name>: <problem>"``.
     """
-    from unet3plus.data.sources import read_volume
+    from unet3plus.predict import read_scan
 
     suffix = ".nii.gz" if raw[:2] == b"\x1f\x8b" else ".nii"
     with tempfile.TemporaryDirectory(prefix="unet3plus-scan-") as folder:
         path = Path(folder) / f"{uuid.uuid4().hex}{suffix}"
         path.write_bytes(raw)
         try:
-            return read_volume(path)
+            return read_scan(path)
         except DataError as err:
             raise DataError(str(err).replace(str(path), name)) from err
 

@@ -55,7 +55,7 @@ from unet3plus.errors import CheckpointError, ConfigError, DataError, TrainingEr
 from unet3plus.losses import Criterion
 from unet3plus.metrics import dice
 from unet3plus.models import create_model, predict_proba
-from unet3plus.utils import atomic_path, check_replaceable, record_outputs, write_json_atomic
+from unet3plus.utils import atomic_path, check_replaceable, folder_lock, record_outputs, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,10 @@ def train(
         TrainingError: the loss or the weights became NaN or infinite (nothing of that epoch is saved).
     """
     try:
-        return _train(config, Path(data_dir), Path(out_dir), resume, force, compile_model, ablation, base)
+        # One writer per --out for the whole run (rank 0 writes alone): a second training into it is refused.
+        lock = folder_lock(out_dir, "a training") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+        with lock:
+            return _train(config, Path(data_dir), Path(out_dir), resume, force, compile_model, ablation, base)
     except Exception as err:
         # A refusal (bad setting, data, checkpoint or output folder) writes nothing, the tracking
         # store included; failures once training runs end as a FAILED run (see tracking.open_run).
@@ -172,7 +175,7 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
     # -- setup: distributed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK), device, precision, seeds
     ddp = "RANK" in os.environ
     rank, world_size, local_rank = 0, 1, 0
-    device = select_device(train_config.device)
+    device = select_device(train_config.device, "train.device")
     if ddp:
         rank, world_size, local_rank = (int(os.environ[key]) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         if device.type == "cuda":
