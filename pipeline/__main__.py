@@ -222,13 +222,9 @@ def _record_output(args: argparse.Namespace) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
-<<<<<<< HEAD
-    path = compile_pipeline(args.output, cluster_settings(args), default_params(args.params))
-=======
     _check_output(args)
-    path = compile_pipeline(args.output, cluster_settings(args))
+    path = compile_pipeline(args.output, cluster_settings(args), default_params(args.params))
     _record_output(args)
->>>>>>> i19
     logger.info("pipeline %r compiled to %s", PIPELINE_NAME, path)
 
 
@@ -408,7 +404,6 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
                        "in the pipeline's own pod)")
     scale.add_argument("--gpus-per-node", type=_positive("--gpus-per-node"), default=None,
                        help="GPUs (and processes) per node (default: --gpus)")
-<<<<<<< HEAD
     data = parser.add_argument_group(
         "where the data lives",
         "With --workspace-pvc the datasets stay on that claim: raw-data, validate, preprocess, train and evaluate "
@@ -422,6 +417,7 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
                       help="claim for the datasets, checkpoints and a TrainJob's data and model; ReadWriteMany when "
                       "pods on several nodes use it (default: none)")
     data.add_argument("--workspace-mount", default=default.workspace_mount, metavar="PATH",
+                      type=_checked(trainjob.check_mount_path, "--workspace-mount"),
                       help="where --workspace-pvc is mounted (default: %(default)s)")
     data.add_argument("--scratch", action="append", default=[], type=_step_scratch, metavar="STEP=SIZE",
                       help="scratch volume of a step without --workspace-pvc (repeatable); steps and defaults, sized "
@@ -436,14 +432,6 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
                        "the CPU (default: %(default)s)")
     group.add_argument("--max-parallel-ablations", type=_positive("--max-parallel-ablations"), default=None,
                        metavar="N", help="ablations trained at once (default: all)")
-=======
-    scale.add_argument("--workspace-pvc", type=_checked(trainjob.check_resource_name, "--workspace-pvc"),
-                       default=default.workspace_pvc, metavar="CLAIM",
-                       help="ReadWriteMany claim for data and model (default: %(default)s)")
-    scale.add_argument("--workspace-mount", default=default.workspace_mount, metavar="PATH",
-                       type=_checked(trainjob.check_mount_path, "--workspace-mount"),
-                       help="where --workspace-pvc is mounted (default: %(default)s)")
->>>>>>> i19
 
 
 class _Parser(argparse.ArgumentParser):
@@ -469,13 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "`kfp pipeline create`.")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="FILE",
                    help="where to write the YAML (default: %(default)s)")
-<<<<<<< HEAD
     p.add_argument("--params", type=Path, default=None,
                    help="the default of the pipeline's `params` input (default: ./params.yaml if present, else the "
                    "built-in defaults)")
-=======
     p.add_argument("--force", action="store_true", help="replace --output even if unet3plus did not write it")
->>>>>>> i19
     _add_cluster_options(p)
     p.set_defaults(func=cmd_compile)
 
