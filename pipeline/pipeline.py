@@ -17,8 +17,10 @@ in the pod under ``torchrun`` (``gpus`` or ``nproc`` > 1), or across nodes as a 
 """
 
 import dataclasses
+import json
 from typing import Dict, NamedTuple, Optional, Tuple
 
+import yaml
 from kfp import dsl, kubernetes
 
 from components import (
@@ -256,6 +258,9 @@ def build_pipeline(cluster: ClusterSettings = ClusterSettings(), params: str = "
 
     job = cluster.trainjob()
     workspace = cluster.workspace()
+    # One line (JSON is YAML): kfp writes each default into the compiled file's comment header, and a
+    # multi-line one would end the comment and break the YAML for every reader.
+    params = json.dumps(yaml.safe_load(params), separators=(",", ":")) if params.strip() else ""
 
     def train(**arguments) -> dsl.PipelineTask:
         """The training task: in the pod (under torchrun for several processes), or a TrainJob launcher."""
