@@ -53,8 +53,8 @@ def test_every_step_is_wired_in_order(compiled):
     spec, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
     assert set(STEPS) <= set(tasks)
-    assert tasks["validate-data"]["dependentTasks"] == ["raw-data"]
-    assert set(tasks["preprocess-data"]["dependentTasks"]) == {"raw-data", "validate-data"}
+    assert tasks["validate-data"]["dependentTasks"] == ["data-params", "raw-data"]  # data-params: its cache key
+    assert set(tasks["preprocess-data"]["dependentTasks"]) == {"data-params", "raw-data", "validate-data"}
     train_input = tasks["train-model"]["inputs"]["artifacts"]["processed"]
     assert train_input["taskOutputArtifact"]["producerTask"] == "preprocess-data"
     evaluate_inputs = tasks["evaluate-model"]["inputs"]["artifacts"]
@@ -74,7 +74,7 @@ def test_ablations_are_a_parallel_for_over_the_params_names_of_train_and_evaluat
     # The loop runs over the names a step reads from the run's params (ablations.run), no copy of them.
     assert loops[0]["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--ablation-names-Output"}
     assert tasks["ablation-names"]["inputs"]["parameters"]["params"] == {"componentInputParameter": "params"}
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"params", "dataset", "source_dir"}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"params", "dataset", "source_dir", "pipeline_version"}
     body = spec["components"][loops[0]["componentRef"]["name"]]["dag"]["tasks"]
     assert sorted(task["taskInfo"]["name"] for task in body.values()) == ["evaluate-ablation", "train-ablation"]
     for task in body.values():  # each gets the params text and the ablation's name, nothing else
@@ -253,7 +253,8 @@ def test_compile_command_writes_the_ir_with_the_image_from_the_environment(tmp_p
     images = {executor["container"]["image"] for executor in spec["deploymentSpec"]["executors"].values()}
     assert images == {"registry.example.com/team/unet3plus:test"}
     assert "tolerations" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-model"]
-    assert [path.name for path in output.parent.iterdir()] == ["unet3plus.yaml"]  # no temporary left behind
+    # No temporary left behind (the record of what unet3plus wrote sits beside it).
+    assert sorted(path.name for path in output.parent.iterdir()) == [".unet3plus-outputs.json", "unet3plus.yaml"]
 
 
 def test_submit_help_explains_the_options():
