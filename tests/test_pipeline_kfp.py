@@ -77,9 +77,9 @@ def test_ablations_are_a_parallel_for_over_the_params_names_of_train_and_evaluat
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"params", "dataset", "source_dir", "pipeline_version"}
     body = spec["components"][loops[0]["componentRef"]["name"]]["dag"]["tasks"]
     assert sorted(task["taskInfo"]["name"] for task in body.values()) == ["evaluate-ablation", "train-ablation"]
-    for task in body.values():  # each gets the params text and the ablation's name, nothing else
+    for task in body.values():  # each gets the params text and the ablation's name, and the KFP run (lineage)
         parameters = task["inputs"]["parameters"]
-        assert set(parameters) == {"params", "ablation"}
+        assert set(parameters) - {"workspace"} == {"params", "ablation", "kfp_run_id", "kfp_run_name", "pipeline_version"}
         assert parameters["ablation"] == {"componentInputParameter": "pipelinechannel--ablation-names-Output-loop-item"}
     for component in spec["components"].values():
         assert "overrides" not in component.get("inputDefinitions", {}).get("parameters", {})
