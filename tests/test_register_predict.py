@@ -17,7 +17,7 @@ from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint, save_ch
 from unet3plus.cli import main
 from unet3plus.config import Config, config_from_dict
 from unet3plus.data.geometry import restore_volume
-from unet3plus.data.preprocess import prepare_volume
+from unet3plus.data.transforms import prepare_volume
 from unet3plus.errors import CheckpointError, DataError, UserError
 from unet3plus.models import create_model, predict_proba
 from unet3plus.register import register
@@ -121,7 +121,8 @@ def test_predict_cli_with_the_champion_and_with_the_checkpoint(registry, tmp_pat
     scan = write_scan(tmp_path / "scan.nii.gz")
     options = ["--set", f"mlflow.tracking_uri={registry['config'].mlflow.tracking_uri}", "--set", "evaluate.device=cpu"]
     assert main(["predict", "--model", CHAMPION, "--input", str(scan), "--output", "from_registry.nii.gz", *options]) == 0
-    assert main(["predict", "--model", str(registry["checkpoint"]), "--input", str(scan), "--output", "from_checkpoint.nii.gz", *options]) == 0
+    assert main(["predict", "--model", str(registry["checkpoint"]), "--input", str(scan),
+                 "--output", "from_checkpoint.nii.gz", *options]) == 0
     original = nib.load(scan)
     masks = []
     for name in ("from_registry.nii.gz", "from_checkpoint.nii.gz"):
