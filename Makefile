@@ -24,7 +24,7 @@ run: $(STAMP)
 
 ## readme-results: rewrite the README's results block from the runs in mlflow.db (after `make run`)
 readme-results: $(STAMP)
-	$(VENV)/bin/unet3plus report --out reports/ablations.md --readme README.md
+	$(VENV)/bin/unet3plus report --out reports/ablations.md --readme README.md --spread benchmarks/bench_recipe.json
 
 ## test: set up, then run the test suite
 test: $(STAMP)

@@ -14,10 +14,11 @@ def register_model(
     params: str,
     overrides: Optional[List[str]] = None,
 ) -> NamedTuple("Registered", [("name", str), ("version", str), ("champion", bool)]):
-    """Register the model as ``<register.name_prefix>-<dataset>`` (``unet3plus register``).
+    """Register the model as ``<register.name_prefix>-<dataset>[-synthetic]`` (``unet3plus register``).
 
-    The alias (``register.alias``, default ``champion``) moves to the new version only when its
-    test metric (``register.metric``) beats the current champion's.
+    The alias (``register.alias``, default ``champion``) moves to the new version only when its test
+    Dice clears ``register.min_test_dice`` and its ``register.metric`` beats the champion's on the
+    same test set (see :func:`unet3plus.register.decide_alias`). A retried step creates no second version.
 
     Args:
         model: the trained model directory (from ``train_model``).

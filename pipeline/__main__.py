@@ -66,17 +66,19 @@ def _retries(text: str) -> int:
     return int(text)
 
 
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+def _label(text: str, what: str) -> tuple:
+    """``KEY=VALUE`` -> ``(KEY, VALUE)``, both checked as the API server checks labels."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{what} {text!r}: expected KEY=VALUE, e.g. team=imaging")
+    try:
+        return trainjob.check_label_key(key, what), trainjob.check_label_value(value, what)
+    except trainjob.SettingError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _pod_label(text: str) -> tuple:
-    """``KEY=VALUE`` -> ``(KEY, VALUE)``, both valid Kubernetes label parts."""
-    key, sep, value = text.partition("=")
-    if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with a Kubernetes label key and value, "
-                                         "e.g. team=imaging")
-    return key, value
+    return _label(text, "--pod-label")
 
 
 def _step_resources(text: str) -> tuple:
@@ -97,10 +99,7 @@ def _node_label(text: str) -> Optional[tuple]:
     """``LABEL=VALUE`` -> ``(LABEL, VALUE)``; ``""`` -> None (no node selector)."""
     if not text:
         return None
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=VALUE, e.g. nvidia.com/gpu.present=true")
-    return key, value
+    return _label(text, "--gpu-node-selector")
 
 
 def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
@@ -178,8 +177,28 @@ def run_arguments(params_path: Optional[Path], overrides: List[str], dataset: st
             "source_dir": source_dir}
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """The ``unet3plus`` verbs' output checks for ``--output``: not over the parameters file under any spelling,
+    not a folder, not a file unet3plus did not write (without ``--force``)."""
+    from unet3plus.config import params_path
+    from unet3plus.utils import check_files_replaceable, check_outputs
+
+    # trainjob reads a parameters file (default ./params.yaml); compile does not
+    params = params_path(args.params) if "params" in args else None
+    check_outputs({"--output": args.output}, {"--params": params})
+    check_files_replaceable("--output", [args.output], args.force)
+
+
+def _record_output(args: argparse.Namespace) -> None:
+    from unet3plus.utils import record_outputs
+
+    record_outputs(args.output.parent, [args.output])
+
+
 def cmd_compile(args: argparse.Namespace) -> None:
+    _check_output(args)
     path = compile_pipeline(args.output, cluster_settings(args))
+    _record_output(args)
     logger.info("pipeline %r compiled to %s", PIPELINE_NAME, path)
 
 
@@ -277,6 +296,8 @@ def cmd_trainjob(args: argparse.Namespace) -> None:
     from unet3plus.utils import atomic_path
 
     layout_of(args.dataset)
+    if args.output is not None:
+        _check_output(args)
     config = load_config(params_path(args.params), args.overrides)
     name = args.name or f"unet3plus-{args.dataset}"
     settings = trainjob_settings(args)
@@ -290,6 +311,7 @@ def cmd_trainjob(args: argparse.Namespace) -> None:
         return
     with atomic_path(args.output) as tmp:
         tmp.write_text(text)
+    _record_output(args)
     logger.info("TrainJob %r written to %s (kubectl apply -f %s)", name, args.output, args.output)
 
 
@@ -301,6 +323,7 @@ def _add_kubernetes_options(group: argparse._ArgumentGroup, default: ClusterSett
                        metavar="LABEL=VALUE",
                        help="node label training pods must match (default: %s)" % "=".join(default.gpu_node_selector))
     group.add_argument("--gpu-toleration", default=default.gpu_toleration, metavar="TAINT_KEY",
+                       type=_checked(trainjob.check_label_key, "--gpu-toleration", empty_is_none=True),
                        help="taint key of GPU nodes that training pods tolerate (default: %(default)s)")
     group.add_argument("--shm-size", type=_checked(trainjob.check_quantity, "--shm-size"), default=default.shm_size,
                        help="in-memory /dev/shm of training pods, for DataLoader workers (default: %(default)s)")
@@ -334,6 +357,7 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
                        default=None, metavar="CLAIM",
                        help="PersistentVolumeClaim mounted on the raw-data step (default: none)")
     group.add_argument("--data-mount", default=default.data_mount, metavar="PATH",
+                        type=_checked(trainjob.check_mount_path, "--data-mount"),
                        help="where --data-pvc is mounted (default: %(default)s)")
     group.add_argument("--resources", action="append", default=[], type=_step_resources, metavar="STEP=CPU,MEMORY",
                        help="CPU request and memory request and limit of a step (repeatable); steps and defaults: "
@@ -381,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "`kfp pipeline create`.")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="FILE",
                    help="where to write the YAML (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace --output even if unet3plus did not write it")
     _add_cluster_options(p)
     p.set_defaults(func=cmd_compile)
 
@@ -408,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bearer token for a Kubeflow behind an authenticating proxy (multi-user); prefer the "
                    "KF_PIPELINES_TOKEN environment variable, which a process list does not show")
     p.add_argument("--run-name", default=None, help="run name (default: pipeline name and time)")
-    p.add_argument("--namespace", type=_checked(trainjob.check_name, "--namespace"), default=None,
+    p.add_argument("--namespace", type=_checked(trainjob.check_namespace, "--namespace"), default=None,
                    help="Kubernetes namespace of a multi-user deployment")
     p.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                    help="give up on a host that does not answer within this long (default: %(default)g)")
@@ -436,12 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="claim with the data and for the model, ReadWriteMany for several nodes (default: "
                    "%(default)s)")
     p.add_argument("--data-mount", default=default.workspace_mount, metavar="PATH",
+                   type=_checked(trainjob.check_mount_path, "--data-mount"),
                    help="where the claim is mounted (default: %(default)s)")
     p.add_argument("--data-dir", default=None, metavar="PATH",
                    help="preprocessed dataset in the pod (default: DATA_MOUNT/processed/DATASET)")
     p.add_argument("--out-dir", default=None, metavar="PATH",
                    help="checkpoints in the pod (default: DATA_MOUNT/models/NAME)")
-    p.add_argument("--namespace", type=_checked(trainjob.check_name, "--namespace"), default=None,
+    p.add_argument("--namespace", type=_checked(trainjob.check_namespace, "--namespace"), default=None,
                    help="namespace of the job (default: kubectl's)")
     p.add_argument("--name", type=_checked(trainjob.check_name, "--name"), default=None,
                    help="job name, a DNS label (default: unet3plus-DATASET)")
@@ -452,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=_positive("--deadline"), default=default.deadline_seconds, metavar="SECONDS",
                    help="activeDeadlineSeconds of the job (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None, metavar="FILE", help="write here (default: stdout)")
+    p.add_argument("--force", action="store_true", help="replace --output even if unet3plus did not write it")
     _add_kubernetes_options(p.add_argument_group("pods"), ClusterSettings())
     p.set_defaults(func=cmd_trainjob)
     return parser

@@ -68,6 +68,14 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+def check_namespace(value: str, what: str) -> str:
+    """A namespace name: a DNS label (RFC 1123: at most 63 lowercase letters, digits and ``-``, alphanumeric ends)."""
+    if not (isinstance(value, str) and len(value) <= 63 and re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", value)):
+        raise _error(f"{what} {value!r} is not a valid namespace: use at most 63 lowercase letters, digits and '-', "
+                     "starting and ending with a letter or digit (RFC 1123)")
+    return value
+
+
 def check_resource_name(value: str, what: str) -> str:
     """A Kubernetes object name of the DNS subdomain kind (secrets, claims, namespaces: RFC 1123)."""
     if not (isinstance(value, str) and len(value) <= 253 and _RFC1123.match(value)):
@@ -95,6 +103,38 @@ def check_image(value: str, what: str = "image") -> str:
     if not (isinstance(value, str) and len(value) <= 500 and _IMAGE.match(value)):
         raise _error(f"{what} {value!r} is not a container image reference; write e.g. "
                         "ghcr.io/unet3plus/unet3plus:0.1.0")
+    return value
+
+
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+def check_label_key(value: str, what: str) -> str:
+    """A label (or taint) key as the API server checks it: ``[prefix/]name``, the prefix a DNS subdomain
+    of at most 253 characters, the name at most 63 letters, digits, ``-``, ``_``, ``.`` (alphanumeric ends)."""
+    prefix, _, name = value.rpartition("/") if isinstance(value, str) else ("", "", "")
+    if not (_LABEL_NAME.match(name) and (not prefix or (len(prefix) <= 253 and _RFC1123.match(prefix)))):
+        raise _error(f"{what} {value!r} is not a valid label key: [prefix/]name, the name at most 63 letters, digits, "
+                     "'-', '_' or '.' starting and ending with a letter or digit, the prefix a DNS name such as "
+                     "nvidia.com")
+    return value
+
+
+def check_label_value(value: str, what: str) -> str:
+    """A label value: empty, or at most 63 letters, digits, ``-``, ``_``, ``.`` with alphanumeric ends."""
+    if not (isinstance(value, str) and (value == "" or _LABEL_NAME.match(value))):
+        raise _error(f"{what} {value!r} is not a valid label value: at most 63 letters, digits, '-', '_' or '.', "
+                     "starting and ending with a letter or digit")
+    return value
+
+
+def check_mount_path(value: str, what: str) -> str:
+    """A container mount path: absolute, without ``..`` or ``:``, and not ``/`` or the pods' ``/dev/shm``."""
+    parts = value.split("/") if isinstance(value, str) else [""]
+    if not (value.startswith("/") and ".." not in parts and ":" not in value and value.rstrip("/")
+            and not f"{value.rstrip('/')}/".startswith("/dev/shm/")):
+        raise _error(f"{what} {value!r} is not a usable mount path: give an absolute path without '..' or ':', other "
+                     "than / and /dev/shm (e.g. /mnt/data)")
     return value
 
 
@@ -153,6 +193,15 @@ class TrainJobSettings:
             check_resource_name(self.mlflow_secret, "--mlflow-secret")
         for secret in self.image_pull_secrets:
             check_resource_name(secret, "--image-pull-secret")
+        check_mount_path(self.workspace_mount, "the workspace mount path")
+        if self.node_selector is not None:
+            check_label_key(self.node_selector[0], "--gpu-node-selector")
+            check_label_value(self.node_selector[1], "--gpu-node-selector")
+        if self.toleration is not None:
+            check_label_key(self.toleration, "--gpu-toleration")
+        for key, value in self.labels:
+            check_label_key(key, "--pod-label")
+            check_label_value(value, "--pod-label")
         return self
 
 
@@ -186,7 +235,7 @@ def render_trainjob(
     """
     check_name(name, "the TrainJob name")
     if namespace is not None:
-        check_name(namespace, "--namespace")
+        check_namespace(namespace, "--namespace")
     settings.check()
     env = []
     if settings.mlflow_secret:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from unet3plus import tracking_server
 
@@ -61,3 +67,52 @@ def crd_validator():
         return jsonschema.Draft7Validator(strict_schema(spec["schema"]["openAPIV3Schema"]))
 
     return build
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class DvcProject:
+    """A copy of the project's ``dvc.yaml`` and library in a fresh git + DVC repository, with ``params``.
+
+    ``run(...)`` runs a command there (``dvc`` and ``unet3plus`` from this interpreter's environment)
+    and fails the test, showing its output, when it exits non-zero.
+    """
+
+    def __init__(self, root: Path, params: dict) -> None:
+        self.root = root
+        root.mkdir()
+        shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+        shutil.copytree(ROOT / "unet3plus", root / "unet3plus", ignore=shutil.ignore_patterns("__pycache__"))
+        # tracked in the project, so a checkout has it: the `report` stage depends on reports/ablations
+        (root / "reports" / "ablations").mkdir(parents=True)
+        shutil.copy(ROOT / "reports" / "ablations" / "README.md", root / "reports" / "ablations" / "README.md")
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        (root / ".gitignore").write_text("/mlflow.db\n/mlruns/\n__pycache__/\n")  # as the project's
+        self.bin = Path(sys.executable).parent
+        self.env = {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+                    "MPLBACKEND": "Agg", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+        self.run("git", "init", "--quiet")
+        self.run("dvc", "init", "--quiet")
+
+    def run(self, *cmd: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+        executable = str(self.bin / cmd[0]) if (self.bin / cmd[0]).is_file() else cmd[0]
+        # Its own process group: a timeout ends the stage commands `dvc` started too, not only `dvc`.
+        process = subprocess.Popen([executable, *cmd[1:]], cwd=self.root, env=self.env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
+        assert process.returncode == 0, f"{' '.join(cmd)} failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory) -> Callable[[dict], DvcProject]:
+    """Make a :class:`DvcProject` with the given params (a dict like params.yaml) in a new temporary folder."""
+    return lambda params: DvcProject(tmp_path_factory.mktemp("dvc") / "repo", params)

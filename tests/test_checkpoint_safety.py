@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from unet3plus import create_model
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
 from unet3plus.cli import main
 from unet3plus.config import DataConfig
@@ -101,12 +102,13 @@ def test_training_checkpoints_round_trip_through_the_safe_loader(tmp_path):
     np.random.seed(7)
     state = np.random.get_state()
     expected = np.random.rand(3)
-    payload = {"model": {"w": torch.arange(3.0)}, "config": {"model": {"width": 4}}, "dataset": "liver", "epoch": 1,
+    weights = create_model("unet3plus", width=4).state_dict()
+    payload = {"model": weights, "config": {"model": {"width": 4}}, "dataset": "liver", "epoch": 1,
                "rng": [{"numpy": state, "torch": torch.get_rng_state()}],
                "history": [{"val_dice": np.float64(0.25)}]}  # fmt: skip
     loaded = load_checkpoint(save_checkpoint(tmp_path / "last.pt", payload))
     assert loaded["history"] == [{"val_dice": 0.25}] and type(loaded["history"][0]["val_dice"]) is float
-    assert torch.equal(loaded["model"]["w"], torch.arange(3.0))
+    assert all(torch.equal(loaded["model"][key], value) for key, value in weights.items())
     np.random.seed(0)
     np.random.set_state(loaded["rng"][0]["numpy"])
     assert np.array_equal(np.random.rand(3), expected)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -22,6 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from unet3plus.config import load_config
 
@@ -37,6 +40,7 @@ DRIVER = textwrap.dedent(
     """
     import json, os, sys, tempfile, traceback
     from unet3plus.cli import main
+    from pipeline.__main__ import main as pipeline_main
 
     results = []
     for case in json.load(sys.stdin):
@@ -47,7 +51,7 @@ DRIVER = textwrap.dedent(
         with tempfile.TemporaryFile() as capture:
             os.dup2(capture.fileno(), 2)
             try:
-                code = main(case["argv"])
+                code = (pipeline_main if case.get("pipeline") else main)(case["argv"])
             except SystemExit as exit_:
                 code = exit_.code
             except BaseException:
@@ -66,7 +70,8 @@ DRIVER = textwrap.dedent(
 
 
 def run_batch(cases: list[dict]) -> list[dict]:
-    """Run ``unet3plus`` command lines (``{"argv", "cwd", "env"?}``) in one driver subprocess."""
+    """Run ``unet3plus`` command lines (``{"argv", "cwd", "env"?}``; ``"pipeline": True`` for ``python -m
+    pipeline``) in one driver subprocess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(Path(__file__).parents[1])}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(
@@ -106,7 +111,8 @@ def expect_refusals(root: Path, cases: list[tuple], cwd: Path | None = None) -> 
     every word, no traceback, every file under ``root`` unchanged. ``(argv, words, 0)``: a command
     that must succeed, with every word in its log."""
     before = checksums(root)
-    results = run_batch([{"argv": case[0], "cwd": cwd or root} for case in cases])
+    results = run_batch([{"argv": case[0][1:] if case[0][0] == "pipeline" else case[0], "cwd": cwd or root,
+                          "pipeline": case[0][0] == "pipeline"} for case in cases])
     for (argv, words, *code), result in zip(cases, results):
         stderr = result["stderr"]
         assert result["code"] == (code or [2])[0], (argv, result)
@@ -183,6 +189,111 @@ def test_only_files_the_project_wrote_are_replaced(workspace):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o777 & ~umask  # the umask, not mkdtemp's 0700
+
+
+def test_every_command_that_writes_a_file_keeps_the_users_files(workspace):
+    """report (its .md, .csv, .json and _plots/), validate --report, register/predict --output, synth --preview
+    and the pipeline CLI's compile/trainjob --output: never over an input (the parameters file included),
+    never over a file unet3plus did not write (without --force); what they wrote they may replace."""
+    root = workspace
+    (root / "notes.md").write_text("my notes")
+    (root / "mine.csv").write_text("a,b\n")
+    (root / "figs_plots").mkdir()
+    (root / "figs_plots" / "sketch.png").write_bytes(b"png")
+    (root / "p.yaml").write_text("train:\n  epochs: 1\n")
+    (root / "params.yaml").write_text("train:\n  epochs: 1\n")
+    (root / "mask.nii.gz").write_bytes(b"a mask I drew")
+    (root / "a_folder.nii.gz").mkdir()
+    scan = next(path.name for path in (root / "raw").glob("volume-*.nii"))
+    trainjob = ["pipeline", "trainjob", "--nodes", "2", "--gpus-per-node", "1", "--params", "p.yaml"]
+    cases = [
+        (["report", "--out", "notes.md"], ["notes.md", "--force"]),
+        (["report", "--out", "mine.md"], ["mine.csv", "--force"]),
+        (["report", "--out", "figs.md"], ["figs_plots/sketch.png", "--force"]),
+        (["report", "--out", "./raw/../params.yaml"], ["--params", "params.yaml"]),
+        (["report", "--out", "README.md", "--readme", "README.md"], ["--readme"]),
+        (["validate", "--layout", "lits", "--raw", "raw", "--report", "notes.md"], ["notes.md", "--force"]),
+        (["register", "--checkpoint", "m/best.pt", "--metrics", "ev/metrics.json", "--output", "notes.md", *TINY],
+         ["notes.md", "--force"]),
+        (["predict", "--model", "m/best.pt", "--input", f"raw/{scan}", "--output", "mask.nii.gz", *TINY],
+         ["mask.nii.gz", "--force"]),
+        (["predict", "--model", "m/best.pt", "--input", f"raw/{scan}", "--output", "a_folder.nii.gz", *TINY],
+         ["a_folder.nii.gz", "folder"]),
+        (["synth", "--layout", "lits", "--out", "raw_new", "--preview", "notes.md"], ["notes.md", "--force"]),
+        ([*trainjob, "--output", "p.yaml"], ["p.yaml", "--params"]),
+        ([*trainjob, "--output", "notes.md"], ["notes.md", "--force"]),
+        (["pipeline", "compile", "--output", "params.yaml"], ["params.yaml", "--force"]),
+        (["pipeline", "compile", "--output", "raw"], ["raw", "folder"]),
+        # what they wrote, they replace
+        (["report", "--out", "rep/ablations.md", *TINY], ["written to rep/ablations.md"], 0),
+        (["report", "--out", "rep/ablations.md", *TINY], ["written to rep/ablations.md"], 0),
+        ([*trainjob, "--output", "job.yaml"], ["written to job.yaml"], 0),
+        ([*trainjob, "--output", "job.yaml", "--set", "train.epochs=2"], ["written to job.yaml"], 0),
+    ]  # fmt: skip
+    expect_refusals(root, cases)
+    assert "epochs=2" in (root / "job.yaml").read_text()
+    assert (root / "rep" / "ablations_plots" / "dice_vs_params.png").is_file()
+    (root / "rep" / "ablations.csv").write_text("edited")
+    expect_refusals(root, [(["report", "--out", "rep/ablations.md", *TINY], ["rep/ablations.csv", "--force"])])
+    for name in ("notes.md", "mine.csv", "p.yaml", "params.yaml", "mask.nii.gz"):
+        (root / name).unlink()
+    shutil.rmtree(root / "figs_plots")
+
+
+def test_bad_scans_checkpoints_and_devices_are_one_line_before_the_model_loads(workspace, tmp_path):
+    """Scans with NaNs, RGB voxels, a singular affine or a header claiming 4000^3 voxels; checkpoints with an
+    unknown model key, a truncated tensor, a missing one or an absurd width; CUDA asked for where there is none;
+    a mask named only '.nii.gz'; report's file-system errors named as such."""
+    root = workspace
+    scan = min((root / "raw").glob("volume-*.nii"))
+    image = nib.load(scan)
+    voxels = np.asarray(image.dataobj).astype(np.float32)
+    voxels[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(voxels, image.affine), tmp_path / "nan.nii.gz")
+    rgb = np.zeros(image.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, image.affine), tmp_path / "rgb.nii.gz")
+    singular = bytearray(scan.read_bytes())
+    struct.pack_into("<hh", singular, 252, 0, 1)  # qform_code 0, sform_code 1: the srow_* rows are the affine
+    struct.pack_into("<12f", singular, 280, *([0.0, 0.0, 0.0, 1.0] * 3))
+    (tmp_path / "singular.nii").write_bytes(bytes(singular))
+    huge = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), image.affine)
+    huge.header.set_data_shape((4000, 4000, 4000))
+    (tmp_path / "huge.nii").write_bytes(huge.header.binaryblock + bytes(4 + 16))
+    checkpoint = torch.load(root / "m" / "best.pt", weights_only=True)
+    first = next(iter(checkpoint["model"]))
+    broken = {
+        "unknown_key": {**checkpoint, "config": {**checkpoint["config"], "model": {**checkpoint["config"]["model"], "colour": 1}}},
+        "wide": {**checkpoint, "config": {**checkpoint["config"], "model": {**checkpoint["config"]["model"], "width": 100000}}},
+        "truncated": {**checkpoint, "model": {**checkpoint["model"], first: checkpoint["model"][first][:1]}},
+        "missing": {**checkpoint, "model": {k: v for k, v in checkpoint["model"].items() if k != first}},
+    }  # fmt: skip
+    for name, payload in broken.items():
+        torch.save(payload, tmp_path / f"{name}.pt")
+    (tmp_path / "plots_plots").write_text("a file where report puts its plots folder")
+    predict = ["predict", "--model", "m/best.pt", *TINY, "--output", str(tmp_path / "mask.nii.gz")]
+    cases = [
+        ([*predict, "--input", str(tmp_path / "nan.nii.gz")], ["nan.nii.gz", "NaN"]),
+        ([*predict, "--input", str(tmp_path / "rgb.nii.gz")], ["rgb.nii.gz", "RGB"]),
+        ([*predict, "--input", str(tmp_path / "singular.nii")], ["singular.nii", "not invertible"]),
+        ([*predict, "--input", str(tmp_path / "huge.nii")], ["huge.nii", "4000 x 4000 x 4000", "GiB"]),
+        (["predict", "--model", "m/best.pt", "--input", str(scan), "--output", str(tmp_path / ".nii.gz"), *TINY],
+         [".nii.gz", "mask.nii.gz"]),
+        *[(["predict", "--model", str(tmp_path / f"{name}.pt"), "--input", str(scan), "--output",
+            str(tmp_path / "mask.nii.gz"), *TINY], [f"{name}.pt", *words])
+          for name, words in [("unknown_key", ["model.colour"]), ("wide", ["model.width", "100000"]),
+                              ("truncated", [first, "shape"]), ("missing", ["1 missing", first])]],
+        (["evaluate", "--checkpoint", str(tmp_path / "wide.pt"), "--data", "proc", "--raw", "raw", "--out",
+          str(tmp_path / "ev"), *TINY], ["wide.pt", "model.width"]),
+        ([*predict, "--input", str(scan), "--set", "evaluate.device=cuda"], ["evaluate.device", "CUDA"]),
+        (["train", "--data", "proc", "--out", str(tmp_path / "run"), *TINY, "--set", "train.device=cuda"],
+         ["train.device", "CUDA"]),
+        (["report", "--out", str(tmp_path / "plots.md"), *TINY], ["plots_plots", "is a file"]),
+    ]  # fmt: skip
+    if torch.cuda.is_available():
+        cases = [case for case in cases if "CUDA" not in case[1]]
+    expect_refusals(root, cases)
+    assert not (tmp_path / "mask.nii.gz").exists() and not (tmp_path / "run").exists()
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "plots.md").exists()
 
 
 def test_invalid_settings_are_refused_naming_the_key(workspace, tmp_path):
@@ -314,7 +425,9 @@ def test_data_problems_are_found_by_validation(workspace, tmp_path):
     expect_refusals(root, cases)
 
 
-def test_ctrl_c_says_interrupted_and_exits_130(workspace, tmp_path):
+def test_a_second_training_into_a_busy_out_is_refused_and_ctrl_c_exits_130(workspace, tmp_path):
+    """While a training runs, another into the same --out (any spelling) is refused naming the holder; Ctrl-C
+    then says 'interrupted', exits 130 and releases the lock."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(Path(__file__).parents[1])}
     command = [sys.executable, "-m", "unet3plus", "train", "--data", "proc", "--out", str(tmp_path / "run"), *TINY,
                "--set", "train.epochs=500"]  # fmt: skip
@@ -325,8 +438,14 @@ def test_ctrl_c_says_interrupted_and_exits_130(workspace, tmp_path):
         lines.append(process.stderr.readline())
         if "epoch 1/500" in lines[-1]:
             break
+    second = ["train", "--data", "proc", "--out", f"{tmp_path}/../{tmp_path.name}/run", *TINY, "--set", "train.epochs=2"]
+    refusal = run_batch([{"argv": second, "cwd": workspace}])[0]  # (the first one writes on, so no checksums)
+    assert refusal["code"] == 2 and refusal["stderr"].startswith("error: ") and "Traceback" not in refusal["stderr"]
+    assert all(word in refusal["stderr"] for word in ("run", "a training", f"pid {process.pid}", "started")), refusal
+    assert process.poll() is None  # the first one goes on
     process.send_signal(signal.SIGINT)
-    rest = process.communicate(timeout=60)[1]
+    rest = process.communicate(timeout=300)[1]  # a loaded 2-core machine can take a while to exit
     stderr = "".join(lines) + rest
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.rstrip().endswith("interrupted"), stderr
+    assert not (tmp_path / "run" / ".unet3plus.lock").exists()

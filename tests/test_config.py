@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unet3plus.config import Config, ConfigError, ablation_config, config_from_dict, load_config
+from unet3plus.config import Config, ConfigError, MlflowConfig, ablation_config, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,3 +130,20 @@ def test_shipped_grids(params):
     if params.startswith("configs"):
         table2 = {(r[3], r[4]) for r in rows if r[:3] == ("unet3plus", "resnet101", True)}
         assert table2 == {(False, False), (False, True), (True, True)}  # focal, hybrid, hybrid + CGM
+
+
+def test_relative_sqlite_uris_resolve_against_the_dvc_root_inside_dvc_stages(monkeypatch, tmp_path):
+    """`dvc exp run --temp/--queue` run in a copy under .dvc/tmp/exps/ but set DVC_ROOT to the project."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    tmp_path = tmp_path.resolve()
+    config = MlflowConfig(tracking_uri="sqlite:///mlflow.db")
+    assert config.resolved_tracking_uri() == "sqlite:///mlflow.db"  # outside DVC: the working directory
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert config.resolved_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    assert MlflowConfig(tracking_uri="sqlite:///stores/m.db?timeout=9").resolved_tracking_uri() == (
+        f"sqlite:///{tmp_path}/stores/m.db?timeout=9")
+    for fixed in (f"sqlite:///{tmp_path}/abs.db", "sqlite:///:memory:", "http://127.0.0.1:5000"):
+        assert MlflowConfig(tracking_uri=fixed).resolved_tracking_uri() == fixed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///exported.db")  # the environment's URI too
+    assert config.resolved_tracking_uri() == f"sqlite:///{tmp_path}/exported.db"

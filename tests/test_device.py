@@ -1,10 +1,12 @@
 """Device choice: GPU steps refuse to fall back to the CPU, naming the driver/CUDA mismatch; the device is described."""
 
+import platform
+
 import pytest
 import torch
 
 from unet3plus import device as device_module
-from unet3plus.device import describe_device, nvidia_driver_version, select_device
+from unet3plus.device import cpu_name, describe_device, nvidia_driver_version, select_device
 from unet3plus.errors import UserError
 
 PROPRIETARY = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\nGCC version: 12\n"
@@ -47,5 +49,9 @@ def test_the_refusal_names_the_cuda_build_the_driver_it_needs_and_the_nodes(no_c
         select_device("auto")
 
 
-def test_a_cpu_device_is_described_with_its_threads():
-    assert describe_device(torch.device("cpu")) == f"cpu ({torch.get_num_threads()} threads)"
+def test_a_cpu_device_is_described_with_its_model_and_threads(tmp_path):
+    assert describe_device(torch.device("cpu")) == f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n")
+    assert cpu_name(cpuinfo) == "AMD EPYC 7B13 64-Core Processor"
+    assert cpu_name(tmp_path / "absent") == (platform.processor() or platform.machine() or "unknown CPU")

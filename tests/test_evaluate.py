@@ -18,8 +18,17 @@ from unet3plus.checkpoint import save_checkpoint
 from unet3plus.config import Config, DataConfig, config_from_dict
 from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import preprocess_dataset
+from unet3plus.device import cpu_name
 from unet3plus.errors import CheckpointError, DataError
-from unet3plus.evaluate import OVERLAY_ALPHA, OVERLAY_COLOURS, cgm_roc_curve, evaluate, largest_organ_slice, overlay_rgb
+from unet3plus.evaluate import (
+    OVERLAY_ALPHA,
+    OVERLAY_COLOURS,
+    cgm_roc_curve,
+    digest_test_set,
+    evaluate,
+    largest_organ_slice,
+    overlay_rgb,
+)
 from unet3plus.models import create_model
 from unet3plus.tracking import data_hash
 from unet3plus.utils import OUTPUTS_RECORD
@@ -91,7 +100,7 @@ def test_evaluate_writes_metrics_per_case_predictions_and_overlays(evaluated):
     assert SUMMARY_KEYS <= set(summary)
     assert json.loads((out / "metrics.json").read_text()) == summary
     assert summary["cases"] == 2 and summary["dataset"] == "liver"
-    assert summary["device"] == f"cpu ({torch.get_num_threads()} threads)"  # where it ran, also a run tag
+    assert summary["device"] == f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"  # where it ran, also a run tag
     # The CGM's ROC for the KFP ClassificationMetrics artifact: its area is the AUC in metrics.json.
     roc = pd.read_csv(out / "cgm_roc.csv")
     assert list(roc.columns) == ["fpr", "tpr", "threshold"] and roc["threshold"].le(1.0).all()
@@ -239,3 +248,16 @@ def test_overlay_slice_is_the_largest_organ_area():
     assert largest_organ_slice(np.zeros_like(target), prediction) == 4
     assert largest_organ_slice(np.zeros_like(target), np.zeros_like(target)) == 2
 
+
+
+def test_the_digest_test_set_names_the_test_cases_and_their_label_contents(tmp_path):
+    """register compares versions only on the same test set: same cases, byte-identical labels."""
+    for case in ("3", "7", "9"):
+        (tmp_path / f"segmentation-{case}.nii").write_bytes(case.encode() * 100)
+    metadata = {"cases": {case: {"label": f"segmentation-{case}.nii"} for case in ("3", "7", "9")}}
+    rows = pd.DataFrame({"case_id": ["7", "3", "3", "7"]})  # one row per slice, any order
+    digest = digest_test_set(rows, metadata, tmp_path)
+    assert len(digest) == 64 and digest == digest_test_set(rows.iloc[::-1], metadata, tmp_path)
+    assert digest_test_set(pd.DataFrame({"case_id": ["3", "7", "9"]}), metadata, tmp_path) != digest  # another case
+    (tmp_path / "segmentation-7.nii").write_bytes(b"7" * 99 + b"8")  # a corrected label
+    assert digest_test_set(rows, metadata, tmp_path) != digest

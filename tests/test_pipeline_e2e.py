@@ -4,14 +4,14 @@ The main models train 15 short epochs (~8 s each organ). That is long enough for
 segment: its test Dice must clear FLOOR, which the same network untrained, and the all-organ guess,
 are shown not to reach on the same volumes. The spleen, a few pixels across at 32 x 32 with one
 labelled training scan, does not learn at this size (it needs the default 64 px grid: README).
+One ablation (UNet, two steps) runs next to them. The reproduced repository is shared by the tests
+of this module (one `dvc repro`); a test that edits it restores it.
 """
 
+import ast
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import mlflow
 import nibabel as nib
@@ -32,6 +32,7 @@ TINY = {
     "model": {"width": 4},
     "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 2},
     "evaluate": {"batch_size": 16},
+    "register": {"min_test_dice": 0.0},  # the spleen does not learn at this size: let both models be champions
 }
 LEARNS = {"epochs": 15, "max_steps_per_epoch": None}  # this test's main models: long enough to segment
 FLOOR = 0.5  # test Dice a trained model clears and an untrained one cannot reach (both measured below)
@@ -42,14 +43,20 @@ def _tiny_params() -> dict:
     for section, values in TINY.items():
         params[section].update(values)
     params["train"].update(LEARNS)
-    params["ablations"]["run"] = []  # no ablation stages: the main pipeline runs alone
+    variant = params["ablations"]["variants"]["unet"]
+    variant.update({"train.epochs": 1, "train.max_steps_per_epoch": 2})  # a cheap ablation stage per organ
+    params["ablations"]["run"] = ["unet"]
     return params
 
 
-def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
+@pytest.fixture(scope="module")
+def reproduced(dvc_project):
+    """The tiny project after `dvc repro`, committed (experiments need a baseline commit)."""
+    project = dvc_project(_tiny_params())
+    project.run("dvc", "repro")
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "--quiet", "-m", "tiny pipeline")
+    return project
 
 
 def _mean_volume_dice(predict, data_dir: Path) -> float:
@@ -81,21 +88,9 @@ def _assert_learned(checkpoint: Path, data_dir: Path, test_dice: float) -> None:
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_whole_pipeline_for_both_organs(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copytree(ROOT / "unet3plus", repo / "unet3plus", ignore=shutil.ignore_patterns("__pycache__"))
-    # tracked in the project, so a checkout has it: the `report` stage depends on reports/ablations
-    (repo / "reports" / "ablations").mkdir(parents=True)
-    shutil.copy(ROOT / "reports" / "ablations" / "README.md", repo / "reports" / "ablations" / "README.md")
-    (repo / "params.yaml").write_text(yaml.safe_dump(_tiny_params(), sort_keys=False))
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    _run(["git", "init", "--quiet"], repo, env)
-    _run([f"{bin_dir}/dvc", "init", "--quiet"], repo, env)
-    _run([f"{bin_dir}/dvc", "repro"], repo, env)
+def test_dvc_repro_runs_the_whole_pipeline_for_both_organs(reproduced):
+    project = reproduced
+    repo = project.root
 
     for organ, dataset_name in (("liver", "liver"), ("spleen", "spleen")):
         evaluation = repo / "reports" / organ / "evaluation"
@@ -118,16 +113,74 @@ def test_dvc_repro_runs_the_whole_pipeline_for_both_organs(tmp_path):
             np.testing.assert_allclose(written.affine, original.affine, atol=1e-5)
             assert set(np.unique(np.asanyarray(written.dataobj))) <= {0, 1}
         registered = json.loads((repo / "reports" / organ / "registered.json").read_text())
-        assert registered["name"] == f"unet3plus-{dataset_name}"
+        assert registered["name"] == f"unet3plus-{dataset_name}-synthetic"  # phantom-trained: its own name
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     for organ in ("liver", "spleen"):
-        champion = client.get_model_version_by_alias(f"unet3plus-{organ}", "champion")
+        champion = client.get_model_version_by_alias(f"unet3plus-{organ}-synthetic", "champion")
+        assert champion.tags["data_source"] == "synthetic"
         assert str(champion.version) == "1"
         digest = data_hash(repo / "data" / "processed" / organ)
         assert champion.description.startswith("unet3plus (unet encoder, width 4, DS, CGM, hybrid loss), 15 epochs")
         assert f"on {organ} data {digest[:12]}" in champion.description and "Test: dice " in champion.description
 
     # a second `dvc repro` does nothing
-    again = _run([f"{bin_dir}/dvc", "repro"], repo, env).stdout
+    again = project.run("dvc", "repro").stdout
     assert "Running stage" not in again and again.count("didn't change, skipping") >= 13, again
+
+
+# -- nothing goes stale (issue 16.5) and tracking settings are not model inputs (16.6), for real ----------
+
+def _stale(project) -> set[str]:
+    """The stages `dvc status` reports as changed."""
+    return set(json.loads(project.run("dvc", "status", "--json").stdout or "{}"))
+
+
+def _edit_function(path: Path, name: str) -> None:
+    """Insert a statement at the top of function ``name``'s body (after its docstring): an edit of that function."""
+    lines = path.read_text().splitlines(keepends=True)
+    function = next(node for node in ast.walk(ast.parse("".join(lines)))
+                    if isinstance(node, ast.FunctionDef) and node.name == name)
+    first = function.body[1] if ast.get_docstring(function) else function.body[0]
+    lines.insert(first.lineno - 1, " " * first.col_offset + "edited = True  # noqa\n")
+    path.write_text("".join(lines))
+
+
+@pytest.mark.slow
+def test_edits_that_change_results_make_their_stages_stale_and_tracking_settings_do_not(reproduced):
+    project = reproduced
+    assert _stale(project) == set()
+    models = {"train@liver", "train@spleen", "ablate@liver-unet", "ablate@spleen-unet"}
+
+    # Tracking settings: where runs go is not what a model is.
+    tracking = yaml.safe_load((project.root / "params.yaml").read_text())
+    tracking["mlflow"].update({"experiment": "renamed", "system_metrics": True})
+    (project.root / "params.yaml").write_text(yaml.safe_dump(tracking, sort_keys=False))
+    stale = _stale(project)
+    assert stale == {"register@liver", "register@spleen", "report"}, stale  # they do read the store
+    project.run("git", "checkout", "params.yaml")
+
+    _edit_function(project.root / "unet3plus" / "metrics.py", "dice")  # picks best.pt; scores every evaluation
+    stale = _stale(project)
+    assert models | {"evaluate@liver", "evaluate@spleen"} <= stale, stale
+    project.run("git", "checkout", "unet3plus/metrics.py")
+
+    _edit_function(project.root / "unet3plus" / "data" / "geometry.py", "restore_volume")  # predictions -> scan grid
+    stale = _stale(project)
+    assert {"evaluate@liver", "evaluate@spleen", "ablate@liver-unet", "ablate@spleen-unet"} <= stale, stale
+    assert not {"train@liver", "train@spleen"} & stale, stale  # training does not use it
+    project.run("git", "checkout", "unet3plus/data/geometry.py")
+    assert _stale(project) == set()
+
+    # `dvc exp run --temp` runs in a throw-away copy under .dvc/tmp/exps/; its MLflow runs still land in
+    # the project's store (the relative sqlite:///mlflow.db anchored at the DVC root), artifacts included.
+    project.run("dvc", "exp", "run", "--temp", "-S", "train.seed=1", "-S", "mlflow.experiment=temp-exp", "train@liver")
+    client = mlflow.MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("temp-exp")
+    assert experiment is not None, "the experiment's runs went to a store in the temporary copy"
+    artifacts = Path(unquote(urlparse(experiment.artifact_location).path))
+    assert artifacts == project.root / "mlruns" / "temp-exp"
+    [run] = client.search_runs([experiment.experiment_id], "tags.ablation = 'main'")
+    assert run.info.status == "FINISHED" and run.data.params["train.seed"] == "1"
+    assert run.data.tags["data_source"] == "synthetic"
+    assert (artifacts / run.info.run_id / "artifacts" / "history.csv").is_file()

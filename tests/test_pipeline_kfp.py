@@ -28,6 +28,7 @@ TINY = {
     "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 2},
     "evaluate": {"batch_size": 16, "overlays": 0},
     "mlflow": {"system_metrics": False},
+    "register": {"min_test_dice": 0.0},  # a 1-epoch model is far below the floor; here the champion is tested
 }
 
 
@@ -365,7 +366,7 @@ def test_pipeline_runs_end_to_end_with_kfp_local(tmp_path, monkeypatch):
     ablation = {"name": "unet", "overrides": ["model.arch=unet", "model.deep_supervision=false", "model.cgm=false"]}
     run = unet3plus_pipeline(params=yaml.safe_dump(params), dataset="liver", ablations=[ablation])
 
-    assert run.outputs["model_name"] == "unet3plus-liver"
+    assert run.outputs["model_name"] == "unet3plus-liver-synthetic"  # trained on the phantom: its own name
     assert run.outputs["model_version"] == "1"
     root = tmp_path / "root"
     assert len(list(root.glob("**/evaluation/metrics.json"))) == 2  # the main model and the ablation
@@ -374,8 +375,8 @@ def test_pipeline_runs_end_to_end_with_kfp_local(tmp_path, monkeypatch):
     assert 0.0 <= run.outputs["test_dice"] <= 1.0
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    assert str(client.get_model_version_by_alias("unet3plus-liver", "champion").version) == "1"
-    assert len(client.search_model_versions("name='unet3plus-liver'")) == 1  # the ablation is not registered
+    assert str(client.get_model_version_by_alias("unet3plus-liver-synthetic", "champion").version) == "1"
+    assert len(client.search_model_versions("name='unet3plus-liver-synthetic'")) == 1  # the ablation is not registered
     runs = client.search_runs([client.get_experiment_by_name(params["mlflow"]["experiment"]).experiment_id])
     trained = {found.data.tags.get("ablation", ""): found for found in runs if "val_dice" in found.data.metrics}
     assert set(trained) == {"main", "unet"}  # one training run each, the ablation tagged with its name

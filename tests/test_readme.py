@@ -23,6 +23,8 @@ def test_readme_results_block_is_the_one_report_writes():
 
     text = _check_readme(README)
     block = text.split(README_BEGIN)[1].split(README_END)[0].strip().splitlines()
+    assert re.fullmatch(r"Runs of \d{4}-\d{2}-\d{2}, trained on .+\.", block[0])  # when and where (issue 16)
+    block = block[2:]
     assert block[0] == "| dataset | test volumes | Dice | IoU | HD95 (mm) | ASSD (mm) |"
     rows = [line.strip("|").split("|") for line in block[2:] if line.startswith("| ") and line.count("|") == 7]
     assert [row[0].strip() for row in rows[:2]] == ["liver", "spleen"]

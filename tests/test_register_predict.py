@@ -53,7 +53,8 @@ def write_checkpoint(path: Path, config: Config, run_id: str | None = None) -> P
 
 def write_metrics(path: Path, dice: float, checkpoint: Path) -> Path:
     """evaluate's metrics.json for ``checkpoint`` (which it records by content hash)."""
-    metrics = {"dice": dice, "iou": dice / 2, "hd95": None, "cases": 2, "dataset": "liver"}
+    metrics = {"dice": dice, "iou": dice / 2, "hd95": None, "cases": 2, "dataset": "liver", "data_source": "lits",
+               "test_set": "5" * 64}
     path.write_text(json.dumps({**metrics, "checkpoint_sha256": file_digest(checkpoint) if checkpoint.is_file() else None}))
     return path
 
@@ -75,7 +76,7 @@ def main_error(argv: list[str], capsys) -> str:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> dict:
-    """Three registrations of one checkpoint into a SQLite store: test Dice 0.5, then 0.4 (worse), then 0.6."""
+    """Three registrations of one checkpoint into a SQLite store: test Dice 0.85, then 0.82 (worse), then 0.9."""
     root = tmp_path_factory.mktemp("registry")
     config = tiny_config(f"sqlite:///{root / 'mlflow.db'}")
     client = mlflow.MlflowClient(config.mlflow.tracking_uri)
@@ -86,7 +87,7 @@ def registry(tmp_path_factory) -> dict:
     client.set_terminated(run_id)
     checkpoint = write_checkpoint(root / "best.pt", config, run_id)
     results, champions = [], []
-    for index, dice in enumerate((0.5, 0.4, 0.6)):
+    for index, dice in enumerate((0.85, 0.82, 0.9)):
         results.append(register(config, checkpoint, write_metrics(root / f"metrics{index}.json", dice, checkpoint)))
         champions.append(str(client.get_model_version_by_alias(NAME, "champion").version))
     return {"root": root, "config": config, "client": client, "checkpoint": checkpoint, "run_id": run_id,
@@ -95,22 +96,21 @@ def registry(tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_champion_moves_only_when_the_test_metric_improves(registry):
-    assert registry["results"] == [
-        {"name": NAME, "version": 1, "champion": True},
-        {"name": NAME, "version": 2, "champion": False},
-        {"name": NAME, "version": 3, "champion": True},
-    ]
+    assert [(r["name"], r["version"], r["alias"], r["champion"]) for r in registry["results"]] == [
+        (NAME, 1, "champion", True), (NAME, 2, "challenger", False), (NAME, 3, "champion", True)]
+    assert "does not beat champion version 1's 0.8500 on the same test set" in registry["results"][1]["reason"]
     assert registry["champions"] == ["1", "1", "3"]
+    assert registry["client"].get_registered_model(NAME).aliases == {"champion": 3, "challenger": 2}
 
 
 @pytest.mark.slow
 def test_versions_are_logged_in_the_training_run_and_tagged(registry):
     client = registry["client"]
-    for version, dice in (("1", 0.5), ("2", 0.4), ("3", 0.6)):
+    for version, dice in (("1", 0.85), ("2", 0.82), ("3", 0.9)):
         model_version = client.get_model_version(NAME, version)
         assert model_version.run_id == registry["run_id"]
         assert float(model_version.tags["test_dice"]) == dice
-        assert model_version.tags["dataset"] == "liver"
+        assert model_version.tags["dataset"] == "liver" and model_version.tags["data_source"] == "lits"
         for key, value in registry["training_tags"].items():
             assert model_version.tags[key] == value
 
@@ -206,12 +206,12 @@ def test_registry_failure_is_a_user_error_naming_the_store(tmp_path):
 def test_register_against_a_live_mlflow_server(mlflow_server, tmp_path):
     config = tiny_config(mlflow_server.url)
     checkpoint = write_checkpoint(tmp_path / "best.pt", config, run_id="f" * 32)  # unknown run: a new run is used
-    result = register(config, checkpoint, write_metrics(tmp_path / "metrics.json", 0.7, checkpoint))
-    assert result == {"name": NAME, "version": 1, "champion": True}
+    result = register(config, checkpoint, write_metrics(tmp_path / "metrics.json", 0.9, checkpoint))
+    assert (result["name"], result["version"], result["alias"]) == (NAME, 1, "champion")
     api = f"{mlflow_server.url}/api/2.0/mlflow"
     alias = requests.get(f"{api}/registered-models/alias", params={"name": NAME, "alias": "champion"}, timeout=30)
     assert alias.ok, alias.text
     assert alias.json()["model_version"]["version"] == "1"
     version = requests.get(f"{api}/model-versions/get", params={"name": NAME, "version": "1"}, timeout=30).json()["model_version"]
     tags = {tag["key"]: tag["value"] for tag in version["tags"]}
-    assert float(tags["test_dice"]) == 0.7 and tags["dataset"] == "liver"
+    assert float(tags["test_dice"]) == 0.9 and tags["dataset"] == "liver"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 
 import mlflow
 import pandas as pd
@@ -20,6 +22,8 @@ from unet3plus.report import (
     README_END,
     collect_runs,
     configuration_table,
+    load_spread,
+    order_note,
     parameter_count,
     replace_readme_block,
     write_report,
@@ -168,6 +172,46 @@ def test_write_report_tables_plots_and_readme_block(base, tmp_path):
     # Regenerating from the same runs gives the same README: the block is a function of the runs.
     write_report(base, tmp_path / "reports" / "ablations.md", readme=readme)
     assert readme.read_text() == text
+
+
+def test_readme_block_names_date_and_device_and_shows_the_benchmarks_spread(base, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_BEGIN}\n{README_END}\n")
+    spread = tmp_path / "bench_recipe.json"
+    summary = [{"organ": "liver", "model": "main", "runs": 6, "min": 0.901, "mean": 0.92, "std": 0.011, "max": 0.93},
+               {"organ": "liver", "model": "unet", "runs": 6, "min": 0.8, "mean": 0.85, "std": 0.02, "max": 0.87}]
+    spread.write_text(json.dumps({"date": "2026-12-03", "cpu": "Some CPU", "seeds": [0, 1, 2], "threads": [1, 2],
+                                  "summary": summary}))
+    write_report(base, tmp_path / "reports" / "ablations.md", readme=readme, spread=spread)
+    block = readme.read_text()
+    assert re.search(r"Runs of \d{4}-\d{2}-\d{2}, trained on an unrecorded device\.", block)  # no device tag logged
+    assert "2026-12-03, Some CPU: seeds 0, 1, 2 x torch threads 1, 2" in block
+    assert "| main | UNet 3+ | 0.901 / 0.920 ± 0.011 (n=6) | not measured |" in block
+    # liver: UNet 0.85 < UNet 3+ 0.92 (mean of 0.90 and 0.94), a step larger than either spread
+    assert "- liver: UNet w/o DS 0.850 < UNet 3+ 0.920: the paper's order, every step larger than" in block
+    spread.write_text("{}")
+    with pytest.raises(UserError, match="bench_recipe.json: not a bench_recipe.py summary"):
+        load_spread(spread)
+
+
+def _ablation_table(dice: dict[str, float]) -> pd.DataFrame:
+    models = {"unet": ("unet", False), "unet2plus": ("unet2plus", True), "unet3plus_no_ds": ("unet3plus", False),
+              "main": ("unet3plus", True)}
+    return pd.DataFrame([{"dataset": "spleen", "variant": name, "model": models[name][0], "DS": models[name][1],
+                          "dice_mean": value, "status": "ok"} for name, value in dice.items()])
+
+
+@pytest.mark.parametrize("dice, std, verdict", [
+    ((0.80, 0.85, 0.88, 0.90), 0.01, "the paper's order, every step larger than the measured spread"),
+    ((0.80, 0.85, 0.88, 0.90), 0.025, "the paper's order, but some steps are within the measured spread"),
+    ((0.80, 0.85, 0.91, 0.90), 0.001, "not the paper's order"),
+])
+def test_the_ablation_order_is_claimed_only_beyond_the_measured_spread(dice, std, verdict):
+    table = _ablation_table(dict(zip(("unet", "unet2plus", "unet3plus_no_ds", "main"), dice)))
+    spread = {("spleen", name): {"std": std} for name in table["variant"]}
+    note = order_note(table, spread)
+    assert note.startswith("- spleen: UNet w/o DS 0.800 < UNet++ 0.850 ") and f": {verdict}" in note
+    assert ("no spread was measured" in order_note(table, {})) == verdict.startswith("the paper's order")
 
 
 def test_readme_without_markers_is_refused_before_anything_is_written(base, tmp_path):

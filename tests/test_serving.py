@@ -88,7 +88,8 @@ def champion(tmp_path_factory) -> dict:
     client.create_experiment(config.mlflow.experiment, artifact_location=(root / "artifacts").as_uri())
     checkpoint = write_checkpoint(root / "best.pt", config)
     metrics = root / "metrics.json"
-    metrics.write_text(json.dumps({"dice": 0.9, "cases": 2, "dataset": "liver", "checkpoint_sha256": file_digest(checkpoint)}))
+    metrics.write_text(json.dumps({"dice": 0.9, "cases": 2, "dataset": "liver", "checkpoint_sha256": file_digest(checkpoint),
+                                   "data_source": "lits", "test_set": "t" * 64}))  # as if trained on LiTS: NAME
     register(config, checkpoint, metrics)
     scans = [write_scan(root / "permuted.nii.gz", (40, 36, 10), PERMUTED_AFFINE, seed=0),
              write_scan(root / "plain.nii", (30, 34, 7), np.diag([0.7, 0.7, 2.5, 1.0]), seed=1)]  # fmt: skip

@@ -35,7 +35,7 @@ from unet3plus.cli import main
 from unet3plus.config import DataConfig, load_config
 from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import preprocess_dataset
-from unet3plus.tracking import data_hash
+from unet3plus.tracking import STUDY_SECTIONS, data_hash
 from unet3plus.tracking_server import AUTH_DATABASE, MlflowServer, Postgres, free_port, run_concurrently
 from unet3plus.train import train
 from unet3plus.utils import file_digest
@@ -46,7 +46,7 @@ WRITERS = 8
 EXPERIMENT = "team"
 TINY = ["model.width=4", "train.epochs=2", "train.batch_size=4", "train.max_steps_per_epoch=2", "train.num_workers=0",
         "train.optimizer=sgd", "train.lr=0.05", f"mlflow.experiment={EXPERIMENT}", "mlflow.system_metrics=true",
-        "evaluate.device=cpu", "evaluate.batch_size=8"]  # fmt: skip
+        "evaluate.device=cpu", "evaluate.batch_size=8", "register.min_test_dice=0"]  # fmt: skip
 ADMIN_PASSWORD = "adm1n-Pw-7f3c9e1b"
 DECOYS = {"CLUSTER_API_TOKEN": "tok-5d8e2a91c7", "AWS_SECRET_ACCESS_KEY_SECRET": "sec-b41f0e6d3a",
           "POSTGRES_PASSWORD": "pg-c2a7f9e815"}  # fmt: skip
@@ -115,16 +115,15 @@ def overrides(*extra: str) -> list[str]:
 
 
 def same_study(parent: mlflow.entities.Run, run: mlflow.entities.Run) -> bool:
-    """Whether ``parent`` holds the data hash and the model/training parameters of training run ``run``.
+    """Whether ``parent`` holds the data hash and the study's settings of training run ``run``.
 
-    (The data itself is identified by the hash: a parent made by the CLI holds the ``data.*``
-    params as configured, its child those the data was preprocessed with.)
+    A study is its data (the hash) and every ``model.*``, ``loss.*``, ``train.*`` setting but the seed
+    (:func:`unet3plus.tracking.study_params`): the parent holds exactly those of its children.
     """
-    def knobs(params: dict[str, str]) -> dict[str, str]:
-        return {key: value for key, value in params.items() if not key.startswith("data.")}
-
-    return (parent.data.tags["data_hash"] == run.data.tags["data_hash"] and knobs(parent.data.params) == knobs(run.data.params)
-            and len(knobs(run.data.params)) > 0)  # fmt: skip
+    study = {key: value for key, value in run.data.params.items()
+             if key.partition(".")[0] in STUDY_SECTIONS and key != "train.seed"}  # fmt: skip
+    same_data = parent.data.tags["data_hash"] == run.data.tags["data_hash"]
+    return same_data and parent.data.params == study and len(study) > 0
 
 
 def test_train_evaluate_register_and_report_end_to_end_with_credentials_from_the_environment(team, capsys):
@@ -139,8 +138,9 @@ def test_train_evaluate_register_and_report_end_to_end_with_credentials_from_the
     run_id = json.loads((team.work / "e2e" / "train_summary.json").read_text())["mlflow_run_id"]
     run = team.client().get_run(run_id)
     assert run.info.status == "FINISHED" and "test_dice" in run.data.metrics
-    assert json.loads((team.work / "e2e" / "registered.json").read_text()) == {
-        "name": "unet3plus-liver", "version": 1, "champion": True}  # fmt: skip
+    registered = json.loads((team.work / "e2e" / "registered.json").read_text())
+    assert registered | {"reason": None} == {"name": "unet3plus-liver-synthetic", "version": 1, "alias": "champion",
+                                             "champion": True, "reason": None}  # fmt: skip
     main_row = next(line for line in table.splitlines() if line.startswith("| main |"))  # Table 1's main model
     assert "| Dice liver |" in table and f"| {run.data.metrics['test_dice']:.4f} |" in main_row
     parent = team.client().get_run(run.data.tags["mlflow.parentRunId"])  # the study's parent run
@@ -168,7 +168,7 @@ def test_register_and_report_without_a_valid_login_fail_at_once_naming_the_varia
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
     assert len(team.client().search_registered_models()) == models_before  # nothing half-registered
-    versions = team.client().search_model_versions("name = 'unet3plus-liver'")
+    versions = team.client().search_model_versions("name = 'unet3plus-liver-synthetic'")
     assert len(versions) == 1
     assert len(team.client().search_runs([experiment])) == runs_before
 
@@ -185,7 +185,7 @@ def test_training_without_a_login_falls_back_offline_saying_which_variable_to_se
 class NoRegistry(BaseHTTPRequestHandler):
     """A tracking API without the model registry: experiments answer, registered-models is 404."""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         found = "/experiments/search" in self.path
         body = b'{"experiments": []}' if found else b"Not Found"
         self.send_response(200 if found else 404)
@@ -193,7 +193,7 @@ class NoRegistry(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_POST = do_GET  # noqa: N815
+    do_POST = do_GET
 
     def log_message(self, *args) -> None:
         pass
@@ -234,7 +234,8 @@ def test_eight_concurrent_trainings_lose_and_duplicate_nothing(team):
         for key in ("loss", "val_dice", "lr"):  # every epoch exactly once, with the local value
             logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
             assert logged == list(zip(history.epoch, history[key])), (i, key)
-        assert run.data.params["train.seed"] == str(i) and len(run.data.params) == len(load_config(None, TINY).flat())
+        params = len(load_config(None, TINY).flat()) + 1  # every setting and the device
+        assert run.data.params["train.seed"] == str(i) and len(run.data.params) == params
         assert run.data.tags["dataset"] == "liver" and "data_hash" in run.data.tags
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "history.csv", "curves.png", "train_summary.json"} <= artifacts
@@ -254,11 +255,13 @@ def test_eight_concurrent_trainings_lose_and_duplicate_nothing(team):
 
 def test_eight_concurrent_registrations_give_consistent_versions_and_one_champion(team):
     dice = [0.50 + 0.05 * i for i in (3, 7, 1, 5, 0, 6, 2, 4)]
+    evaluated = json.loads((team.work / "e2e" / "evaluation" / "metrics.json").read_text())
     commands = []
     for i, value in enumerate(dice):
         metrics = team.work / "load" / str(i) / "metrics.json"
         scored = {"checkpoint_sha256": file_digest(team.work / "load" / str(i) / "best.pt"),
-                  "data_hash": data_hash(team.work / "data")}  # what `unet3plus evaluate` records and register checks
+                  "data_hash": data_hash(team.work / "data"),  # what `unet3plus evaluate` records and register checks
+                  **{key: evaluated[key] for key in ("data_source", "test_set")}}  # the same test set
         metrics.write_text(json.dumps({"dice": value, "dataset": "liver", **scored}))
         commands.append(["register", "--checkpoint", f"load/{i}/best.pt", "--metrics", str(metrics),
                          "--output", f"load/{i}/registered.json", *overrides()])  # fmt: skip
@@ -270,14 +273,14 @@ def test_eight_concurrent_registrations_give_consistent_versions_and_one_champio
     versions = sorted(r["version"] for r in registered)
     assert versions == list(range(2, WRITERS + 2))  # version 1 is the end-to-end test's: no gap, no repeat
     for i, record in enumerate(registered):
-        version = client.get_model_version("unet3plus-liver", str(record["version"]))
+        version = client.get_model_version("unet3plus-liver-synthetic", str(record["version"]))
         assert float(version.tags["test_dice"]) == dice[i]
         summary = json.loads((team.work / "load" / str(i) / "train_summary.json").read_text())
         assert version.run_id == summary["mlflow_run_id"]  # logged into its own training run
-    every = [client.get_model_version("unet3plus-liver", str(v)) for v in range(1, WRITERS + 2)]
+    every = [client.get_model_version("unet3plus-liver-synthetic", str(v)) for v in range(1, WRITERS + 2)]
     holders = [v.version for v in every if "champion" in v.aliases]
     assert len(holders) == 1
-    champion = client.get_model_version_by_alias("unet3plus-liver", "champion")
+    champion = client.get_model_version_by_alias("unet3plus-liver-synthetic", "champion")
     assert [champion.version] == holders and float(champion.tags["test_dice"]) >= min(dice)
 
 
@@ -303,6 +306,31 @@ def test_a_database_restart_mid_training_loses_nothing_after_resume(team, monkey
     team.outputs.append(caplog.text)
 
 
+def test_a_password_inside_mlflow_tracking_uri_works_and_is_shown_nowhere(team, capsys, monkeypatch, caplog):
+    """The login only in MLFLOW_TRACKING_URI (http://admin:PASSWORD@...) through train, evaluate, register, report.
+
+    The last test then greps every output, log, file, artifact and database row for the password.
+    """
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team.url.replace("http://", f"http://admin:{ADMIN_PASSWORD}@"))
+    caplog.set_level(logging.INFO)
+    assert cli(team, capsys, "train", "--data", "data", "--out", "login", *overrides("train.seed=11"))[0] == 0
+    assert not json.loads((team.work / "login" / "train_summary.json").read_text())["mlflow_offline"]
+    assert cli(team, capsys, "evaluate", "--checkpoint", "login/best.pt", "--data", "data", "--raw", "raw",
+               "--out", "login/evaluation", *overrides())[0] == 0  # fmt: skip
+    assert cli(team, capsys, "register", "--checkpoint", "login/best.pt", "--metrics", "login/evaluation/metrics.json",
+               "--output", "login/registered.json", *overrides())[0] == 0  # fmt: skip
+    assert cli(team, capsys, "report", *overrides())[0] == 0
+    # An error that shows the URI (a server that is not there): the server named, not the login.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://admin:{ADMIN_PASSWORD}@127.0.0.1:{free_port()}")
+    status, _, err = cli(team, capsys, "report", *overrides())
+    assert status == 2 and err.startswith("error: cannot reach the tracking server http://127.0.0.1:")
+    assert f"(new) in {team.url}" in caplog.text  # the logs show the server, without the login
+    team.outputs.append(caplog.text)
+
+
 def database_dump(team: Team) -> str:
     """Every row of every table of the tracking and auth databases, as text."""
     import psycopg2
@@ -322,7 +350,8 @@ def database_dump(team: Team) -> str:
 
 def test_no_secret_reaches_params_tags_artifacts_logs_checkpoints_or_the_compiled_pipeline(team, tmp_path):
     compiled = subprocess.run([sys.executable, "-m", "pipeline", "compile", "--output", str(tmp_path / "p.yaml")],
-                              cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)  # fmt: skip
+                              cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300,
+                              check=False)  # fmt: skip
     assert compiled.returncode == 0, compiled.stderr
     team.outputs += [compiled.stdout, compiled.stderr]
     dump = database_dump(team)

@@ -16,7 +16,10 @@ import pytest
 import yaml
 
 from unet3plus import tracking
+from unet3plus.cli import main
 from unet3plus.config import MlflowConfig
+from unet3plus.errors import UserError
+from unet3plus.utils import redact
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +265,60 @@ def test_a_disabled_run_never_contacts_mlflow(tmp_path, monkeypatch):
 
 def test_run_tags_name_dataset_commit_and_data_hash(tmp_path, monkeypatch):
     (tmp_path / "manifest.csv").write_text("m")
-    (tmp_path / "cases.json").write_text("{}")
+    (tmp_path / "cases.json").write_text('{"data_source": "msd"}')
     monkeypatch.chdir(tmp_path)  # outside any git repository
-    assert tracking.run_tags(tmp_path, "spleen") == {"dataset": "spleen", "data_hash": tracking.data_hash(tmp_path)}
+    assert tracking.run_tags(tmp_path, "spleen") == {"dataset": "spleen", "data_source": "msd",
+                                                     "data_hash": tracking.data_hash(tmp_path)}
+    (tmp_path / "cases.json").write_text("{}")  # preprocessed before the source was recorded
+    assert tracking.run_tags(tmp_path, "spleen")["data_source"] == "unknown"
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("http://bob:pw@127.0.0.1:5000", "http://***@127.0.0.1:5000"),
+     ("https://bob@host/path?q=1", "https://***@host/path?q=1"),
+     ("postgresql+psycopg2://mlflow:p%40ss@db:5432/mlflow", "postgresql+psycopg2://***@db:5432/mlflow"),
+     ("http://bob:p@ss@host/x", "http://***@host/x"),  # a raw '@' in the password: up to the last one, as urllib
+     ("request to http://a:b@h/api failed; see https://c:d@i/", "request to http://***@h/api failed; see https://***@i/"),
+     ("sqlite:///runs@2026.db", None), ("models:/unet3plus-liver@champion", None),
+     ("http://host/path/a@b", None)],  # '@' after the authority: a path, not a login
+)  # fmt: skip
+def test_redact_hides_the_login_of_every_uri_in_a_text(text, expected):
+    assert redact(text) == (expected or text)
+
+
+def test_a_login_in_the_configured_tracking_uri_is_refused_naming_the_variables(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "params.yaml").write_text("mlflow:\n  tracking_uri: https://bob:Pa55-w0rd@mlflow.example.org\n")
+    for argv in (["train", "--data", "data", "--out", "run"], ["report"],
+                 ["report", "--set", "mlflow.tracking_uri=http://bob:Pa55-w0rd@127.0.0.1:1"]):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "mlflow.tracking_uri" in err, err
+        assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in err and "://***@" in err
+        assert "Pa55-w0rd" not in err and "bob" not in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_a_login_in_the_environments_uri_moves_to_the_credential_variables(monkeypatch):
+    for name in tracking.CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:p%40ss@127.0.0.1:5000/mlflow")
+    assert tracking.configure(MlflowConfig()) == "http://127.0.0.1:5000/mlflow" == mlflow.get_tracking_uri()
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000/mlflow"  # what subprocesses inherit
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("bob", "p@ss")
+    # Variables already set win over the URI's login, as in MLflow's HTTP client.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://eve:other@host")
+    assert tracking.configure(MlflowConfig()) == "https://host"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("bob", "p@ss")
+    # A database URI needs its password: kept for MLflow, shown only redacted.
+    database = "postgresql+psycopg2://mlflow:pw@127.0.0.1:1/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", database)
+    assert tracking.configure(MlflowConfig()) == database
+    assert tracking.explain_failure(RuntimeError(f"cannot connect to {database}"), database) == (
+        "postgresql+psycopg2://***@127.0.0.1:1/mlflow: cannot connect to postgresql+psycopg2://***@127.0.0.1:1/mlflow")
+    with pytest.raises(UserError) as caught, tracking.store_errors(MlflowConfig()):
+        raise OSError(f"cannot open {database}")
+    assert str(caught.value).startswith("postgresql+psycopg2://***@127.0.0.1:1/mlflow: cannot read") and ":pw@" not in str(
+        caught.value)

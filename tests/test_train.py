@@ -32,11 +32,12 @@ from unet3plus.config import Config, DataConfig, load_config
 from unet3plus.data.dataset import SliceDataset
 from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import preprocess_dataset
+from unet3plus.device import cpu_name
 from unet3plus.errors import CheckpointError, ConfigError, DataError
 from unet3plus.models import predict_proba
 from unet3plus.train import EpochSampler, lr_multiplier, train
 
-CPU = f"cpu ({torch.get_num_threads()} threads)"  # the device a run records (unet3plus.device.describe_device)
+CPU = f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"  # the device a run records (unet3plus.device.describe_device)
 
 LOSS_COLUMNS = ["loss", "loss_cgm", "loss_focal", "loss_iou", "loss_ms_ssim"]
 TINY = [
@@ -180,6 +181,16 @@ def test_the_same_seed_gives_identical_weights_and_another_seed_does_not(straigh
     assert not all(torch.equal(other["model"][name], tensor) for name, tensor in reference["model"].items())
 
 
+def test_select_checkpoint_last_epoch_keeps_the_final_epoch_whatever_its_validation_dice(data_dir, store, tmp_path):
+    with contextlib.chdir(store):
+        summary = train(tiny_config(store, "train.select_checkpoint=last_epoch", "train.epochs=3"), data_dir, tmp_path)
+    history = pd.read_csv(tmp_path / "history.csv")
+    last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == last["epoch"] == summary["best_epoch"] == 3
+    assert summary["best_val_dice"] == history.val_dice.iloc[-1] == best["best_metric"]
+    assert all(torch.equal(best["model"][key], value) for key, value in last["model"].items())
+
+
 def test_resuming_a_finished_run_trains_no_further(straight, data_dir, store, tmp_path):
     shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
     before = load_checkpoint(tmp_path / "last.pt")
@@ -220,6 +231,16 @@ def test_learning_rate_schedules_follow_their_formulas_per_step(schedule, store)
     for step in (0, 1, 25, 50, 99, 100):
         assert lr_multiplier(config, step, total_steps=100) == pytest.approx(expected[schedule](step / 100), abs=1e-12)
     assert lr_multiplier(config, 150, total_steps=100) == pytest.approx(expected[schedule](1.0), abs=1e-12)
+
+
+def test_warm_up_rises_linearly_then_hands_over_to_the_schedule(store):
+    config = tiny_config(store, "train.schedule=cosine").train
+    # 4 warm-up steps of 10: factors 1/5, 2/5, 3/5, 4/5, then cosine over the 6 remaining steps
+    # (by hand: step 5 is progress 1/6, (1 + cos 30 deg) / 2 = 0.9330127; step 7 is progress 3/6,
+    # cos 90 deg = 0, so 0.5; step 10 is the end, 0, and stays there).
+    by_hand = {0: 0.2, 1: 0.4, 2: 0.6, 3: 0.8, 4: 1.0, 5: 0.9330127019, 7: 0.5, 10: 0.0, 12: 0.0}
+    for step, factor in by_hand.items():
+        assert lr_multiplier(config, step, total_steps=10, warmup_steps=4) == pytest.approx(factor, abs=1e-9)
 
 
 def test_history_lr_is_the_scheduled_rate_at_each_epochs_first_step(straight):
@@ -413,7 +434,7 @@ def _epoch(sampler, epoch):
     return list(sampler)
 
 
-@pytest.mark.parametrize("fraction", [0.5, 0.75])
+@pytest.mark.parametrize("fraction", [0.5, 0.75, 0.8])
 def test_epoch_sampler_oversamples_organ_slices_to_the_requested_share(fraction):
     organ = np.zeros(40, dtype=np.float32)
     organ[[3, 17, 25, 31]] = 1.0  # natural share 10 %

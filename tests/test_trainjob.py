@@ -190,6 +190,12 @@ BAD_INPUT = [
     (["trainjob", "--nodes", "2", "--gpus-per-node", "4", "--name", "Bad_Name"], "--name 'Bad_Name' is not a valid"),
     (["trainjob", "--nodes", "2", "--gpus-per-node", "4", "--image", "Ghcr.io/Org/Image:latest tag"],
      "is not a container image reference"),
+    # label and taint keys, label values and mount paths, as the API server checks them
+    (["compile", "--data-mount", "data"], "--data-mount 'data' is not a usable mount path"),
+    (["trainjob", "--nodes", "2", "--gpus-per-node", "1", "--data-mount", "/dev/shm"], "is not a usable mount path"),
+    (["compile", "--gpu-toleration", "gpu node"], "--gpu-toleration 'gpu node' is not a valid label key"),
+    (["compile", "--gpu-node-selector", "a/b/c=true"], "'a/b/c' is not a valid label key"),
+    (["trainjob", "--nodes", "2", "--gpus-per-node", "1", "--pod-label", "team=a b"], "'a b' is not a valid label value"),
 ]
 
 

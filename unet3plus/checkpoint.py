@@ -94,7 +94,46 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    check_model_schema(payload, path)
     return payload
+
+
+def check_model_schema(payload: dict[str, Any], path: str | os.PathLike) -> None:
+    """Check a checkpoint's model against the schema before a network is built from it.
+
+    ``config["model"]`` must be a valid ``model`` section (known keys, values within the bounds of
+    :class:`unet3plus.config.ModelConfig`, e.g. ``width``), and ``model`` must hold exactly the
+    tensors, with the shapes, of that network, which is built on the meta device: no memory is
+    allocated for a checkpoint that does not fit.
+
+    Raises:
+        CheckpointError: naming the file and the first problem.
+    """
+    from unet3plus.config import config_from_dict
+    from unet3plus.errors import ConfigError
+    from unet3plus.models import create_model
+
+    try:
+        model_config = config_from_dict({"model": payload["config"]["model"]}).model
+    except (KeyError, TypeError, ConfigError) as err:
+        raise CheckpointError(f"{path}: the checkpoint's model configuration is invalid ({err})") from err
+    with torch.device("meta"):
+        expected = create_model(**{**vars(model_config), "encoder_weights": None}).state_dict()
+    state = payload["model"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: 'model' is not a state dict of tensors")
+    differences = [f"{len(keys)} {what}, e.g. {keys[0]}" for what, keys in
+                   (("missing", sorted(set(expected) - set(state))), ("unexpected", sorted(set(state) - set(expected))))
+                   if keys]
+    if differences:
+        raise CheckpointError(f"{path}: the weights do not belong to the model its configuration describes "
+                              f"({'; '.join(differences)})")
+    for key, reference in expected.items():
+        tensor = state[key]
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(reference.shape):
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise CheckpointError(f"{path}: weight {key} has shape {shape}, the model expects "
+                                  f"{tuple(reference.shape)} (truncated or from another model)")
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from unet3plus.config import LAYOUTS, Config, ablation_config, load_config, params_path
 from unet3plus.errors import DataError, UserError
-from unet3plus.utils import check_outputs, setup_logging
+from unet3plus.utils import check_files_replaceable, check_outputs, record_outputs, redact, setup_logging
 
 logger = logging.getLogger("unet3plus")
 
@@ -33,7 +34,8 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from unet3plus.data.phantom import render_preview, write_dataset
 
     data = _config(args).data
-    check_outputs({"--out": args.out, "--preview": args.preview}, {})
+    check_outputs({"--out": args.out, "--preview": args.preview}, {"--params": params_path(args.params)})
+    check_files_replaceable("--preview", [args.preview], args.force)
     written = write_dataset(
         args.layout,
         args.out,
@@ -47,6 +49,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
     logger.info("wrote %d synthetic %s cases to %s", len(written), args.layout, args.out)
     if args.preview:
         render_preview(args.layout, args.out, args.preview)
+        record_outputs(args.preview.parent, [args.preview])
         logger.info("preview written to %s", args.preview)
 
 
@@ -55,12 +58,14 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from unet3plus.utils import write_json_atomic
 
     config = _config(args)
-    check_outputs({"--report": args.report}, {"--raw": args.raw})
+    check_outputs({"--report": args.report}, {"--raw": args.raw, "--params": params_path(args.params)})
+    check_files_replaceable("--report", [args.report], args.force)
     report = validate_dataset(args.layout, args.raw, workers=config.data.workers)
     for warning in report.warnings:
         logger.warning("%s", warning)
     if args.report:
         write_json_atomic(args.report, report.to_dict())
+        record_outputs(args.report.parent, [args.report])
     if report.errors:
         raise DataError(f"{args.raw}: {len(report.errors)} problem(s) found:\n  " + "\n  ".join(report.errors))
     logger.info("%s: %d cases valid (%d warnings)", args.raw, report.cases, len(report.warnings))
@@ -73,7 +78,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
     if args.size is not None:
         config.data.size = args.size
         config.data.validate()
-    check_outputs({"--out": args.out}, {"--raw": args.raw})
+    check_outputs({"--out": args.out}, {"--raw": args.raw, "--params": params_path(args.params)})
     manifest = preprocess_dataset(args.layout, args.raw, args.out, config.data)
     logger.info("manifest: %s", manifest)
 
@@ -82,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from unet3plus.train import train
 
     config = _config(args)
-    check_outputs({"--out": args.out}, {"--data": args.data})
+    check_outputs({"--out": args.out}, {"--data": args.data, "--params": params_path(args.params)})
     base = _config(argparse.Namespace(**{**vars(args), "ablation": None}))
     train(config, data_dir=args.data, out_dir=args.out, resume=args.resume, force=args.force,
           compile_model=args.compile, ablation=args.ablation or "main", base=base)
@@ -92,7 +97,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from unet3plus.evaluate import evaluate
 
     config = _config(args)
-    check_outputs({"--out": args.out}, {"--checkpoint": args.checkpoint, "--data": args.data, "--raw": args.raw})
+    check_outputs({"--out": args.out}, {"--checkpoint": args.checkpoint, "--data": args.data, "--raw": args.raw,
+                                        "--params": params_path(args.params)})
     evaluate(config, checkpoint=args.checkpoint, data_dir=args.data, raw_dir=args.raw, out_dir=args.out, force=args.force)
 
 
@@ -101,31 +107,35 @@ def cmd_register(args: argparse.Namespace) -> None:
     from unet3plus.utils import write_json_atomic
 
     config = _config(args)
-    check_outputs({"--output": args.output}, {"--checkpoint": args.checkpoint, "--metrics": args.metrics})
-    result = register(config, checkpoint=args.checkpoint, metrics_path=args.metrics)
-    logger.info("registered %s version %s%s", result["name"], result["version"], " (champion)" if result["champion"] else "")
+    check_outputs({"--output": args.output}, {"--checkpoint": args.checkpoint, "--metrics": args.metrics,
+                                              "--params": params_path(args.params)})
+    check_files_replaceable("--output", [args.output], args.force)
+    result = register(config, checkpoint=args.checkpoint, metrics_path=args.metrics)  # logs the alias and why
     if args.output:
         write_json_atomic(args.output, result)
+        record_outputs(args.output.parent, [args.output])
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from unet3plus.report import collect_runs, configuration_table, report_markdown, write_report
-    from unet3plus.tracking import store_errors
+    from unet3plus.report import collect_runs, configuration_table, report_markdown, report_outputs, write_report
 
     config = _config(args)
-    check_outputs({"--out": args.out}, {})
-    with store_errors(config.mlflow):
-        if args.out is None:
-            collected = collect_runs(config)
-            sys.stdout.write(report_markdown(configuration_table(collected), collected.studies))
-        else:
-            write_report(config, args.out, readme=args.readme)
+    if args.out is None:
+        collected = collect_runs(config)
+        sys.stdout.write(report_markdown(configuration_table(collected), collected.studies))
+        return
+    files, plots = report_outputs(args.out)
+    for path in (*files, plots):
+        check_outputs({"--out": path}, {"--readme": args.readme, "--spread": args.spread, "--params": params_path(args.params)})
+    check_files_replaceable("--out", files, args.force, folders=[plots])
+    write_report(config, args.out, readme=args.readme, spread=args.spread)
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from unet3plus.data.archive import extract_dataset
+    from unet3plus.data.archive import MAX_BYTES, extract_dataset
 
-    extract_dataset(args.archive, args.out)
+    check_outputs({"--out": args.out}, {"--archive": args.archive, "--params": params_path(args.params)})
+    extract_dataset(args.archive, args.out, max_bytes=args.max_size or MAX_BYTES)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -133,9 +143,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     config = _config(args)
     model = None if is_mlflow_uri(args.model) else args.model
-    check_outputs({"--output": args.output}, {"--input": args.input, "--model": model})
+    check_outputs({"--output": args.output}, {"--input": args.input, "--model": model, "--params": params_path(args.params)})
     if not args.input.is_dir():
+        check_files_replaceable("--output", [args.output], args.force)
         predict_file(args.model, args.input, args.output, config=config)
+        record_outputs(args.output.parent, [args.output])
         return
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"{args.output}: --input is a folder, so --output must be a folder too (this is a file)")
@@ -150,10 +162,23 @@ def cmd_export(args: argparse.Namespace) -> None:
     from unet3plus.tracking import configure_for_reading, store_errors
 
     config = _config(args)
-    check_outputs({"--out": args.out}, {})
+    check_outputs({"--out": args.out}, {"--params": params_path(args.params)})
     configure_for_reading(config.mlflow)
     with store_errors(config.mlflow):
         export_model(args.model, args.out)
+
+
+def _size(text: str) -> int:
+    """``500M``, ``8G``, ``1024`` (bytes) -> bytes, for argparse."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.rstrip("KMGTkmgt"), text[len(text.rstrip("KMGTkmgt")):].upper()
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a size such as 500M or 8G, got {text!r}")
+    return int(value)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -203,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=LAYOUTS, required=True, help=layout_help)
     p.add_argument("--raw", type=Path, required=True, help="raw dataset directory")
     p.add_argument("--report", type=Path, default=None, metavar="JSON", help="also write the findings to this JSON file")
+    p.add_argument("--force", action="store_true", help="replace --report even if unet3plus did not write it (or it was edited since)")
 
     p = verb("preprocess", cmd_preprocess, "turn raw volumes into 3-slice .npz samples plus a manifest",
              "Validate, reorient, window HU to [0, 1], stack (previous, current, next) slices, resize to --size and "
@@ -241,12 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace predictions/ and overlays/ even if they hold files evaluate did not write")
     p.add_argument("--ablation", default=None, metavar="NAME", help=ablation_help)
 
-    p = verb("register", cmd_register, "log the model to MLflow and register it; move 'champion' if better",
-             "Log the checkpoint as an MLflow model (signature and input example), register it as "
-             "unet3plus-<dataset> and move the 'champion' alias only when its test Dice beats the current champion's.")
+    p = verb("register", cmd_register, "log the model to MLflow and register it; move 'champion' only if earned",
+             "Log the checkpoint as an MLflow model (signature and input example) and register it as "
+             "unet3plus-<dataset> (trained on real data) or unet3plus-<dataset>-synthetic (trained on the phantom). "
+             "The 'champion' alias moves to it only when its test Dice is at least register.min_test_dice and beats "
+             "the champion's on the same test set; otherwise it gets 'challenger', or no alias below the floor "
+             "(exit 0 either way; the log says why). Running it again for the same checkpoint and metrics creates "
+             "no second version.")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to register")
     p.add_argument("--metrics", type=Path, required=True, help="metrics.json written by `evaluate`")
-    p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write the registered name, version and champion flag here")
+    p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write the registered name, version, alias and why here")
+    p.add_argument("--force", action="store_true", help="replace --output even if unet3plus did not write it (or it was edited since)")
 
     p = verb("predict", cmd_predict, "segment CT volumes (NIfTI in, NIfTI mask out): one scan or a whole folder",
              "Segment whole CT volumes with a registered model (models:/unet3plus-liver@champion) or a checkpoint "
@@ -258,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="MLflow model URI (models:/NAME@ALIAS, runs:/...) or checkpoint path")
     p.add_argument("--input", type=Path, required=True, help="CT volume (.nii or .nii.gz) or a folder of them")
     p.add_argument("--output", type=Path, required=True, help="mask to write (.nii.gz), or a folder for a folder --input")
+    p.add_argument("--force", action="store_true", help="replace a one-scan --output even if unet3plus did not write it "
+                   "(or it was edited since)")
 
     p = verb("export", cmd_export, "copy a registered model to a folder that MLflow serving or KServe reads",
              "Download a registered model (e.g. models:/unet3plus-liver@champion) from the tracking server into a new "
@@ -271,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
              "device files) into --out, unwrapping its single top-level folder. Used by data/real/dvc.yaml.")
     p.add_argument("--archive", type=Path, required=True, help="the .tar (or .tar.gz) file")
     p.add_argument("--out", type=Path, required=True, help="raw dataset folder to create (must not exist or be empty)")
+    p.add_argument("--max-size", type=_size, default=None, metavar="SIZE",
+                   help="refuse an archive that unpacks to more than this, e.g. 500M or 20G (default: 8G); free space "
+                   "is checked too, before anything is written")
 
     p = verb("report", cmd_report, "the ablation study's tables and plots, read back from MLflow",
              "Collect, per organ, the training runs of the newest study of these parameters (params.yaml and --set; "
@@ -284,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: print the markdown)")
     p.add_argument("--readme", type=Path, default=None, metavar="README",
                    help="also rewrite the results block between the markers of this README (with --out)")
+    p.add_argument("--spread", type=Path, default=None, metavar="JSON",
+                   help="with --readme: show the test Dice spread over seeds and threads that benchmarks/bench_recipe.py "
+                   "measured (benchmarks/bench_recipe.json) beside the table, and whether the order is the paper's")
+    p.add_argument("--force", action="store_true", help="replace the report's files and plots even if unet3plus did not write it (or it was edited since)")
     return parser
 
 
@@ -310,7 +350,7 @@ def run_parsed(args: argparse.Namespace) -> int:
         return 130
     except (UserError, OSError) as err:
         logger.debug("error details", exc_info=True)
-        print(f"error: {_describe(err)}", file=sys.stderr)
+        print(f"error: {redact(_describe(err))}", file=sys.stderr)
         return 2
     return 0
 

@@ -21,10 +21,12 @@ from typing import Any
 import yaml
 
 from unet3plus.errors import ConfigError
+from unet3plus.utils import redact
 
 logger = logging.getLogger(__name__)
 LAYOUTS = ("lits", "msd-spleen")
 DATASET_OF_LAYOUT = {"lits": "liver", "msd-spleen": "spleen"}
+SQLITE = "sqlite:///"
 
 
 @dataclass
@@ -76,7 +78,8 @@ class ModelConfig:
     def validate(self) -> None:
         _check(self.arch in ("unet", "unet2plus", "unet3plus"), "model.arch", self.arch, "'unet', 'unet2plus' or 'unet3plus'")
         _check(self.encoder in ("unet", "vgg16", "resnet101"), "model.encoder", self.encoder, "'unet', 'vgg16' or 'resnet101'")
-        _check(self.width >= 1, "model.width", self.width, "an integer >= 1")
+        # 512 is 8x the paper's channels (64x its parameters): above, a width is a typo, not a model.
+        _check(1 <= self.width <= 512, "model.width", self.width, "an integer from 1 to 512")
         _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "an integer >= 1")
         _check(self.num_classes >= 1, "model.num_classes", self.num_classes, "an integer >= 1")
         _check(self.skip_impl in ("auto", "naive", "factored"), "model.skip_impl", self.skip_impl, "'auto', 'naive' or 'factored'")
@@ -117,6 +120,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "poly"  # poly | cosine | constant
     poly_power: float = 0.9
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up before the schedule, in epochs (fractions allowed)
+    select_checkpoint: str = "val_dice"  # what best.pt keeps: the best validation Dice (val_dice) or the final epoch (last_epoch)
     seed: int = 0
     num_workers: int = 2  # DataLoader workers
     augment: bool = True
@@ -133,6 +138,9 @@ class TrainConfig:
         for name in ("momentum", "weight_decay"):
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "a number >= 0")
         _check(self.poly_power > 0, "train.poly_power", self.poly_power, "a number > 0")
+        _check(self.select_checkpoint in ("val_dice", "last_epoch"), "train.select_checkpoint", self.select_checkpoint,
+               "'val_dice' or 'last_epoch'")
+        _check(0 <= self.warmup_epochs <= self.epochs, "train.warmup_epochs", self.warmup_epochs, "a number in [0, train.epochs]")
         _check(_DEVICE.fullmatch(self.device) is not None, "train.device", self.device, DEVICE_CHOICES)
         _check(self.schedule in ("poly", "cosine", "constant"), "train.schedule", self.schedule, "'poly', 'cosine' or 'constant'")
         _check(0.0 <= self.organ_fraction < 1.0, "train.organ_fraction", self.organ_fraction, "a number in [0, 1)")
@@ -158,30 +166,55 @@ class EvaluateConfig:
 
 @dataclass
 class RegisterConfig:
-    """MLflow Model Registry: the model is registered as ``<name_prefix>-<dataset>``."""
+    """MLflow Model Registry: ``<name_prefix>-<dataset>`` (``-synthetic`` added for phantom-trained models).
+
+    ``alias`` moves only to a version that beats its holder on the same test set and whose test Dice
+    is at least ``min_test_dice``; see :mod:`unet3plus.register`.
+    """
 
     name_prefix: str = "unet3plus"
     alias: str = "champion"
-    metric: str = "dice"  # test metric that decides whether the alias moves (higher is better)
+    metric: str = "dice"  # test metric that decides whether the alias moves (hd95/assd: lower is better)
+    min_test_dice: float = 0.80  # quality floor: a version below it gets no alias at all
 
     def validate(self) -> None:
         _check(bool(self.name_prefix), "register.name_prefix", self.name_prefix, "a non-empty string")
         _check(bool(self.alias), "register.alias", self.alias, "a non-empty string")
+        _check(0.0 <= self.min_test_dice <= 1.0, "register.min_test_dice", self.min_test_dice, "a number in [0, 1]")
 
 
 @dataclass
 class MlflowConfig:
-    """Tracking. ``MLFLOW_TRACKING_URI`` in the environment wins over ``tracking_uri``."""
+    """Tracking. ``MLFLOW_TRACKING_URI`` in the environment wins over ``tracking_uri``.
+
+    Where runs go, not what a model is: no DVC stage that trains or evaluates depends on this section.
+    """
 
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "unet3plus"
     system_metrics: bool = True
 
     def resolved_tracking_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+        """The URI in use: ``MLFLOW_TRACKING_URI``, else ``tracking_uri``, relative SQLite paths anchored.
+
+        Inside a DVC stage (``DVC_ROOT`` set) a relative ``sqlite:///`` path is resolved against the
+        DVC root, which for ``dvc exp run --temp`` and ``--queue`` is the project, not the throw-away
+        copy under ``.dvc/tmp/exps/`` the command runs in: their runs land in the project's store.
+        Elsewhere it stays relative to the working directory.
+        """
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+        relative = uri.removeprefix(SQLITE)
+        root = os.environ.get("DVC_ROOT")
+        if not uri.startswith(SQLITE) or not relative or relative.startswith(("/", ":memory:")) or not root:
+            return uri
+        return SQLITE + (Path(root).resolve() / relative).as_posix()
 
     def validate(self) -> None:
         _check(bool(self.experiment), "mlflow.experiment", self.experiment, "a non-empty string")
+        if redact(self.tracking_uri) != self.tracking_uri:  # it would be written to params, config.yaml, checkpoints
+            raise ConfigError(f"mlflow.tracking_uri: {redact(self.tracking_uri)!r} holds a login (user:password@), "
+                              "which would be written with the settings; remove it and set MLFLOW_TRACKING_USERNAME "
+                              "and MLFLOW_TRACKING_PASSWORD in the environment")  # fmt: skip
 
 
 @dataclass

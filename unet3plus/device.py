@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import re
 from pathlib import Path
 
 import torch
 
-from unet3plus.errors import UserError
+from unet3plus.errors import ConfigError, UserError
 
 REQUIRE_CUDA_ENV = "UNET3PLUS_REQUIRE_CUDA"
 """``1`` on the pipeline's GPU steps: there ``auto`` refuses to fall back to the CPU (:func:`select_device`)."""
@@ -42,26 +43,40 @@ def cuda_unavailable_reason(driver: str | None) -> str:
             f"{MIN_DRIVER['12']}) or GPU nodes with a newer driver")
 
 
+def cpu_name(proc_file: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU model (``AMD EPYC 7B13``) from ``/proc/cpuinfo``, else ``platform.processor()`` or the machine type.
+
+    Float results depend on it (SIMD kernels, summation order), so runs record it.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path(proc_file).read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def describe_device(device: torch.device) -> str:
-    """What a run records as its device: ``cuda:0 (NVIDIA H200, CUDA 13.0, driver 580.65.06)`` or ``cpu (8 threads)``."""
+    """What a run records as its device: ``cuda:0 (NVIDIA H200, CUDA 13.0, driver 580.65.06)`` or
+    ``cpu (AMD EPYC 7B13, 8 threads)``."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return (f"cuda:{index} ({torch.cuda.get_device_name(index)}, CUDA {torch.version.cuda}, "
                 f"driver {nvidia_driver_version() or 'unknown'})")
-    return f"{device.type} ({torch.get_num_threads()} threads)"
+    return f"{device.type} ({cpu_name()}, {torch.get_num_threads()} threads)"
 
 
-def select_device(preference: str = "auto") -> torch.device:
+def select_device(preference: str = "auto", key: str = "device") -> torch.device:
     """Return the torch device to use.
 
     Args:
         preference: ``"auto"`` (CUDA when available, else CPU; CUDA required where the pipeline
             asked for GPUs, :data:`REQUIRE_CUDA_ENV`), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        key: the setting that chose it (``train.device``), for the message.
 
     Raises:
         UserError: GPUs were requested (:data:`REQUIRE_CUDA_ENV`) but CUDA is unavailable; the
             message names the torch build's CUDA version, the driver it needs and the node's.
-        ValueError: if CUDA is asked for but not available.
+        ConfigError: CUDA (or that GPU index) is asked for but not available.
     """
     if preference == "auto":
         if os.environ.get(REQUIRE_CUDA_ENV) == "1" and not torch.cuda.is_available():
@@ -70,7 +85,10 @@ def select_device(preference: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(preference)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {preference!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+        raise ConfigError(f"{key} = {preference!r}: CUDA is not available on this machine; use 'auto' or 'cpu'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{key} = {preference!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"numbered from 0")
     return device
 
 

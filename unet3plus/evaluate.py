@@ -21,6 +21,7 @@ Outputs in ``out_dir`` (each written atomically; the two folders are replaced as
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ from unet3plus.errors import DataError
 from unet3plus.metrics import METRIC_NAMES, dice, summarise, volume_metrics
 from unet3plus.models import predict_proba
 from unet3plus.predict import predict_slices, write_mask
-from unet3plus.tracking import data_hash, open_run
+from unet3plus.tracking import data_hash, data_source, open_run
 from unet3plus.utils import atomic_path, check_replaceable, file_digest, record_outputs, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,19 @@ def _test_cases(data_dir: Path, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, 
     if missing:
         raise DataError(f"{raw_dir}: label files of test cases not found (wrong --raw?): {', '.join(missing)}")
     return test, metadata
+
+
+def digest_test_set(test: pd.DataFrame, metadata: dict[str, Any], raw_dir: Path) -> str:
+    """sha256 identifying a test set: its case ids and the content of their raw label files.
+
+    Scores are computed against those labels on their original grid, so two evaluations with the
+    same digest scored the same volumes whatever the preprocessing (``register`` compares a new
+    version with the champion only on the same test set).
+    """
+    digest = hashlib.sha256()
+    for case_id in sorted(test["case_id"].unique()):
+        digest.update(f"{case_id}:{file_digest(raw_dir / metadata['cases'][case_id]['label'])}\n".encode())
+    return digest.hexdigest()
 
 
 def _warn_on_preprocessing_mismatch(
@@ -317,8 +331,10 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
     Returns:
         The content of ``metrics.json`` (NaN means written as None), which also records what was
         scored: ``checkpoint_sha256`` (content hash of ``checkpoint``) and ``data_hash``
-        (:func:`unet3plus.tracking.data_hash` of ``data_dir``), checked by ``register``, and
-        ``device`` (:func:`unet3plus.device.describe_device`), also the run's ``evaluate_device`` tag.
+        (:func:`unet3plus.tracking.data_hash` of ``data_dir``), checked by ``register``;
+        ``data_source`` (synthetic, lits, msd) and ``test_set`` (:func:`digest_test_set`), which
+        decide what ``register`` compares the model with; and ``device``
+        (:func:`unet3plus.device.describe_device`), also the run's ``evaluate_device`` tag.
 
     Raises:
         CheckpointError: the checkpoint is missing or corrupt.
@@ -336,8 +352,9 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
     outputs = [out_dir / name for name in ("predictions", "overlays", "per_case.csv", "metrics.json", "cgm_roc.csv")]
     if not force:
         check_replaceable(out_dir, outputs, "use another --out, or --force")
-    scored = {"checkpoint_sha256": file_digest(checkpoint), "data_hash": data_hash(data_dir)}
-    device = select_device(config.evaluate.device)
+    scored = {"checkpoint_sha256": file_digest(checkpoint), "data_hash": data_hash(data_dir),
+              "data_source": data_source(data_dir), "test_set": digest_test_set(test, metadata, raw_dir)}
+    device = select_device(config.evaluate.device, "evaluate.device")
     device_name = describe_device(device)
     logger.info("evaluating on %s", device_name)
     network = prepare_model(model_from_checkpoint(payload), device, config.train.mixed_precision)

@@ -27,12 +27,12 @@ from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint
 from unet3plus.config import Config, DataConfig, config_from_dict
 from unet3plus.data.geometry import restore_volume
 from unet3plus.data.preprocess import prepare_volume
-from unet3plus.data.sources import read_volume
+from unet3plus.data.sources import open_volume, read_slab
 from unet3plus.device import autocast_context, memory_format_for, prepare_model, select_device
 from unet3plus.errors import CheckpointError, DataError, UserError
 from unet3plus.models import predict_proba
 from unet3plus.models.inference import INFERENCE_MEMORY_FORMAT, inference_network
-from unet3plus.utils import atomic_path, check_replaceable, record_outputs
+from unet3plus.utils import atomic_path, check_replaceable, record_outputs, redact
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUMES_FILE = "volumes.csv"
 VOLUME_COLUMNS = ("scan", "organ_voxels", "organ_volume_ml")
+BYTES_PER_VOXEL = 12
+"""Memory prediction needs per voxel of the scan: the voxels as float32, the probabilities restored
+to the scan's grid (float32), the mask and its uint8 copy for writing, with room for resampling."""
 
 
 class ProbabilityModel(nn.Module):
@@ -90,7 +93,7 @@ class Predictor:
     mixed_precision: bool = True
 
     def segment(self, scan: nib.spatialimages.SpatialImage, name: str = "scan") -> np.ndarray:
-        """Segment one 3-D CT volume (Hounsfield units) read with :func:`unet3plus.data.sources.read_volume`.
+        """Segment one 3-D CT volume (Hounsfield units) read with :func:`read_scan`.
 
         Args:
             scan: the volume; its affine decides the reorientation.
@@ -140,10 +143,7 @@ def predictor_from_checkpoint(
                                      "evaluate": {"threshold": stored.get("evaluate", {}).get("threshold", 0.5)}})
     except (KeyError, TypeError, AttributeError, UserError) as err:
         raise CheckpointError(f"{source}: checkpoint has no valid data configuration ({err})") from err
-    try:
-        device = select_device(device_preference)
-    except ValueError as err:
-        raise UserError(f"{source}: {err}") from err
+    device = select_device(device_preference, "evaluate.device")
     network = ProbabilityModel(inference_network(model_from_checkpoint(checkpoint)))
     network = prepare_model(network, device, mixed_precision, memory_format=INFERENCE_MEMORY_FORMAT).eval()
     return Predictor(network, settings.data, settings.evaluate.threshold, device, batch_size, mixed_precision)
@@ -183,7 +183,7 @@ def load_predictor(model: str | os.PathLike, config: Config) -> Predictor:
         try:
             loaded = mlflow.pyfunc.load_model(str(model), model_config=options)
         except (MlflowException, OSError) as err:
-            raise UserError(f"cannot load MLflow model {model} from {mlflow.get_tracking_uri()}: {err}") from err
+            raise UserError(redact(f"cannot load MLflow model {model} from {mlflow.get_tracking_uri()}: {err}")) from err
     python_model = loaded.unwrap_python_model() if loaded.loader_module == "mlflow.pyfunc.model" else None
     if not isinstance(python_model, VolumeModel):
         raise UserError(f"MLflow model {model} is not a unet3plus volume model; register it with `unet3plus register`")
@@ -225,6 +225,61 @@ def predict_slices(
             probabilities = forward(batch.to(device, memory_format=memory_format))
         outputs.append(probabilities.float().cpu().numpy())
     return np.concatenate(outputs)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; else the free pages)."""
+    try:
+        with open("/proc/meminfo") as stream:
+            fields = dict(line.split(":", 1) for line in stream)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def read_scan(path: str | os.PathLike) -> nib.spatialimages.SpatialImage:
+    """Read a CT scan to segment, after checking what prediction needs: the one check of every predict path.
+
+    From the header, before any voxel is read: a readable 3-D NIfTI with numeric voxels (not RGB,
+    not complex), an invertible affine, and a size whose prediction fits in the memory available
+    now (:data:`BYTES_PER_VOXEL`); then every voxel finite.
+
+    Returns:
+        The image with its voxels in memory (scaling applied).
+
+    Raises:
+        DataError: naming ``path`` and the first problem; nothing has been loaded but the header.
+    """
+    image = open_volume(path)
+    dtype = image.get_data_dtype()
+    if dtype.kind not in "iuf":
+        raise DataError(f"{path}: voxels of type {dtype}; a CT scan holds one real number per voxel (not RGB)")
+    linear = np.asarray(image.affine, dtype=np.float64)[:3, :3]
+    if not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-9:
+        raise DataError(f"{path}: the affine (voxel-to-world matrix) is not invertible: {linear.round(4).tolist()}; "
+                        "fix the header's voxel sizes and orientation (pixdim, qform/sform)")
+    needed, available = int(np.prod(image.shape, dtype=np.float64)) * BYTES_PER_VOXEL, available_memory()
+    if needed > available:
+        raise DataError(f"{path}: {' x '.join(map(str, image.shape))} voxels need about {needed / 2**30:.1f} GiB to "
+                        f"segment, but only {available / 2**30:.1f} GiB of memory is available")
+    voxels = read_slab(image, path, 0, image.shape[2])
+    if voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
+        bad = voxels.size - int(np.count_nonzero(np.isfinite(voxels)))
+        raise DataError(f"{path}: {bad} NaN or infinite voxel(s); a CT scan holds finite Hounsfield units")
+    return image.__class__(voxels, image.affine, image.header)
+
+
+def check_mask_path(path: str | os.PathLike) -> None:
+    """Refuse a mask path that is a folder or not a named ``.nii``/``.nii.gz`` file (``--output .nii.gz``).
+
+    Raises:
+        UserError: naming the path.
+    """
+    name = Path(path).name
+    if Path(path).is_dir():
+        raise UserError(f"{path}: is a folder; give the mask's file name, e.g. {Path(path) / 'mask.nii.gz'}")
+    if not name.endswith((".nii", ".nii.gz")) or name in (".nii", ".nii.gz"):
+        raise UserError(f"{path}: the mask is written as NIfTI; give an --output named like mask.nii.gz or mask.nii")
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, reference: nib.spatialimages.SpatialImage) -> Path:
@@ -274,9 +329,8 @@ def predict_file(model: str | os.PathLike, input: str | os.PathLike, output: str
         CheckpointError: the checkpoint is missing or corrupt.
         UserError: the MLflow model cannot be loaded.
     """
-    if not str(output).endswith(NIFTI_SUFFIXES):
-        raise UserError(f"{output}: the mask is written as NIfTI; give an --output ending in .nii.gz or .nii")
-    scan = read_volume(input)
+    check_mask_path(output)
+    scan = read_scan(input)
     predictor = load_predictor(model, config)
     mask = predictor.segment(scan, Path(input).name)
     write_mask(output, mask, scan)
@@ -330,7 +384,7 @@ def predict_folder(
     rows, failures = [], {}
     for scan_path, output in zip(tqdm(scans, desc="scans", unit="scan"), outputs):
         try:
-            scan = read_volume(scan_path)
+            scan = read_scan(scan_path)
             mask = predictor.segment(scan, scan_path.name)
         except DataError as err:
             failures[scan_path.name] = str(err)

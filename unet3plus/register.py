@@ -5,12 +5,23 @@ MLflow client read): the volume model of :mod:`unet3plus.serving`, a ``pyfunc`` 
 of base64 NIfTI CT scans and returns their masks, with its own preprocessing, geometry inversion
 and threshold; metadata ``{"unet3plus": {"data", "model", "dataset", "threshold"}}``.
 
-Version tags: ``test_<metric>`` for every number in ``metrics.json``, ``dataset``, ``git_commit``
-and ``data_hash`` (copied from the training run when it has them).
+Version tags: ``test_<metric>`` for every number in ``metrics.json``, ``dataset``,
+``data_source``, ``test_set``, ``registration`` and ``git_commit`` and ``data_hash`` (copied from
+the training run when it has them).
+
+Registry rules (:func:`decide_alias`): a model trained on real data is registered as
+``<name_prefix>-<dataset>``; one trained on the synthetic phantom (or on data whose source is not
+recorded) as ``<name_prefix>-<dataset>-<source>``, so it never competes with real-data models. The
+alias (``register.alias``, ``champion``) moves only to a version whose test Dice clears
+``register.min_test_dice`` and that beats the holder on the same test set; any other version that
+clears the floor gets ``challenger``, one below it no alias. Registering is idempotent: a retry of
+the same checkpoint and metrics finds the version the first attempt created (tag ``registration``)
+instead of creating another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -22,16 +33,22 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from unet3plus.checkpoint import load_checkpoint
-from unet3plus.config import Config
+from unet3plus.config import Config, RegisterConfig
+from unet3plus.data.sources import REAL_SOURCE
 from unet3plus.errors import DataError, UserError
 from unet3plus.serving import log_volume_model
-from unet3plus.tracking import check_access, configure, experiment_id, explain_failure, git_commit
-from unet3plus.utils import file_digest
+from unet3plus.tracking import UNKNOWN_SOURCE, check_access, configure, experiment_id, explain_failure, git_commit
+from unet3plus.utils import file_digest, redact
 
 logger = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = frozenset({"hd95", "assd"})
 RUN_TAGS_COPIED = ("git_commit", "data_hash", "dvc_md5", "kfp_run_id", "kfp_run_name", "kfp_pipeline_version")
+CHALLENGER = "challenger"
+"""Alias of the latest version that clears the quality floor but did not (or could not) beat the champion."""
+REAL_SOURCES = frozenset(REAL_SOURCE.values())
+REGISTRATION_TAG = "registration"
+"""Version tag identifying one registration (checkpoint + metrics): a retry finds its version by it."""
 
 
 def _read_metrics(path: Path, metric: str) -> dict[str, Any]:
@@ -76,24 +93,6 @@ def is_better(new: float, current: float | None, metric: str) -> bool:
     return new < current if metric in LOWER_IS_BETTER else new > current
 
 
-def _champion_value(
-    client: mlflow.MlflowClient, name: str, alias: str, metric: str
-) -> tuple[str | None, float | None]:
-    """(version, ``test_<metric>``) of the version holding ``alias``; (None, None) without one."""
-    try:
-        champion = client.get_model_version_by_alias(name, alias)
-    except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None, None
-        raise
-    value = champion.tags.get(f"test_{metric}")
-    if value is None:
-        logger.warning("%s version %s (%s) has no test_%s tag; the new version will replace it",
-                       name, champion.version, alias, metric)
-        return champion.version, None
-    return champion.version, float(value)
-
-
 def _training_run(client: mlflow.MlflowClient, run_id: str | None) -> Any:
     """The training run if the store knows it (active), else None."""
     if not run_id:
@@ -108,23 +107,23 @@ def _training_run(client: mlflow.MlflowClient, run_id: str | None) -> Any:
 
 
 def register(config: Config, checkpoint: str | os.PathLike, metrics_path: str | os.PathLike) -> dict[str, Any]:
-    """Log ``checkpoint`` as an MLflow model, register a new version, and move the alias if it is better.
+    """Log ``checkpoint`` as an MLflow model, register a new version and give it the alias it earned.
 
     The model is logged into the training run (``checkpoint["mlflow_run_id"]``) when the tracking
     store has it, else into a new run of ``config.mlflow.experiment``. The version gets the test
-    metrics, git commit and data hash as tags. ``config.register.alias`` moves to the new version
-    only if its ``config.register.metric`` beats the current holder's (the first version always
-    gets it).
+    metrics, data source, test set, git commit and data hash as tags, and an alias by
+    :func:`decide_alias` (one log line says which and why). Registering the same checkpoint and
+    metrics again (a retried step) creates no second version: the first one is completed instead.
 
     Args:
-        config: ``register`` (name prefix, alias, metric), ``mlflow`` (tracking URI, experiment)
-            and ``evaluate.threshold`` (stored with the model) are used.
+        config: ``register`` (name prefix, alias, metric, min_test_dice), ``mlflow`` (tracking URI,
+            experiment) and ``evaluate.threshold`` (stored with the model) are used.
         checkpoint: a checkpoint written by training (``best.pt``).
         metrics_path: ``metrics.json`` written by :func:`unet3plus.evaluate.evaluate`.
 
     Returns:
-        ``{"name": registered model name, "version": int, "champion": whether the alias now
-        points at this version}``.
+        ``{"name": registered model name, "version": int, "alias": "champion", "challenger" or
+        None, "champion": whether the alias now points at this version, "reason": why}``.
 
     Raises:
         CheckpointError: the checkpoint is missing or corrupt.
@@ -139,29 +138,119 @@ def register(config: Config, checkpoint: str | os.PathLike, metrics_path: str | 
     if metrics.get("dataset", dataset) != dataset:
         raise DataError(f"{metrics_path}: metrics are for {metrics['dataset']!r} but {checkpoint} is a {dataset!r} model")
     _check_scored(metrics, metrics_path, checkpoint, payload)
-    name = f"{config.register.name_prefix}-{dataset}"
+    source = str(metrics.get("data_source") or UNKNOWN_SOURCE)
+    name = registered_name(config.register.name_prefix, dataset, source)
+    registration = hashlib.sha256(f"{metrics['checkpoint_sha256']}:{file_digest(metrics_path)}".encode()).hexdigest()
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     uri = configure(config.mlflow)
     check_access(uri, registry=True)  # a missing login fails here, before anything is logged
     try:
         client = mlflow.MlflowClient()
-        version, run_tags = _log_model(client, config, payload, name)
+        version = registered_version(client, name, registration)
+        if version is None:
+            version = _log_model(client, config, payload, name, {REGISTRATION_TAG: registration})
+        else:
+            logger.info("%s version %s already holds this registration (a retry): completing it, not logging again",
+                        name, version)
+        run_tags = _version_run_tags(client, name, version)
         tags = {f"test_{key}": str(value) for key, value in numbers.items()}
-        tags["dataset"] = dataset
+        tags.update({"dataset": dataset, "data_source": source, "test_set": str(metrics.get("test_set") or "unknown")})
         tags.update({key: run_tags[key] for key in RUN_TAGS_COPIED if key in run_tags})
         if "git_commit" not in tags and (commit := git_commit()):
             tags["git_commit"] = commit
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         client.update_model_version(name, version, description=version_description(payload, tags, numbers))
-        champion = _promote(client, name, version, float(numbers[metric]), config.register.alias, metric)
+        alias, reason = assign_alias(client, name, version, config.register)
     except (MlflowException, OSError) as err:
         raise UserError(
-            f"MLflow model registry at {uri} failed while registering {name} from {checkpoint}: {explain_failure(err, uri)}"
+            f"MLflow model registry at {redact(uri)} failed while registering {name} from {checkpoint}: {explain_failure(err, uri)}"
         ) from err
-    moved = f"; alias {config.register.alias!r} moved to it" if champion else ""
-    logger.info("registered %s version %s (test %s = %.4f)%s", name, version, metric, metrics[metric], moved)
-    return {"name": name, "version": int(version), "champion": champion}
+    logger.info("registered %s version %s: %s", name, version, f"alias {alias!r} ({reason})" if alias else f"no alias ({reason})")
+    return {"name": name, "version": int(version), "alias": alias, "champion": alias == config.register.alias,
+            "reason": reason}
+
+
+def registered_name(prefix: str, dataset: str, source: str) -> str:
+    """``<prefix>-<dataset>`` for a model trained on real data (LiTS, MSD), else ``<prefix>-<dataset>-<source>``.
+
+    Phantom-trained models (``synthetic``) and models whose data source is not recorded
+    (``unknown``) get their own registered model, so they never hold an alias real-data models compete for.
+    """
+    return f"{prefix}-{dataset}" if source in REAL_SOURCES else f"{prefix}-{dataset}-{source}"
+
+
+def registered_version(client: mlflow.MlflowClient, name: str, registration: str) -> str | None:
+    """The version of ``name`` tagged with ``registration`` (an earlier attempt of this registration), or None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.{REGISTRATION_TAG} = '{registration}'")
+    return min((version.version for version in found), key=int, default=None)
+
+
+def _version_run_tags(client: mlflow.MlflowClient, name: str, version: str) -> dict[str, str]:
+    """The tags of the run a version was logged in ({} when the run is gone)."""
+    run = _training_run(client, client.get_model_version(name, version).run_id)
+    return dict(run.data.tags) if run is not None else {}
+
+
+def decide_alias(candidate: dict[str, str], holder: dict[str, str] | None, config: RegisterConfig) -> tuple[str | None, str]:
+    """Which alias a version earns, and why (one line).
+
+    Args:
+        candidate: the new version's tags (``test_dice``, ``test_<metric>``, ``test_set``).
+        holder: the tags of the version now holding ``config.alias`` (None: nobody holds it).
+        config: ``alias``, ``metric`` and ``min_test_dice``.
+
+    Returns:
+        ``(config.alias, reason)`` when the version clears ``min_test_dice`` and beats the holder
+        on the same test set (or there is no holder); ``("challenger", reason)`` when it clears the
+        floor but the holder was tested on another (or an unrecorded) test set or scores at least
+        as well; ``(None, reason)`` below the floor.
+    """
+    metric, floor = config.metric, config.min_test_dice
+    dice = float(candidate.get("test_dice", "nan"))
+    if not dice >= floor:
+        return None, f"test dice {dice:.4f} is below register.min_test_dice {floor:.2f}"
+    value = float(candidate.get(f"test_{metric}", "nan"))
+    if holder is None:
+        return config.alias, f"first version to clear register.min_test_dice {floor:.2f} (test {metric} {value:.4f})"
+    held = f"{config.alias} version {holder['version']}"
+    test_set = candidate.get("test_set", "unknown")
+    if test_set == "unknown" or holder.get("test_set", "unknown") != test_set:
+        return CHALLENGER, (f"{held} was tested on another test set ({holder.get('test_set', 'unknown')[:12]}, this "
+                            f"version on {test_set[:12]}): the scores are not comparable")
+    current = float(holder.get(f"test_{metric}", "nan"))
+    if is_better(value, current, metric):
+        return config.alias, f"test {metric} {value:.4f} beats {held}'s {current:.4f} on the same test set"
+    return CHALLENGER, f"test {metric} {value:.4f} does not beat {held}'s {current:.4f} on the same test set"
+
+
+def assign_alias(client: mlflow.MlflowClient, name: str, version: str, config: RegisterConfig) -> tuple[str | None, str]:
+    """Give ``version`` of ``name`` the alias :func:`decide_alias` grants it; returns (alias, reason).
+
+    A version that already holds ``config.alias`` keeps it (a retried registration). The new
+    champion loses the ``challenger`` alias if it had it.
+    """
+    candidate = client.get_model_version(name, version)
+    holder = _alias_holder(client, name, config.alias)
+    if holder is not None and holder.version == candidate.version:
+        return config.alias, f"already holds {config.alias!r}"
+    holder_tags = None if holder is None else {**holder.tags, "version": str(holder.version)}
+    alias, reason = decide_alias(dict(candidate.tags), holder_tags, config)
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version)
+    if alias == config.alias and CHALLENGER in candidate.aliases:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    return alias, reason
+
+
+def _alias_holder(client: mlflow.MlflowClient, name: str, alias: str) -> Any:
+    """The version of ``name`` holding ``alias``, or None."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def version_description(payload: dict[str, Any], tags: dict[str, str], numbers: dict[str, Any]) -> str:
@@ -174,37 +263,28 @@ def version_description(payload: dict[str, Any], tags: dict[str, str], numbers: 
     return (f"{model['arch']} ({model['encoder']} encoder, width {model['width']}, "
             f"{'DS' if model['deep_supervision'] else 'no DS'}, {'CGM' if model['cgm'] else 'no CGM'}, {loss} loss), "
             f"{train['epochs']} epochs, trained on {payload['dataset']} data {tags.get('data_hash', 'unknown')[:12]} "
-            f"(git {tags.get('git_commit', 'unknown')[:12]}). Test: {scores} over {numbers.get('cases', '?')} volumes.")
+            f"({tags.get('data_source', UNKNOWN_SOURCE)} source, git {tags.get('git_commit', 'unknown')[:12]}). Test: {scores} over {numbers.get('cases', '?')} volumes.")
 
 
 def _log_model(
-    client: mlflow.MlflowClient, config: Config, payload: dict[str, Any], name: str
-) -> tuple[str, dict[str, str]]:
+    client: mlflow.MlflowClient, config: Config, payload: dict[str, Any], name: str, version_tags: dict[str, str]
+) -> str:
     """Log the checkpoint's volume model (:func:`unet3plus.serving.log_volume_model`) in the training
     run or a new one and register it.
 
+    The version is created with ``version_tags`` (in the same call, so no version exists without them).
+
     Returns:
-        (the new version, the tags of the run it was logged in).
+        The new version.
     """
     training_run = _training_run(client, payload.get("mlflow_run_id"))
     if training_run is None:
         logger.warning("training run %s not found in %s; logging the model in a new run",
-                       payload.get("mlflow_run_id"), mlflow.get_tracking_uri())
-        experiment, run_id, run_tags = experiment_id(client, config.mlflow.experiment), None, {}
+                       payload.get("mlflow_run_id"), redact(mlflow.get_tracking_uri()))
+        experiment, run_id = experiment_id(client, config.mlflow.experiment), None
     else:
-        experiment, run_id, run_tags = training_run.info.experiment_id, training_run.info.run_id, training_run.data.tags
+        experiment, run_id = training_run.info.experiment_id, training_run.info.run_id
     # Nested when the caller already has a run open (e.g. a pipeline's parent run).
     with mlflow.start_run(run_id=run_id, experiment_id=experiment, nested=mlflow.active_run() is not None):
-        info = log_volume_model(payload, config.evaluate.threshold, name)
-    return str(info.registered_model_version), run_tags
-
-
-def _promote(client: mlflow.MlflowClient, name: str, version: str, value: float, alias: str, metric: str) -> bool:
-    """Point ``alias`` at ``version`` if its ``metric`` ``value`` beats the current holder's; True if moved."""
-    current_version, current_value = _champion_value(client, name, alias, metric)
-    if not is_better(value, current_value, metric):
-        logger.info("%s version %s keeps %r (test %s %.4f is not beaten by %.4f)",
-                    name, current_version, alias, metric, current_value, value)
-        return False
-    client.set_registered_model_alias(name, alias, version)
-    return True
+        info = log_volume_model(payload, config.evaluate.threshold, name, version_tags)
+    return str(info.registered_model_version)

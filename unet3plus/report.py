@@ -13,6 +13,8 @@ tables, naming the studies shown, a CSV, a JSON of the numbers (DVC metrics) and
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import logging
 import math
 import os
@@ -29,8 +31,8 @@ import yaml
 from unet3plus import tracking
 from unet3plus.config import MAIN, Config, ablation_config
 from unet3plus.errors import UserError
-from unet3plus.tracking import check_access, configure_for_reading
-from unet3plus.utils import atomic_path, write_json_atomic, write_text_atomic
+from unet3plus.tracking import check_access, configure_for_reading, store_errors
+from unet3plus.utils import atomic_path, record_outputs, redact, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -131,12 +133,13 @@ def collect_runs(config: Config, datasets: list[str] | None = None) -> StudyRuns
         UserError: no such experiment, or no training run in it.
     """
     mlflow_config = config.mlflow
-    uri = configure_for_reading(mlflow_config)  # capped HTTP retries; never creates a store
-    check_access(uri)
-    where = f"experiment {mlflow_config.experiment!r} at {uri}"
-    if mlflow.get_experiment_by_name(mlflow_config.experiment) is None:
-        raise UserError(f"{where}: no such experiment; train and evaluate a model first (e.g. `dvc repro`)")
-    runs = mlflow.search_runs(experiment_names=[mlflow_config.experiment], order_by=["attributes.start_time DESC"])
+    with store_errors(mlflow_config):  # only the store's errors are reported as such
+        uri = configure_for_reading(mlflow_config)  # capped HTTP retries; never creates a store
+        check_access(uri)
+        where = f"experiment {mlflow_config.experiment!r} at {redact(uri)}"
+        if mlflow.get_experiment_by_name(mlflow_config.experiment) is None:
+            raise UserError(f"{where}: no such experiment; train and evaluate a model first (e.g. `dvc repro`)")
+        runs = mlflow.search_runs(experiment_names=[mlflow_config.experiment], order_by=["attributes.start_time DESC"])
     if "tags.ablation" not in runs or runs["tags.ablation"].isna().all():
         raise UserError(f"{where}: no training run; run `dvc repro` (or `unet3plus train`) first")
     for column in ("tags.study_parent", "tags.study", "tags.mlflow.parentRunId"):
@@ -162,7 +165,8 @@ def collect_runs(config: Config, datasets: list[str] | None = None) -> StudyRuns
                 "status": run["status"], "error": run.get("tags.error") if isinstance(run.get("tags.error"), str) else "",
                 "run_id": run["run_id"], **_describe(variants[name]),
                 **{key.removeprefix("metrics."): run[key] for key in run.index if key.startswith("metrics.test_")},
-                **{tag: run.get(f"tags.{tag}") for tag in ("evaluation_dir", "raw_dir", "processed_dir")},
+                **{tag: run.get(f"tags.{tag}") for tag in ("evaluation_dir", "raw_dir", "processed_dir", "device")},
+                "started": run.get("start_time"),
             })
     if stale:
         logger.info("%d run(s) of an earlier definition of a variant left out", stale)
@@ -406,12 +410,23 @@ def plot_overlay_grid(runs: pd.DataFrame, dataset: str, path: Path, cases: int =
     return _save(figure, path)
 
 
-def write_report(config: Config, out: str | os.PathLike, readme: str | os.PathLike | None = None) -> pd.DataFrame:
+def report_outputs(out: str | os.PathLike) -> tuple[list[Path], Path]:
+    """The files (``out``, its ``.csv`` and ``.json``) and the plots folder (``<out stem>_plots``) of a report."""
+    out = Path(out)
+    return [out, out.with_suffix(".csv"), out.with_suffix(".json")], out.parent / f"{out.stem}_plots"
+
+
+def write_report(config: Config, out: str | os.PathLike, readme: str | os.PathLike | None = None,
+                 spread: str | os.PathLike | None = None) -> pd.DataFrame:
     """Write ``out`` (markdown), ``out`` with ``.csv`` and ``.json`` and the plots in ``<out stem>_plots/``.
 
     The main model and every name of ``config.ablations.run`` get a row per organ, from the study of
     ``config``'s parameters (:func:`collect_runs`). With
-    ``readme``, the results block between :data:`README_BEGIN` and :data:`README_END` is replaced too.
+    ``readme``, the results block between :data:`README_BEGIN` and :data:`README_END` is replaced too;
+    ``spread`` (a ``benchmarks/bench_recipe.py`` JSON) adds the measured spread per model to it.
+    Everything is made in a hidden folder beside ``out`` first and moved into place only when all
+    of it is made, so an unreadable store or prediction leaves the previous report as it was; the
+    files written are added to the folder's :data:`unet3plus.utils.OUTPUTS_RECORD`.
 
     Returns:
         The configuration table.
@@ -421,35 +436,114 @@ def write_report(config: Config, out: str | os.PathLike, readme: str | os.PathLi
     """
     out = Path(out)
     readme_text = _check_readme(Path(readme)) if readme else None
+    spread_table = load_spread(spread) if spread else None
     collected = collect_runs(config)
     runs, table = collected.runs, configuration_table(collected)
-    plots = out.parent / f"{out.stem}_plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    plot_dice_vs_params(table, plots / "dice_vs_params.png")
-    if len(runs):
-        plot_per_case_dice(runs, plots / "per_case_dice.png")
-    for dataset in sorted(runs["dataset"].unique()):
-        plot_overlay_grid(runs, dataset, plots / f"overlays_{dataset}.png")
-    with atomic_path(out.with_suffix(".csv")) as tmp:
-        table.to_csv(tmp, index=False)
-    numbers = {f"{row['dataset']}/{row['variant']}": {"dice": None if math.isnan(row["dice_mean"])
-               else row["dice_mean"], "status": row["status"]} for _, row in table.iterrows()}
-    write_json_atomic(out.with_suffix(".json"), numbers)
-    write_text_atomic(out, report_markdown(table, collected.studies))
+    files, plots = report_outputs(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as scratch:
+        staged = Path(scratch)
+        (staged / plots.name).mkdir()
+        plot_dice_vs_params(table, staged / plots.name / "dice_vs_params.png")
+        if len(runs):
+            plot_per_case_dice(runs, staged / plots.name / "per_case_dice.png")
+        for dataset in sorted(runs["dataset"].unique()):
+            plot_overlay_grid(runs, dataset, staged / plots.name / f"overlays_{dataset}.png")
+        table.to_csv(staged / files[1].name, index=False)
+        numbers = {f"{row['dataset']}/{row['variant']}": {"dice": None if math.isnan(row["dice_mean"])
+                   else row["dice_mean"], "status": row["status"]} for _, row in table.iterrows()}
+        write_json_atomic(staged / files[2].name, numbers)
+        write_text_atomic(staged / out.name, report_markdown(table, collected.studies))
+        moves = [(path, plots / path.name) for path in sorted((staged / plots.name).iterdir())]
+        plots.mkdir(exist_ok=True)
+        for source, target in [*moves, *((staged / file.name, file) for file in files)]:
+            os.replace(source, target)
+    record_outputs(out.parent, [*files, plots])
     if readme_text is not None:
-        write_text_atomic(readme, replace_readme_block(readme_text, readme_block(runs, table)))
+        write_text_atomic(readme, replace_readme_block(readme_text, readme_block(runs, table, spread_table)))
     logger.info("%d configuration(s) of %d run(s) written to %s and %s", len(table), len(runs), out, plots)
     return table
 
 
-def readme_block(runs: pd.DataFrame, table: pd.DataFrame) -> str:
-    """The README's results: the main model per organ (Dice, IoU, HD95, ASSD), then Table 1."""
+PAPER_ORDER = (("unet", False), ("unet2plus", True), ("unet2plus", False), ("unet3plus", False), ("unet3plus", True))
+"""Table 1's direction, worst to best: UNet, UNet++, UNet 3+ w/o deep supervision, UNet 3+ (model, DS)."""
+
+
+def load_spread(path: str | os.PathLike) -> dict[tuple[str, str], dict[str, Any]]:
+    """The per-(organ, model) test Dice spread that ``benchmarks/bench_recipe.py`` wrote, keyed ``(organ, variant)``;
+    each value has ``min``, ``mean``, ``std``, ``max``, ``runs`` and the benchmark's ``date``, ``cpu``, ``seeds``,
+    ``threads``.
+
+    Raises:
+        UserError: the file is missing, unreadable or not such a summary.
+    """
+    try:
+        payload = json.loads(Path(path).read_text())
+        return {(row["organ"], row["model"]): {**row, **{key: payload[key] for key in ("date", "cpu", "seeds", "threads")}}
+                for row in payload["summary"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: not a bench_recipe.py summary ({err!r}); run benchmarks/bench_recipe.py") from err
+
+
+def order_note(table: pd.DataFrame, spread: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """Per organ, whether the Dice of the Table 1 models reads in the paper's direction, and whether that means anything.
+
+    A ranking is claimed only when every step up the paper's order is larger than the measured spread
+    (the larger sample std of the two models, from ``spread``); otherwise the note says that the
+    differences are within the spread, or that the order is not the paper's.
+    """
+    lines = []
+    for dataset, group in table[table["status"] == "ok"].groupby("dataset"):
+        ranked = sorted((PAPER_ORDER.index((row["model"], bool(row["DS"]))), row["dice_mean"], _label(row), row["variant"])
+                        for _, row in group.iterrows() if (row["model"], bool(row["DS"])) in PAPER_ORDER)
+        if len(ranked) < 2:
+            continue
+        steps = [(upper[1] - lower[1], max(spread.get((dataset, v), {}).get("std", math.nan) for v in (lower[3], upper[3])))
+                 for lower, upper in itertools.pairwise(ranked)]
+        chain = f"{ranked[0][2]} {ranked[0][1]:.3f}" + "".join(
+            f" {'<' if gap > 0 else '>' if gap < 0 else '='} {label} {dice:.3f}"
+            for (gap, _), (_, dice, label, _) in zip(steps, ranked[1:], strict=True))
+        if any(gap < 0 for gap, _ in steps):
+            verdict = "not the paper's order"
+        elif all(gap > std for gap, std in steps):
+            verdict = "the paper's order, every step larger than the measured spread"
+        elif all(math.isnan(std) for _, std in steps):
+            verdict = "the paper's order, but no spread was measured for these models: not evidence of a ranking"
+        else:
+            verdict = "the paper's order, but some steps are within the measured spread: not evidence of a ranking"
+        lines.append(f"- {dataset}: {chain}: {verdict}.")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _spread_cell(spread: dict[str, Any] | None) -> str:
+    return f"{spread['min']:.3f} / {spread['mean']:.3f} ± {spread['std']:.3f} (n={spread['runs']})" if spread else "not measured"
+
+
+def readme_block(runs: pd.DataFrame, table: pd.DataFrame, spread: dict[tuple[str, str], dict[str, Any]] | None = None) -> str:
+    """The README's results: when and where the runs trained, the main model per organ (Dice, IoU, HD95, ASSD),
+    Table 1, and with ``spread`` (:func:`load_spread`) the benchmark's spread per model and :func:`order_note`."""
     main = runs[(runs["ablation"] == "main") & runs["test_dice"].notna()] if "test_dice" in runs else runs.iloc[:0]
     rows = [[row["dataset"], _number(row.get("test_cases"), 0), _number(row["test_dice"], 3),
              _number(row.get("test_iou"), 3), _number(row.get("test_hd95"), 2), _number(row.get("test_assd"), 2)]
             for _, row in main.sort_values("dataset").iterrows()]
-    return (_markdown(["dataset", "test volumes", "Dice", "IoU", "HD95 (mm)", "ASSD (mm)"], rows)
+    started = pd.to_datetime(runs["started"], utc=True) if "started" in runs and runs["started"].notna().any() else None
+    devices = sorted({d for d in runs.get("device", pd.Series(dtype=object)).dropna()}) or ["an unrecorded device"]
+    when = f"{started.min():%Y-%m-%d}" if started is not None else "an unrecorded date"
+    text = (f"Runs of {when}, trained on {' and '.join(devices)}.\n\n"
+            + _markdown(["dataset", "test volumes", "Dice", "IoU", "HD95 (mm)", "ASSD (mm)"], rows)
             + "\nThe ablation grid (`reports/ablations.md`):\n\n" + table1_markdown(table))
+    if spread:
+        first = next(iter(spread.values()))
+        datasets = sorted(table["dataset"].unique())
+        spread_rows = [[variant, _label(group.iloc[0]), *[_spread_cell(spread.get((dataset, variant))) for dataset in datasets]]
+                       for variant, group in table.groupby("variant", sort=False)]
+        text += (f"\nSpread of the recipe (`benchmarks/bench_recipe.py`, {first['date']}, {first['cpu']}: seeds "
+                 f"{', '.join(map(str, first['seeds']))} x torch threads {', '.join(map(str, first['threads']))}): "
+                 "test Dice min / mean ± sample std.\n\n"
+                 + _markdown(["variant", "model", *[f"Dice {d}" for d in datasets]], spread_rows)
+                 + "\nAgainst the paper's direction (UNet < UNet++ < UNet 3+ w/o DS < UNet 3+):\n\n"
+                 + order_note(table, spread))
+    return text
 
 
 def _check_readme(path: Path) -> str:

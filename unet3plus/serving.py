@@ -52,6 +52,7 @@ import unet3plus
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
 from unet3plus.errors import DataError, UserError
 from unet3plus.predict import METADATA_KEY, Predictor, organ_volume_ml, predictor_from_checkpoint, write_mask
+from unet3plus.utils import redact
 
 logger = logging.getLogger(__name__)
 
@@ -88,20 +89,21 @@ def decode_mask(value: str) -> nib.Nifti1Image:
 def scan_from_bytes(raw: bytes, name: str) -> nib.spatialimages.SpatialImage:
     """Read a 3-D CT volume from the bytes of a ``.nii`` or ``.nii.gz`` file, checked as any input file.
 
-    The bytes go through :func:`unet3plus.data.sources.read_volume` (the checks of ``unet3plus
-    predict``: readable, not truncated, real-valued, 3-D, not empty) via a private temporary file.
+    The bytes go through :func:`unet3plus.predict.read_scan` (the checks of ``unet3plus predict``:
+    readable, not truncated, numeric, 3-D, not empty, invertible affine, a size that fits in memory,
+    finite voxels) via a private temporary file.
 
     Raises:
         DataError: ``"<name>: <problem>"``.
     """
-    from unet3plus.data.sources import read_volume
+    from unet3plus.predict import read_scan
 
     suffix = ".nii.gz" if raw[:2] == b"\x1f\x8b" else ".nii"
     with tempfile.TemporaryDirectory(prefix="unet3plus-scan-") as folder:
         path = Path(folder) / f"{uuid.uuid4().hex}{suffix}"
         path.write_bytes(raw)
         try:
-            return read_volume(path)
+            return read_scan(path)
         except DataError as err:
             raise DataError(str(err).replace(str(path), name)) from err
 
@@ -196,7 +198,7 @@ def example_scan() -> str:
 
 
 def log_volume_model(
-    payload: dict[str, Any], threshold: float, registered_model_name: str
+    payload: dict[str, Any], threshold: float, registered_model_name: str, version_tags: dict[str, str] | None = None
 ) -> mlflow.models.model.ModelInfo:
     """Log a trained network as a :class:`VolumeModel` in the active run and register it.
 
@@ -209,6 +211,7 @@ def log_volume_model(
         payload: a checkpoint dict (:func:`unet3plus.checkpoint.load_checkpoint`).
         threshold: the probability threshold the model answers with (evaluate's).
         registered_model_name: the registry name.
+        version_tags: tags the new version is created with (in the same call: no version exists without them).
 
     Returns:
         MLflow's ``ModelInfo`` (``registered_model_version`` is the new version).
@@ -234,6 +237,7 @@ def log_volume_model(
                           "mixed_precision": bool(config.get("train", {}).get("mixed_precision", True))},
             input_example=(pd.DataFrame({INPUT_COLUMN: [example_scan()]}), {"on_error": "raise"}),
             registered_model_name=registered_model_name,
+            tags=version_tags,
             metadata=metadata,
             # Listing requirements skips MLflow's slow inference (it reloads the model in a subprocess).
             pip_requirements=requirements,
@@ -259,7 +263,7 @@ def export_model(model_uri: str, out_dir: str | os.PathLike) -> Path:
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging))
         except (MlflowException, OSError) as err:
-            raise UserError(f"cannot export {model_uri} from {mlflow.get_tracking_uri()}: {err}") from err
+            raise UserError(redact(f"cannot export {model_uri} from {mlflow.get_tracking_uri()}: {err}")) from err
         if not (staging / "MLmodel").is_file():
             raise UserError(f"{model_uri}: not an MLflow model (no MLmodel file)")
         if out_dir.exists():

@@ -10,10 +10,10 @@ Training, evaluation and registration share these helpers:
   replay it into the run later (``unet3plus train --resume`` does that).
 - :func:`git_commit` and :func:`data_hash` give the reproducibility tags every run carries.
 
-Tags written by :func:`run_tags`: ``dataset``, ``git_commit``, ``git_dirty``, ``data_hash`` (md5 of
-the preprocessed manifest and cases metadata), ``dvc_stage`` (from ``DVC_STAGE``, set by ``dvc
-repro``) and, when the data directory is a DVC output, ``dvc_md5`` (the directory hash recorded in
-``dvc.lock``).
+Tags written by :func:`run_tags`: ``dataset``, ``data_source`` (``synthetic``, ``lits``, ``msd``),
+``git_commit``, ``git_dirty``, ``data_hash`` (md5 of the preprocessed manifest and cases metadata),
+``dvc_stage`` (from ``DVC_STAGE``, set by ``dvc repro``) and, when the data directory is a DVC
+output, ``dvc_md5`` (the directory hash recorded in ``dvc.lock``).
 
 Runs are grouped as users browse them: :func:`study_parent` gives one parent run per study (organ,
 data hash, hash of the base parameters), every training run is its child, named by
@@ -35,14 +35,16 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import mlflow
 import yaml
 from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from unet3plus.config import Config, LossConfig, MlflowConfig
+from unet3plus.config import SQLITE, Config, LossConfig, MlflowConfig
 from unet3plus.errors import UserError
+from unet3plus.utils import redact
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ def configure(mlflow_config: MlflowConfig) -> str:
 
     Args:
         mlflow_config: the ``mlflow`` section; ``MLFLOW_TRACKING_URI`` in the environment wins
-            over its ``tracking_uri`` (default ``sqlite:///mlflow.db``, relative to the cwd).
+            over its ``tracking_uri`` (default ``sqlite:///mlflow.db``: relative to the DVC root in a DVC
+            stage, else to the working directory; see :meth:`MlflowConfig.resolved_tracking_uri`).
 
     The HTTP limits (:data:`HTTP_LIMITS`) are set in ``os.environ`` where not already set, so they
     hold for the rest of the process and for its subprocesses.
@@ -71,7 +74,7 @@ def configure(mlflow_config: MlflowConfig) -> str:
     """
     for name, value in HTTP_LIMITS.items():
         os.environ.setdefault(name, value)
-    uri = mlflow_config.resolved_tracking_uri()
+    uri = _login_to_environment(mlflow_config.resolved_tracking_uri())
     exported = "MLFLOW_TRACKING_URI" in os.environ
     mlflow.set_tracking_uri(uri)
     if not exported:
@@ -81,13 +84,35 @@ def configure(mlflow_config: MlflowConfig) -> str:
     return uri
 
 
+UNKNOWN_SOURCE = "unknown"
+
+
 CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 """The environment variables MLflow sends as HTTP basic-auth credentials to a tracking server."""
 
 
+def _login_to_environment(uri: str) -> str:
+    """``uri`` without the ``user:password@`` of an HTTP(S) URI, whose login moves to :data:`CREDENTIALS`.
+
+    MLflow then never holds the password in its tracking URI (it prints that URI's host in its
+    "View run" lines); the login still reaches the server, unless the variables were set already
+    (they win, as they would over the URI's login in the HTTP client). Other URIs (a database
+    with its password) are returned as they are: every message shows them through :func:`redact`.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    login, _, host = parts.netloc.rpartition("@")
+    user, _, password = login.partition(":")
+    for name, value in zip(CREDENTIALS, (user, password)):
+        if value:
+            os.environ.setdefault(name, unquote(value))
+    return urlunsplit(parts._replace(netloc=host))
+
+
 def explain_failure(err: Exception, uri: str) -> str:
     """One line saying why an MLflow call to ``uri`` failed and what to set: login, reachability, registry."""
-    code, text = getattr(err, "error_code", None), str(err)
+    code, text, uri = getattr(err, "error_code", None), redact(str(err)), redact(uri)
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     if code == "UNAUTHENTICATED":
         missing = [name for name in CREDENTIALS if not os.environ.get(name)]
@@ -124,6 +149,15 @@ def check_access(uri: str, registry: bool = False) -> None:
             client.search_registered_models(max_results=1)
     except MlflowException as err:
         raise UserError(explain_failure(err, uri)) from err
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for other stores and in-memory SQLite)."""
+    if not uri.startswith(SQLITE) or ":memory:" in uri:
+        return None
+    return Path(uri.removeprefix(SQLITE).split("?")[0])
+
+
 def configure_for_reading(mlflow_config: MlflowConfig) -> str:
     """:func:`configure` for commands that only read (``report``, ``predict models:/...``).
 
@@ -134,11 +168,10 @@ def configure_for_reading(mlflow_config: MlflowConfig) -> str:
         UserError: the SQLite file does not exist.
     """
     uri = configure(mlflow_config)
-    if uri.startswith("sqlite:///") and ":memory:" not in uri:
-        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
-        if not path.is_file():
-            raise UserError(f"{uri}: no MLflow tracking store at {path}; train a model first or point "
-                            "MLFLOW_TRACKING_URI (or mlflow.tracking_uri) at your store")
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise UserError(f"{uri}: no MLflow tracking store at {path}; train a model first or point "
+                        "MLFLOW_TRACKING_URI (or mlflow.tracking_uri) at your store")
     return uri
 
 
@@ -151,19 +184,27 @@ def store_errors(mlflow_config: MlflowConfig) -> Iterator[None]:
         yield
     except (MlflowException, SQLAlchemyError, OSError) as err:
         message = " ".join(str(err).split())[:300]
-        raise UserError(f"{mlflow_config.resolved_tracking_uri()}: cannot read the MLflow tracking store ({message})") from err
+        uri = redact(mlflow_config.resolved_tracking_uri())
+        raise UserError(redact(f"{uri}: cannot read the MLflow tracking store ({message})")) from err
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created if missing; safe when several processes create it at once.
 
-    The first process to create it wins; the others get RESOURCE_ALREADY_EXISTS and read its id.
+    A new experiment is a model-training one (the UI then skips its "which kind of experiment?"
+    prompt); in a local SQLite store its artifacts go to ``mlruns/<name>/`` beside the database file, so
+    they stay with the store wherever the command runs (``dvc exp run --temp`` runs in a copy that
+    is deleted afterwards). The first process to create it wins; the others get
+    RESOURCE_ALREADY_EXISTS and read its id.
     """
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    database = sqlite_path(client.tracking_uri)
+    location = None if database is None else (database.resolve().parent / "mlruns" / quote(name, safe="")).as_uri()
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -214,6 +255,18 @@ def data_hash(data_dir: str | os.PathLike) -> str:
     for name in ("manifest.csv", "cases.json"):
         digest.update((Path(data_dir) / name).read_bytes())
     return digest.hexdigest()
+
+
+def data_source(data_dir: str | os.PathLike) -> str:
+    """Where a preprocessed dataset's raw data came from: ``synthetic``, ``lits``, ``msd`` (``unknown`` if unrecorded).
+
+    Read from ``cases.json`` (see :func:`unet3plus.data.sources.data_source`); data preprocessed
+    before it was recorded is ``unknown``.
+    """
+    try:
+        return str(json.loads((Path(data_dir) / "cases.json").read_text()).get("data_source", UNKNOWN_SOURCE))
+    except (OSError, ValueError, AttributeError):
+        return UNKNOWN_SOURCE
 
 
 def _dvc_lock_entry(data_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -271,6 +324,7 @@ def run_tags(data_dir: str | os.PathLike, dataset: str) -> dict[str, str]:
     dirty = git_dirty()
     tags = {
         "dataset": dataset,
+        "data_source": data_source(data_dir),
         "git_commit": git_commit(),
         "git_dirty": None if dirty is None else str(dirty).lower(),
         "data_hash": data_hash(data_dir),
@@ -333,19 +387,13 @@ def study_parent(mlflow_config: MlflowConfig, dataset: str, data_digest: str, ba
     study = study_name(dataset, data_digest, base)
     try:
         client = mlflow.MlflowClient(configure(mlflow_config))
-        experiment = client.get_experiment_by_name(mlflow_config.experiment)
-        if experiment is None:
-            # A model-training experiment: the UI then skips its "which kind of experiment?" prompt.
-            experiment_id = client.create_experiment(mlflow_config.experiment,
-                                                     tags={"mlflow.experimentKind": "custom_model_development"})
-        else:
-            experiment_id = experiment.experiment_id
+        experiment = experiment_id(client, mlflow_config.experiment)
         query = f"tags.study = '{study}' and tags.study_parent = 'true'"
-        found = client.search_runs([experiment_id], query, max_results=1)
+        found = client.search_runs([experiment], query, max_results=1)
         if found:
             return found[0].info.run_id
         parent = client.create_run(
-            experiment_id,
+            experiment,
             run_name=f"{dataset} study {data_digest[:8]}/{params_hash(base)[:8]}",
             tags={"study": study, "study_parent": "true", "dataset": dataset, "data_hash": data_digest, **kfp_tags()},
         )
@@ -353,13 +401,18 @@ def study_parent(mlflow_config: MlflowConfig, dataset: str, data_digest: str, ba
         client.set_terminated(parent.info.run_id, "FINISHED")
         # Variants of one study started at the same moment (a parallel ablation) may each have
         # created a parent: all of them keep the oldest, and the others delete their own.
-        oldest = min(client.search_runs([experiment_id], query), key=lambda run: (run.info.start_time, run.info.run_id))
+        oldest = min(client.search_runs([experiment], query), key=lambda run: (run.info.start_time, run.info.run_id))
         if oldest.info.run_id != parent.info.run_id:
             client.delete_run(parent.info.run_id)
         return oldest.info.run_id
     except Exception as err:  # tracking must never stop training
-        logger.warning("MLflow: could not find or create the parent run of study %s (%s)", study, err)
+        logger.warning("MLflow: could not find or create the parent run of study %s (%s)", study, redact(str(err)))
         return None
+
+
+def error_text(error: BaseException) -> str:
+    """``Type: message`` of ``error`` for a run's ``error`` tag: credentials redacted, at most 8000 characters."""
+    return redact(f"{type(error).__name__}: {error}")[:8000]
 
 
 def record_failure(mlflow_config: MlflowConfig, *, run_name: str, tags: dict[str, str], params: dict[str, Any],
@@ -369,7 +422,7 @@ def record_failure(mlflow_config: MlflowConfig, *, run_name: str, tags: dict[str
     (Failures inside the run are recorded by :func:`open_run`.) Never raises.
     """
     run = TrackedRun(mlflow_config, run_name=run_name, tags=tags, params=params, parent_run_id=parent_run_id)
-    run.set_tags({"error": f"{type(error).__name__}: {error}"[:8000]})
+    run.set_tags({"error": error_text(error)})
     run.end("FAILED")
 
 
@@ -461,7 +514,7 @@ class TrackedRun:
         uri = configure(mlflow_config)
         client = self._client = mlflow.MlflowClient(uri)
         if self.run_id is not None and not _run_exists(client, self.run_id):
-            logger.warning("MLflow run %s not found in %s; starting a new run", self.run_id, uri)
+            logger.warning("MLflow run %s not found in %s; starting a new run", self.run_id, redact(uri))
             self.run_id = None
         nested = mlflow.active_run() is not None
         if nested:
@@ -480,7 +533,7 @@ class TrackedRun:
         self.run_id = active.info.run_id
         if params and not self.resumed:
             mlflow.log_params(params, run_id=self.run_id)
-        logger.info("MLflow run %s (%s) in %s", self.run_id, "continued" if self.resumed else "new", uri)
+        logger.info("MLflow run %s (%s) in %s", self.run_id, "continued" if self.resumed else "new", redact(uri))
 
     def _guard(self, action: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         """Call ``function`` unless offline; on any failure warn once and go offline."""
@@ -576,7 +629,7 @@ def open_run(mlflow_config: MlflowConfig, **kwargs: Any) -> Iterator[TrackedRun]
         run.end("KILLED")
         raise
     except BaseException as err:
-        run.set_tags({"error": f"{type(err).__name__}: {err}"[:8000]})
+        run.set_tags({"error": error_text(err)})
         run.end("FAILED")
         err.mlflow_run_id = run.run_id  # the failure is recorded (see record_failure)
         raise

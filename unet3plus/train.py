@@ -11,7 +11,9 @@ Outputs in ``out_dir`` (all written atomically):
 - ``last.pt``: the complete training state after every epoch (model, optimiser, scheduler,
   epoch, best metric, history, config, dataset, RNG states of every rank, MLflow run id);
   ``train(..., resume=True)`` continues from it exactly.
-- ``best.pt``: a copy of ``last.pt`` from the epoch with the best validation Dice.
+- ``best.pt``: the checkpoint that evaluate and register use, a copy of ``last.pt`` from the epoch
+  with the best validation Dice (``train.select_checkpoint: val_dice``) or from the final epoch
+  (``last_epoch``; then ``best_val_dice`` and ``best_epoch`` describe the final epoch).
 - ``history.csv``: one row per epoch (epoch, lr, loss and its parts, val_dice, seconds).
 - ``curves.png``: the learning curves; ``train_summary.json``: see :func:`train`.
 """
@@ -55,7 +57,7 @@ from unet3plus.errors import CheckpointError, ConfigError, DataError, TrainingEr
 from unet3plus.losses import Criterion
 from unet3plus.metrics import dice
 from unet3plus.models import create_model, predict_proba
-from unet3plus.utils import atomic_path, check_replaceable, record_outputs, write_json_atomic
+from unet3plus.utils import atomic_path, check_replaceable, folder_lock, record_outputs, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +100,10 @@ def train(
         TrainingError: the loss or the weights became NaN or infinite (nothing of that epoch is saved).
     """
     try:
-        return _train(config, Path(data_dir), Path(out_dir), resume, force, compile_model, ablation, base)
+        # One writer per --out for the whole run (rank 0 writes alone): a second training into it is refused.
+        lock = folder_lock(out_dir, "a training") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+        with lock:
+            return _train(config, Path(data_dir), Path(out_dir), resume, force, compile_model, ablation, base)
     except Exception as err:
         # A refusal (bad setting, data, checkpoint or output folder) writes nothing, the tracking
         # store included; failures once training runs end as a FAILED run (see tracking.open_run).
@@ -112,23 +117,25 @@ def train(
             if not recorded and not resume and readable:
                 dataset_name = json.loads((Path(data_dir) / "cases.json").read_text()).get("dataset", "unknown")
                 tracking.record_failure(config.mlflow, error=err, **_run_identity(
-                    config, base, Path(data_dir), dataset_name, ablation, new=True))
+                    config, base, Path(data_dir), dataset_name, ablation, new=True,
+                    device="unknown (the run failed before training started)"))
         raise
 
 
 def _run_identity(config: Config, base: Config | None, data_dir: Path, dataset: str, ablation: str,
-                  new: bool, device: str) -> dict[str, Any]:
+                  new: bool, device: str = "") -> dict[str, Any]:
     """Name, tags, params and study parent of a training run (the parent only for a ``new`` run).
 
-    ``device`` (:func:`describe_device`) is a param of a new run and the ``device`` tag of every
-    start, so a run resumed elsewhere says where it ended.
+    ``device`` (:func:`describe_device`; ``""`` before one was chosen) is a param of a new run and
+    the ``device`` tag of every start, so a run resumed elsewhere says where it ended.
     """
     parent = None
     if new:
         parent = tracking.study_parent(config.mlflow, dataset, tracking.data_hash(data_dir), base or config)
-    return {"run_name": tracking.run_name(config, dataset), "params": {**config.flat(), "device": device},
+    on = {"device": device} if device else {}
+    return {"run_name": tracking.run_name(config, dataset), "params": {**config.flat(), **on},
             "parent_run_id": parent,
-            "tags": {**tracking.run_tags(data_dir, dataset), "ablation": ablation, "device": device}}
+            "tags": {**tracking.run_tags(data_dir, dataset), "ablation": ablation, **on}}
 
 
 def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: bool, compile_model: bool,
@@ -171,7 +178,7 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
     # -- setup: distributed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK), device, precision, seeds
     ddp = "RANK" in os.environ
     rank, world_size, local_rank = 0, 1, 0
-    device = select_device(train_config.device)
+    device = select_device(train_config.device, "train.device")
     if ddp:
         rank, world_size, local_rank = (int(os.environ[key]) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         if device.type == "cuda":
@@ -216,7 +223,10 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
             model = torch.compile(model)
         criterion = Criterion(**dataclasses.asdict(config.loss))
         optimizer = make_optimizer(raw_model.parameters(), train_config, fused=device.type == "cuda")
-        multiplier = functools.partial(lr_multiplier, train_config, total_steps=train_config.epochs * steps_per_epoch)
+        multiplier = functools.partial(
+            lr_multiplier, train_config, total_steps=train_config.epochs * steps_per_epoch,
+            warmup_steps=round(train_config.warmup_epochs * steps_per_epoch),
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
         # -- resume -----------------------------------------------------------------------------------
@@ -265,7 +275,8 @@ def _train(config: Config, data_dir: Path, out_dir: Path, resume: bool, force: b
                 val_dice = validation_dice(raw_model, val_loader, device, autocast, memory_format) if master else None
                 rng = _gather_rng(generator, ddp, world_size)  # after validation, whose loader draws a seed
                 if master:
-                    improved = best_val_dice is None or val_dice > best_val_dice
+                    improved = (train_config.select_checkpoint == "last_epoch" or best_val_dice is None
+                                or val_dice > best_val_dice)
                     if improved:
                         best_val_dice, best_epoch = val_dice, epoch
                     seconds = time.perf_counter() - started
@@ -509,14 +520,19 @@ def make_optimizer(
     return torch.optim.AdamW(parameters, lr=train_config.lr, weight_decay=train_config.weight_decay, **options)
 
 
-def lr_multiplier(train_config: TrainConfig, step: int, total_steps: int) -> float:
+def lr_multiplier(train_config: TrainConfig, step: int, total_steps: int, warmup_steps: int = 0) -> float:
     """Factor applied to the base learning rate at optimisation ``step`` (0-based).
 
-    ``poly``: ``(1 - step / total_steps) ** poly_power``; ``cosine``:
-    ``(1 + cos(pi * step / total_steps)) / 2``; ``constant``: 1. Past ``total_steps`` (a resume
-    with fewer epochs) the factor stays at its final value.
+    A linear warm-up first: ``(step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``, so
+    the first update is already non-zero and the factor reaches 1 at ``warmup_steps``. Then the
+    schedule over the remaining steps, with ``progress = (step - warmup_steps) / (total_steps -
+    warmup_steps)``: ``poly``: ``(1 - progress) ** poly_power``; ``cosine``:
+    ``(1 + cos(pi * progress)) / 2``; ``constant``: 1. Past ``total_steps`` (a resume with fewer
+    epochs) the factor stays at its final value.
     """
-    progress = min(step / max(total_steps, 1), 1.0)
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
     if train_config.schedule == "poly":
         return (1.0 - progress) ** train_config.poly_power
     if train_config.schedule == "cosine":

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,10 +55,91 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
+USERINFO = re.compile(r"(?<=://)[^\s/?#]*@")
+"""The ``user:password@`` of a URI (its authority up to the last ``@``, as ``urllib`` parses it)."""
+
+
+def redact(text: str) -> str:
+    """``text`` with the userinfo of every URI in it replaced by ``***`` (``http://***@host:5000``).
+
+    The one place credentials are scrubbed: every URI or error text the project prints, logs or
+    records (MLflow tags) goes through it.
+    """
+    return USERINFO.sub("***@", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log formatter that passes every formatted record (tracebacks included) through :func:`redact`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+LOCK_NAME = ".unet3plus.lock"
+"""Lock file of :func:`folder_lock`, inside the locked folder while a writer holds it."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if missing) for the block; refuse a second holder.
+
+    The lock is an ``flock`` on :data:`LOCK_NAME` inside the folder, so the kernel releases it
+    when the holder dies, however it dies; the file names the holder (pid, host, start time) for
+    the refusal message and is removed at the end. A folder the lock had to create is removed again
+    when it is still empty at the end (a refused command leaves nothing behind).
+
+    Args:
+        folder: the output folder.
+        what: the holder's activity, for the message (e.g. "a training").
+
+    Raises:
+        UserError: another process holds the lock, naming it.
+    """
+    from unet3plus.errors import UserError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: --out is a file, not a folder; choose another --out")
+    created = not folder.exists()
+    lock = folder / LOCK_NAME
+    try:
+        while True:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise UserError(f"{folder}: cannot write there ({err.strerror})") from err
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = lock.read_text(errors="replace").strip() if lock.exists() else ""
+                os.close(descriptor)
+                raise UserError(f"{folder}: {what} is already writing here ({holder or 'another process'}); wait "
+                                "for it to end, or choose another --out") from None
+            # The holder before us may have removed the file between our open and our lock:
+            # then we hold a lock on a file nobody else sees, and must take the new one.
+            if lock.exists() and os.path.samestat(os.fstat(descriptor), os.stat(lock)):
+                break
+            os.close(descriptor)
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{what}: pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            os.close(descriptor)
+    finally:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def setup_logging(verbosity: int = 0) -> None:
-    """Configure root logging once for command-line use (``-v`` for debug)."""
+    """Configure root logging once for command-line use (``-v`` for debug); URIs are logged redacted."""
     level = logging.DEBUG if verbosity > 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("urllib3", "git", "alembic", "matplotlib", "PIL", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -138,13 +223,20 @@ def record_outputs(folder: str | os.PathLike, paths: list[str | os.PathLike]) ->
     replaced or deleted later only if it is listed there with the same content.
     """
     folder = Path(folder)
-    record = _recorded(folder)
-    for path in map(Path, paths):
-        files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
-        for file in files:
-            if file.is_file() and file.name != OUTPUTS_RECORD:
-                record[file.relative_to(folder).as_posix()] = file_digest(file)
-    write_json_atomic(folder / OUTPUTS_RECORD, record)
+    # Several commands may record into one folder at once (validate and register both write into
+    # reports/<organ>/): the read-modify-write of the record holds a lock on the folder itself.
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        record = _recorded(folder)
+        for path in map(Path, paths):
+            files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
+            for file in files:
+                if file.is_file() and file.name != OUTPUTS_RECORD:
+                    record[file.relative_to(folder).as_posix()] = file_digest(file)
+        write_json_atomic(folder / OUTPUTS_RECORD, record)
+    finally:
+        os.close(descriptor)
 
 
 def check_replaceable(folder: str | os.PathLike, paths: list[str | os.PathLike], how: str) -> None:
@@ -178,3 +270,36 @@ def check_replaceable(folder: str | os.PathLike, paths: list[str | os.PathLike],
                 raise DataError(
                     f"{file}: not written by unet3plus (or changed since); refusing to overwrite or delete it ({how})"
                 )
+
+
+def check_files_replaceable(option: str, files: list[str | os.PathLike | None], force: bool = False,
+                            folders: list[str | os.PathLike] = ()) -> None:
+    """Refuse, before anything is computed, to replace a file the user made with a verb's output file.
+
+    The one check of every output *file* (``predict --output``, ``report --out`` and the files
+    beside it, ``python -m pipeline compile --output``...): an existing file may be replaced only
+    when the :data:`OUTPUTS_RECORD` of its folder lists it unchanged (it is ours), or with
+    ``force``. Pair with :func:`record_outputs` after writing.
+
+    Args:
+        option: the command-line option that names the output, for the message.
+        files: the files the verb will write; None is skipped.
+        force: replace foreign files anyway (``--force``).
+        folders: folders of output files (``report``'s plots), replaced only when every file in
+            them is ours.
+
+    Raises:
+        UserError: a folder where a file is expected or the reverse, or a foreign file (without ``force``).
+    """
+    from unet3plus.errors import UserError
+
+    files = [Path(p) for p in files if p is not None]
+    for path in files:
+        if path.is_dir():
+            raise UserError(f"{path}: {option} names a folder; give a file name")
+    for path in map(Path, folders):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path}: {option} writes a folder here, but it is a file")
+    if not force:
+        for path in [*files, *map(Path, folders)]:
+            check_replaceable(path.parent, [path], f"use another {option}, or --force to replace it")

@@ -20,13 +20,48 @@ from unet3plus.errors import DataError
 
 logger = logging.getLogger(__name__)
 
+MAX_BYTES = 8 << 30
+"""Default limit on the extracted size (``--max-size``): Task09_Spleen unpacks to 1.6 GB."""
 
-def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def _checked_members(tar: tarfile.TarFile, archive: Path, out_dir: Path, max_bytes: int) -> list[tarfile.TarInfo]:
+    """The archive's members, read (not written) first: no link at the top, a total size under ``max_bytes``
+    and under the free space where ``out_dir`` goes. A compression bomb is refused here, before any byte of it
+    lands on disk.
+
+    Raises:
+        DataError: stating the limit or the space it needs and has.
+    """
+    members, total = [], 0
+    for member in tar:
+        name = os.path.normpath(member.name).lstrip("/")
+        if "/" not in name and (member.issym() or member.islnk()):
+            raise DataError(f"{archive}: its top-level entry {name!r} is a link (to {member.linkname!r}), not a "
+                            "folder; refusing to publish it as the dataset")
+        total += member.size if member.isfile() else 0
+        if total > max_bytes:
+            raise DataError(f"{archive}: unpacks to more than the size limit of {_size(max_bytes)} (--max-size); "
+                            "if this is the dataset, raise --max-size")
+        members.append(member)
+    folder = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if total > free:
+        raise DataError(f"{archive}: unpacks to {_size(total)} but {folder} has only {_size(free)} "
+                        "free; free some space or choose another --out")
+    return members
+
+
+def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, max_bytes: int = MAX_BYTES) -> Path:
     """Extract ``archive`` (tar, optionally compressed) into ``out_dir``, unwrapping its single top-level folder.
 
     Raises:
         DataError: the archive is missing, not a tar file, or has a member that would land outside
-            ``out_dir`` (path traversal, absolute path, link outside, device file); ``out_dir``
+            ``out_dir`` (path traversal, absolute path, link outside, device file) or a link as its
+            top-level entry; it unpacks to more than ``max_bytes`` or than the free space; ``out_dir``
             exists and is not empty (nothing is overwritten).
     """
     archive, out_dir = Path(archive), Path(out_dir)
@@ -38,7 +73,7 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike) -> P
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as scratch:
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(scratch, filter="data")
+                tar.extractall(scratch, members=_checked_members(tar, archive, out_dir, max_bytes), filter="data")
         except tarfile.FilterError as err:
             raise DataError(f"{archive}: unsafe member refused ({err}); the archive is not a plain dataset") from err
         except (tarfile.TarError, EOFError, OSError) as err:

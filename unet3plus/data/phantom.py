@@ -33,14 +33,12 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from unet3plus.config import DATASET_OF_LAYOUT
+from unet3plus.data.sources import SYNTH_MARKER as MARKER
 from unet3plus.data.sources import check_layout, discover_cases, organ_mask, read_volume
 from unet3plus.errors import ConfigError, DataError
 from unet3plus.utils import atomic_path, check_replaceable, record_outputs
 
 logger = logging.getLogger(__name__)
-
-MARKER = ".unet3plus-synth.json"
-"""Hidden file naming the synth parameters; only folders holding it are ever replaced."""
 
 LITS_TEST_IDS = range(28)  # the paper's test cases ("training batch 1")
 LITS_TRAIN_IDS = range(28, 131)

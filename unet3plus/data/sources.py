@@ -33,6 +33,14 @@ LABEL_VALUES: dict[str, frozenset[int]] = {"lits": frozenset({0, 1, 2}), "msd-sp
 BACKGROUND = 0
 """The label value outside the organ; it is also the smallest allowed value."""
 
+SYNTH_MARKER = ".unet3plus-synth.json"
+"""Hidden file naming the synth parameters, written by ``unet3plus synth``: only folders holding it
+are ever replaced, and data holding it is synthetic (see :func:`data_source`)."""
+
+SYNTHETIC = "synthetic"
+REAL_SOURCE = {"lits": "lits", "msd-spleen": "msd"}
+"""The published collection each layout's real data comes from (LiTS 2017, Medical Segmentation Decathlon)."""
+
 
 _LITS_FILE = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
@@ -82,6 +90,18 @@ def check_layout(layout: str) -> None:
     """Raise ``ValueError`` naming the valid layouts if ``layout`` is not one of them."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+
+
+def data_source(layout: str, raw_dir: str | Path) -> str:
+    """Where a raw dataset comes from: ``"synthetic"`` (a phantom written by ``unet3plus synth``) or real data.
+
+    Decided by content, not by folder name: a folder holding :data:`SYNTH_MARKER` is a phantom;
+    any other is the real collection of its layout (``"lits"`` or ``"msd"``). Preprocessing
+    records it in ``cases.json``; runs and registered versions carry it, and phantom-trained models
+    are registered under their own name (:mod:`unet3plus.register`).
+    """
+    check_layout(layout)
+    return SYNTHETIC if (Path(raw_dir) / SYNTH_MARKER).is_file() else REAL_SOURCE[layout]
 
 
 def scan_cases(layout: str, raw_dir: str | Path) -> tuple[list[Case], list[str]]:
