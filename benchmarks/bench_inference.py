@@ -46,7 +46,7 @@ from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import prepare_volume
 from unet3plus.data.sources import read_volume
 from unet3plus.models import create_model
-from unet3plus.predict import ProbabilityModel, predict_slices, predictor_from_checkpoint, write_mask
+from unet3plus.predict import ProbabilityModel, predict_slices, predictor_from_checkpoint, read_scan, write_mask
 from unet3plus.utils import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def today(checkpoint: dict, scan_path: Path, batch_size: int, output: Path) -> n
 def new(checkpoint: dict, scan_path: Path, batch_size: int, output: Path) -> np.ndarray:
     """What ``unet3plus predict`` and the registered model run now."""
     predictor = predictor_from_checkpoint(checkpoint, "benchmark", "cpu", batch_size=batch_size)
-    scan = read_volume(scan_path)
+    scan = read_scan(scan_path)
     mask = predictor.segment(scan, "new")
     write_mask(output, mask, scan)
     return mask
