@@ -43,8 +43,8 @@ from unet3plus.checkpoint import model_from_checkpoint
 from unet3plus.config import config_from_dict, load_config
 from unet3plus.data.geometry import restore_volume
 from unet3plus.data.phantom import write_dataset
-from unet3plus.data.preprocess import prepare_volume
 from unet3plus.data.sources import read_volume
+from unet3plus.data.transforms import prepare_volume
 from unet3plus.models import create_model
 from unet3plus.predict import ProbabilityModel, predict_slices, predictor_from_checkpoint, read_scan, write_mask
 from unet3plus.utils import write_json_atomic

@@ -40,8 +40,9 @@ from unet3plus.config import DataConfig
 from unet3plus.data.dataset import SliceDataset, augment_pair, load_preprocessed, load_sample
 from unet3plus.data.geometry import canonical_slab, chunks, volume_geometry
 from unet3plus.data.phantom import write_dataset
-from unet3plus.data.preprocess import SampleWriter, image_chunk, mask_chunk, preprocess_dataset, torch_threads
+from unet3plus.data.preprocess import SampleWriter, preprocess_dataset, torch_threads
 from unet3plus.data.sources import discover_cases, open_volume, read_slab, read_volume
+from unet3plus.data.transforms import image_chunk, mask_chunk
 from unet3plus.data.validation import SLAB_SLICES, CaseScan
 
 

@@ -1,15 +1,19 @@
-"""What every component shares: the image it runs in, and how it reads its configuration and inputs.
+"""What every component shares: the image it runs in, and how it checks its inputs and describes its outputs.
 
 Components are KFP lightweight Python components: KFP ships the source of each function, plus the
 helpers below (``additional_funcs``), to the pod and runs it in :data:`IMAGE`, the project's image
 (``Dockerfile``), where :mod:`unet3plus` is installed. So the helpers and the component bodies import
 what they use inside the function and annotate with ``typing`` names only: the shipped source has
 nothing else at module level. That also keeps compiling the pipeline fast (no torch import).
+
+Every component takes the text of ``params.yaml`` and, where a variant can differ (train,
+evaluate), an ablation's name; :func:`unet3plus.config.parse_config` turns both into the
+configuration, as the CLI does for DVC.
 """
 
 import os
 from collections.abc import Callable
-from typing import Any, List, Optional
+from typing import Any
 
 from kfp import dsl
 
@@ -27,43 +31,25 @@ def component(func: Callable) -> Any:
     return dsl.component(func, base_image=IMAGE, install_kfp_package=False, additional_funcs=HELPERS)
 
 
-def load_config(params: str, overrides: Optional[List[str]] = None) -> Any:
-    """Build the validated :class:`unet3plus.config.Config` from ``params.yaml`` text and overrides.
+def start(params: str, ablation: str = "") -> Any:
+    """What every component does first: logging, the MLflow settings of the mounted secret, the configuration.
 
     Args:
-        params: the text of a ``params.yaml`` file.
-        overrides: ``section.key=value`` strings (values are YAML), applied in order.
+        params: the text of a ``params.yaml``.
+        ablation: the name of a variant of its ``ablations.variants``, or ``""`` for the main model.
 
     Returns:
-        The configuration.
+        ``unet3plus.config.parse_config(params, ablation=ablation)``.
 
     Raises:
-        ConfigError: ``params`` is empty, not YAML or not a mapping of sections; an override is
-            not a ``section.key=value`` string; or any knob is unknown, mistyped or invalid.
+        ConfigError: invalid parameters, no such variant, or an MLflow secret without the tracking URI.
     """
-    import yaml
+    from unet3plus.config import parse_config
+    from unet3plus.utils import setup_logging
 
-    from unet3plus.config import apply_overrides, config_from_dict, parse_yaml
-    from unet3plus.errors import ConfigError
-
+    setup_logging()
     mlflow_environment()
-    hint = "pass the text of params.yaml (python -m pipeline submit --params params.yaml does)"
-    try:
-        raw = parse_yaml(params)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"params: not valid YAML ({err}); {hint}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"params: expected a mapping of sections (data, model, train, ...), got {raw!r:.80}; {hint}")
-    overrides = list(overrides or [])
-    for item in overrides:
-        if not isinstance(item, str):
-            raise ConfigError(f"overrides: {item!r} is not a string; expected 'section.key=value' strings, "
-                              "e.g. 'train.epochs=5'")
-    try:
-        config = config_from_dict(raw)
-        return apply_overrides(config, overrides) if overrides else config
-    except ConfigError as err:
-        raise ConfigError(f"params: {err}") from err
+    return parse_config(params, ablation=ablation)
 
 
 def mlflow_environment(mount: str = "/var/run/secrets/unet3plus/mlflow") -> None:
@@ -152,18 +138,13 @@ def log_numbers(metrics: Any, values: dict) -> None:
 def record_training(model: Any, metrics: Any, config: Any, summary: dict, ablation: str) -> float:
     """Describe a finished training in its KFP outputs, the same whichever way it ran (in-pod or TrainJob).
 
-    Tags the MLflow run with ``ablation`` (when set), fills the model artifact's metadata (dataset,
-    architecture, encoder, ablation, MLflow run id, best validation Dice) and logs
-    ``best_val_dice``, ``best_epoch`` and ``epochs`` on ``metrics``.
+    Fills the model artifact's metadata (dataset, architecture, encoder, ablation, MLflow run id,
+    best validation Dice) and logs ``best_val_dice``, ``best_epoch`` and ``epochs`` on ``metrics``
+    (training itself tagged the MLflow run with the ablation's name).
 
     Returns:
         The best validation Dice.
     """
-    from unet3plus.tracking import open_run
-
-    if ablation and summary.get("mlflow_run_id"):
-        with open_run(config.mlflow, run_id=summary["mlflow_run_id"], tags={"ablation": ablation}):
-            pass
     model.metadata.update({
         "framework": "pytorch",
         "dataset": summary["dataset"],
@@ -177,39 +158,4 @@ def record_training(model: Any, metrics: Any, config: Any, summary: dict, ablati
     return float(summary["best_val_dice"])
 
 
-def variant_params(params: str, overrides: Optional[List[str]], ablation: str) -> tuple:
-    """``params.yaml`` text and ``unet3plus train`` arguments that train ``overrides`` as the variant ``ablation``.
-
-    ``unet3plus train --ablation NAME`` applies the variant NAME of ``ablations.variants``, tags
-    the run NAME and files it under the study of the parameters *without* the variant, as the
-    in-process ``train(..., ablation=, base=)`` does. So the overrides travel as that variant
-    (``ablation`` or ``main``) in a copy of ``params``, not as ``--set``; with neither an
-    ablation nor overrides, ``params`` is returned as given.
-
-    Returns:
-        ``(params text, ["--ablation", NAME] or [])``.
-
-    Raises:
-        ConfigError: ``ablation`` is not a valid variant name (lower-case letters, digits, ``_``).
-    """
-    import yaml
-
-    from unet3plus.config import config_from_dict, parse_yaml
-    from unet3plus.errors import ConfigError
-
-    if not ablation and not overrides:
-        return params, []
-    name = ablation or "main"
-    raw = parse_yaml(params)
-    raw["ablations"] = dict(raw.get("ablations") or {})
-    variants = raw["ablations"]["variants"] = dict(raw["ablations"].get("variants") or {})
-    variants[name] = {key.strip(): parse_yaml(value)
-                      for key, _, value in (item.partition("=") for item in overrides or [])}
-    try:
-        config_from_dict(raw)
-    except ConfigError as err:
-        raise ConfigError(f"ablation {name!r}: {err}") from err
-    return yaml.safe_dump(raw, sort_keys=False), ["--ablation", name]
-
-
-HELPERS = [mlflow_environment, load_config, layout_of, input_dir, log_numbers, record_training, variant_params]
+HELPERS = [mlflow_environment, start, layout_of, input_dir, log_numbers, record_training]

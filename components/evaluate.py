@@ -1,10 +1,8 @@
 """Component: score a trained model per 3-D volume on the test split."""
 
-from typing import List, Optional
-
 from kfp import dsl
 
-from components.common import component, input_dir, load_config, log_numbers
+from components.common import component, input_dir, log_numbers, start
 
 
 @component
@@ -15,7 +13,7 @@ def evaluate_model(
     evaluation: dsl.Output[dsl.Artifact],
     metrics: dsl.Output[dsl.Metrics],
     params: str,
-    overrides: Optional[List[str]] = None,
+    ablation: str = "",
 ) -> float:
     """Evaluate ``model/best.pt`` on every test volume (``unet3plus evaluate``).
 
@@ -30,21 +28,19 @@ def evaluate_model(
             ``predictions/*.nii.gz`` and ``overlays/*.png``.
         metrics: every finite number of ``metrics.json`` (``dice``, ``iou``, ``hd95``, ...).
         params: text of ``params.yaml`` (``evaluate`` and ``mlflow`` sections are used).
-        overrides: ``section.key=value`` overrides.
+        ablation: the name of the variant of ``ablations.variants`` the model is (``""``: the main model).
 
     Returns:
         The mean test Dice over volumes.
 
     Raises:
-        ConfigError: invalid parameters or overrides.
+        ConfigError: invalid parameters, or no such variant.
         DataError: an input directory is missing or incomplete, or has no test case.
         CheckpointError: the model's checkpoint is missing or corrupt.
     """
     from unet3plus.evaluate import evaluate
-    from unet3plus.utils import setup_logging
 
-    setup_logging()
-    config = load_config(params, overrides)
+    config = start(params, ablation=ablation)
     model_dir = input_dir(model, "trained model", "train_model", required="best.pt")
     data_dir = input_dir(processed, "preprocessed dataset", "preprocess_data", required="manifest.csv")
     raw_dir = input_dir(raw, "raw dataset", "raw_data")

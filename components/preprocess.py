@@ -1,10 +1,8 @@
 """Component: raw volumes -> 3-slice .npz samples plus manifest, with deterministic splits."""
 
-from typing import List, Optional
-
 from kfp import dsl
 
-from components.common import component, input_dir, layout_of, load_config
+from components.common import component, input_dir, layout_of, start
 
 
 @component
@@ -13,7 +11,6 @@ def preprocess_data(
     processed: dsl.Output[dsl.Dataset],
     dataset: str,
     params: str,
-    overrides: Optional[List[str]] = None,
 ) -> None:
     """Preprocess the raw dataset into training samples (``unet3plus preprocess``).
 
@@ -23,7 +20,6 @@ def preprocess_data(
             gets the dataset, the sample size and the number of samples and cases per split.
         dataset: ``"liver"`` or ``"spleen"``.
         params: text of ``params.yaml`` (the ``data`` section is used).
-        overrides: ``section.key=value`` overrides.
 
     Raises:
         ConfigError: unknown dataset or invalid parameters.
@@ -31,11 +27,9 @@ def preprocess_data(
     """
     from unet3plus.data.dataset import load_preprocessed
     from unet3plus.data.preprocess import preprocess_dataset
-    from unet3plus.utils import setup_logging
 
-    setup_logging()
     layout = layout_of(dataset)
-    config = load_config(params, overrides)
+    config = start(params)
     raw_dir = input_dir(raw, "raw dataset", "raw_data")
     preprocess_dataset(layout, raw_dir, processed.path, config.data)
     manifest, _ = load_preprocessed(processed.path)

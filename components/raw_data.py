@@ -1,20 +1,12 @@
 """Component: the raw CT dataset, synthesised (the default) or copied from a mounted folder."""
 
-from typing import List, Optional
-
 from kfp import dsl
 
-from components.common import component, layout_of, load_config
+from components.common import component, layout_of, start
 
 
 @component
-def raw_data(
-    raw: dsl.Output[dsl.Dataset],
-    dataset: str,
-    params: str,
-    overrides: Optional[List[str]] = None,
-    source_dir: str = "",
-) -> int:
+def raw_data(raw: dsl.Output[dsl.Dataset], dataset: str, params: str, source_dir: str = "") -> int:
     """Write the raw dataset of ``dataset`` in its native layout (LiTS for liver, MSD Task09 for spleen).
 
     Without ``source_dir`` a seeded synthetic phantom is written (``data.synth_*`` knobs). With it,
@@ -25,7 +17,6 @@ def raw_data(
         raw: output directory; metadata gets ``dataset``, ``layout``, ``cases`` and ``source``.
         dataset: ``"liver"`` or ``"spleen"``.
         params: text of ``params.yaml``.
-        overrides: ``section.key=value`` overrides.
         source_dir: folder holding an existing raw dataset, or ``""`` to synthesise one.
 
     Returns:
@@ -36,19 +27,16 @@ def raw_data(
         DataError: ``source_dir`` is missing or holds no case of the expected layout.
     """
     import logging
-    import os
     import shutil
-    import tempfile
     from pathlib import Path
 
     from unet3plus.data.phantom import write_dataset
     from unet3plus.data.sources import discover_cases
     from unet3plus.errors import DataError
-    from unet3plus.utils import setup_logging
+    from unet3plus.utils import staged_dir
 
-    setup_logging()
     layout = layout_of(dataset)
-    data = load_config(params, overrides).data
+    data = start(params).data
     out = Path(raw.path)
     if source_dir:
         source = Path(source_dir)
@@ -56,10 +44,8 @@ def raw_data(
             raise DataError(f"{source}: source_dir not found; mount the volume holding the raw {layout} dataset "
                             "there, or leave source_dir empty to synthesise one")
         cases = len(discover_cases(layout, source))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        shutil.copytree(source, staging, dirs_exist_ok=True)
-        os.replace(staging, out)
+        with staged_dir(out) as staging:
+            shutil.copytree(source, staging, dirs_exist_ok=True)
     else:
         cases = len(write_dataset(layout, out, cases=data.synth_cases, seed=data.synth_seed,
                                   size=data.synth_size, slices=data.synth_slices))

@@ -1,10 +1,10 @@
 """Component: register the evaluated model in the MLflow Model Registry."""
 
-from typing import List, NamedTuple, Optional
+from typing import NamedTuple
 
 from kfp import dsl
 
-from components.common import component, input_dir, load_config
+from components.common import component, input_dir, start
 
 
 @component
@@ -12,7 +12,6 @@ def register_model(
     model: dsl.Input[dsl.Model],
     evaluation: dsl.Input[dsl.Artifact],
     params: str,
-    overrides: Optional[List[str]] = None,
 ) -> NamedTuple("Registered", [("name", str), ("version", str), ("champion", bool)]):
     """Register the model as ``<register.name_prefix>-<dataset>[-synthetic]`` (``unet3plus register``).
 
@@ -24,22 +23,19 @@ def register_model(
         model: the trained model directory (from ``train_model``).
         evaluation: its evaluation directory (from ``evaluate_model``), for ``metrics.json``.
         params: text of ``params.yaml`` (``register`` and ``mlflow`` sections are used).
-        overrides: ``section.key=value`` overrides.
 
     Returns:
         ``(name, version, champion)``: the registered model name, its new version and whether it
         now holds the alias.
 
     Raises:
-        ConfigError: invalid parameters or overrides.
+        ConfigError: invalid parameters.
         DataError: an input directory is missing or incomplete.
         CheckpointError: the model's checkpoint is missing or corrupt.
     """
     from unet3plus.register import register
-    from unet3plus.utils import setup_logging
 
-    setup_logging()
-    config = load_config(params, overrides)
+    config = start(params)
     model_dir = input_dir(model, "trained model", "train_model", required="best.pt")
     evaluation_dir = input_dir(evaluation, "evaluation", "evaluate_model", required="metrics.json")
     result = register(config, checkpoint=model_dir / "best.pt", metrics_path=evaluation_dir / "metrics.json")

@@ -1,10 +1,8 @@
 """Component: train a model on the preprocessed dataset, tracked in MLflow (several processes under torchrun)."""
 
-from typing import List, Optional
-
 from kfp import dsl
 
-from components.common import component, input_dir, load_config, record_training, variant_params
+from components.common import component, input_dir, record_training, start
 
 
 @component
@@ -13,15 +11,15 @@ def train_model(
     model: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
     params: str,
-    overrides: Optional[List[str]] = None,
     ablation: str = "",
     nproc: int = 1,
 ) -> float:
     """Train the network of the ``model``, ``loss`` and ``train`` sections (``unet3plus train``).
 
     With ``nproc`` > 1 the pod runs ``torchrun --standalone --nproc_per_node NPROC -m unet3plus
-    train`` (one process per GPU, or CPU processes with the gloo backend); rank 0 alone tracks and
-    writes, so the outputs and the MLflow run are the same as with one process.
+    train --params FILE [--ablation NAME]`` (one process per GPU, or CPU processes with the gloo
+    backend); rank 0 alone tracks and writes, so the outputs and the MLflow run are the same as
+    with one process.
 
     The MLflow tracking URI comes from ``MLFLOW_TRACKING_URI`` when set (on the cluster, from a
     Kubernetes secret), else from ``mlflow.tracking_uri``.
@@ -33,17 +31,16 @@ def train_model(
             MLflow run id and best validation Dice.
         metrics: ``best_val_dice``, ``best_epoch`` and ``epochs``.
         params: text of ``params.yaml``.
-        overrides: ``section.key=value`` overrides (an ablation's changes).
-        ablation: the ablation's name, set as the ``ablation`` tag of the MLflow run (``""``:
-            the main model, tagged ``main``); with ``nproc`` > 1, lower-case letters, digits and ``_``
-            (it names the variant the workers train).
+        ablation: the name of a variant of ``ablations.variants`` to train (its overrides applied to
+            the main configuration; the MLflow run is tagged ``ablation=NAME`` and filed under the
+            study of the main configuration), or ``""`` for the main model (tagged ``main``).
         nproc: training processes in this pod (the pod's GPUs on a GPU node).
 
     Returns:
         The best validation Dice.
 
     Raises:
-        ConfigError: invalid parameters, overrides or ``nproc``.
+        ConfigError: invalid parameters, no such variant, or a bad ``nproc``.
         DataError: the preprocessed input is missing or incomplete.
         RuntimeError: a torchrun worker failed (its error is in the log above).
     """
@@ -54,29 +51,25 @@ def train_model(
     import sys
     import tempfile
 
+    from unet3plus.config import parse_config
     from unet3plus.errors import ConfigError
     from unet3plus.train import train
-    from unet3plus.utils import setup_logging
+    from unet3plus.trainjob import worker_arguments
 
-    setup_logging()
-    config = load_config(params, overrides)
+    config = start(params, ablation=ablation)
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ConfigError(f"nproc must be a positive integer, got {nproc!r}")
     data_dir = input_dir(processed, "preprocessed dataset", "preprocess_data", required="manifest.csv")
     if nproc == 1:
-        # The run is tagged with the variant and grouped under the study of the base parameters.
+        # The run is tagged with the variant and grouped under the study of the main configuration.
         summary = train(config, data_dir=data_dir, out_dir=model.path, ablation=ablation or "main",
-                        base=load_config(params))
+                        base=parse_config(params))
     else:
-        # The overrides travel as the variant `ablation` (see variant_params), so that the run is
-        # tagged and grouped under its study as in the 1-process path.
-        text, selection = variant_params(params, overrides, ablation)
         with tempfile.TemporaryDirectory() as scratch:
             params_file = pathlib.Path(scratch) / "params.yaml"
-            params_file.write_text(text)
+            params_file.write_text(params)
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                       "-m", "unet3plus", "train", "--params", str(params_file), "--data", str(data_dir),
-                       "--out", model.path, *selection]
+                       "-m", "unet3plus", *worker_arguments(str(params_file), str(data_dir), model.path, ablation)]
             logging.getLogger("unet3plus").info("running %d training processes: %s", nproc, " ".join(command))
             status = subprocess.run(command, check=False).returncode
         if status != 0:

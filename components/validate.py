@@ -1,10 +1,8 @@
 """Component: check every raw case and report all problems at once."""
 
-from typing import List, Optional
-
 from kfp import dsl
 
-from components.common import component, input_dir, layout_of, load_config
+from components.common import component, input_dir, layout_of, start
 
 
 @component
@@ -13,7 +11,6 @@ def validate_data(
     report: dsl.Output[dsl.Artifact],
     dataset: str,
     params: str,
-    overrides: Optional[List[str]] = None,
 ) -> int:
     """Validate every case of the raw dataset; fail with the list of all problems found.
 
@@ -23,7 +20,6 @@ def validate_data(
             when validation fails, so the problems can be read from the artifact store.
         dataset: ``"liver"`` or ``"spleen"``.
         params: text of ``params.yaml`` (``data.workers`` is used).
-        overrides: ``section.key=value`` overrides.
 
     Returns:
         The number of valid cases.
@@ -37,12 +33,11 @@ def validate_data(
 
     from unet3plus.data.validation import validate_dataset
     from unet3plus.errors import DataError
-    from unet3plus.utils import setup_logging, write_json_atomic
+    from unet3plus.utils import write_json_atomic
 
-    setup_logging()
     logger = logging.getLogger("unet3plus")
     layout = layout_of(dataset)
-    workers = load_config(params, overrides).data.workers
+    workers = start(params).data.workers
     raw_dir = input_dir(raw, "raw dataset", "raw_data")
     findings = validate_dataset(layout, raw_dir, workers=workers)
     write_json_atomic(report.path, findings.to_dict())

@@ -1,7 +1,6 @@
 """The Kubeflow pipeline of unet3plus: ``python -m pipeline compile`` and ``python -m pipeline submit``."""
 
 from pipeline.pipeline import (
-    DEFAULT_ABLATIONS,
     PIPELINE_NAME,
     ClusterSettings,
     build_pipeline,
@@ -10,5 +9,5 @@ from pipeline.pipeline import (
 )
 
 __all__ = [
-    "DEFAULT_ABLATIONS", "PIPELINE_NAME", "ClusterSettings", "build_pipeline", "on_cluster", "unet3plus_pipeline",
+    "PIPELINE_NAME", "ClusterSettings", "build_pipeline", "on_cluster", "unet3plus_pipeline",
 ]

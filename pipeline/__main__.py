@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from components.common import DEFAULT_IMAGE, IMAGE
-from pipeline import trainjob
 from pipeline.pipeline import DEFAULT_RESOURCES, PIPELINE_NAME, ClusterSettings, build_pipeline
+from unet3plus import trainjob
 
 logger = logging.getLogger("pipeline")
 
@@ -29,7 +29,7 @@ DEFAULT_OUTPUT = Path("unet3plus_pipeline.yaml")
 
 def _checked(check: Callable[[str, str], Any], what: str, convert: Callable[[str], Any] = str,
              empty_is_none: bool = False) -> Callable[[str], Any]:
-    """An argparse ``type`` that converts with ``convert`` and validates with a :mod:`pipeline.trainjob` check."""
+    """An argparse ``type`` that converts with ``convert`` and validates with a :mod:`unet3plus.trainjob` check."""
 
     def parse(text: str) -> Any:
         if empty_is_none and text == "":
@@ -130,6 +130,7 @@ def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         workspace_pvc=args.workspace_pvc,
+        workspace_mount=args.workspace_mount,
     )
     cluster.trainjob()  # checks the TrainJob settings now, not in the cluster
     return cluster
@@ -153,9 +154,8 @@ def compile_pipeline(output: Path, cluster: ClusterSettings) -> Path:
 def run_arguments(params_path: Optional[Path], overrides: List[str], dataset: str, source_dir: str) -> Dict[str, Any]:
     """The arguments of a run, checked here before anything is sent to the cluster.
 
-    The parameters file with ``--set`` overrides applied becomes the ``params`` argument; its
-    ``ablations`` section becomes the ``ablations`` argument instead (overrides as
-    ``section.key=value`` strings).
+    The parameters file with ``--set`` overrides applied becomes the ``params`` argument, its
+    ``ablations`` section included: the run trains the variants named in ``ablations.run``.
 
     Raises:
         ConfigError: the parameters file is missing or invalid, or an override is.
@@ -166,15 +166,7 @@ def run_arguments(params_path: Optional[Path], overrides: List[str], dataset: st
     layout_of(dataset)
     config = load_config(params_path, overrides)
     raw = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, for YAML
-    del raw["ablations"]
-    # JSON is YAML, so json.dumps writes each value as apply_overrides reads it back.
-    ablations = [
-        {"name": ablation.name,
-         "overrides": [f"{key}={json.dumps(value)}" for key, value in ablation.overrides.items()]}
-        for ablation in config.ablations.selected()
-    ]
-    return {"params": yaml.safe_dump(raw, sort_keys=False), "dataset": dataset, "ablations": ablations,
-            "source_dir": source_dir}
+    return {"params": yaml.safe_dump(raw, sort_keys=False), "dataset": dataset, "source_dir": source_dir}
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -223,6 +215,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
     if params is None and Path("params.yaml").is_file():
         params = Path("params.yaml")
     arguments = run_arguments(params, args.overrides, args.dataset, args.source_dir)
+    ablations = len(yaml.safe_load(arguments["params"])["ablations"]["run"])
     scratch = tempfile.TemporaryDirectory()
     package = compile_pipeline(Path(scratch.name) / "pipeline.yaml", cluster)
     version = version_name(package, git_commit())
@@ -264,14 +257,14 @@ def cmd_submit(args: argparse.Namespace) -> None:
     finally:
         scratch.cleanup()
     logger.info("submitted run %s of %s version %s (%d ablations) to %s", result["run_id"], args.pipeline_name,
-                version, len(arguments["ablations"]), args.host)
+                version, ablations, args.host)
 
 
 def trainjob_settings(args: argparse.Namespace) -> trainjob.TrainJobSettings:
     """The :class:`TrainJobSettings` of ``python -m pipeline trainjob``, checked."""
     return trainjob.TrainJobSettings(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image, workspace_pvc=args.data_pvc,
-        workspace_mount=args.data_mount, gpu_type=args.gpu_type, cpu=args.cpu, memory=args.memory,
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image, workspace_pvc=args.workspace_pvc,
+        workspace_mount=args.workspace_mount, gpu_type=args.gpu_type, cpu=args.cpu, memory=args.memory,
         shm_size=args.shm_size, mlflow_secret=args.mlflow_secret or None, deadline_seconds=args.deadline,
         node_selector=args.gpu_node_selector or None, toleration=args.gpu_toleration or None,
         image_pull_secrets=tuple(args.image_pull_secrets), labels=tuple(args.pod_labels),
@@ -301,8 +294,8 @@ def cmd_trainjob(args: argparse.Namespace) -> None:
     config = load_config(params_path(args.params), args.overrides)
     name = args.name or f"unet3plus-{args.dataset}"
     settings = trainjob_settings(args)
-    data_dir = args.data_dir or f"{args.data_mount}/processed/{args.dataset}"
-    out_dir = args.out_dir or f"{args.data_mount}/models/{name}"
+    data_dir = args.data_dir or f"{args.workspace_mount}/processed/{args.dataset}"
+    out_dir = args.out_dir or f"{args.workspace_mount}/models/{name}"
     manifest = trainjob.render_trainjob(name, args.namespace, settings,
                                         trainjob.train_arguments(config, data_dir, out_dir))
     text = yaml.safe_dump(manifest, sort_keys=False)
@@ -380,6 +373,9 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     scale.add_argument("--workspace-pvc", type=_checked(trainjob.check_resource_name, "--workspace-pvc"),
                        default=default.workspace_pvc, metavar="CLAIM",
                        help="ReadWriteMany claim for data and model (default: %(default)s)")
+    scale.add_argument("--workspace-mount", default=default.workspace_mount, metavar="PATH",
+                       type=_checked(trainjob.check_mount_path, "--workspace-mount"),
+                       help="where --workspace-pvc is mounted (default: %(default)s)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -444,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("trainjob", help="write a Kubeflow Trainer TrainJob that trains across nodes",
                          description="Render a trainer.kubeflow.org/v1alpha1 TrainJob (Kubeflow Trainer v2.2+, "
                          "torch-distributed runtime) that trains the parameters on a preprocessed dataset on the "
-                         "data claim: torchrun -m unet3plus train on every node, MLflow settings from the secret. "
+                         "workspace claim: torchrun -m unet3plus train on every node, MLflow settings from the secret. "
                          "Apply it with `kubectl apply -f FILE`.")
     p.add_argument("--params", type=Path, default=None,
                    help="parameters file (default: ./params.yaml if present, else built-in defaults)")
@@ -456,17 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs, and training processes, per node")
     p.add_argument("--image", type=_checked(trainjob.check_image, "--image"), default=IMAGE,
                    help="the project's image (default: %(default)s)")
-    p.add_argument("--data-pvc", type=_checked(trainjob.check_resource_name, "--data-pvc"),
+    p.add_argument("--workspace-pvc", type=_checked(trainjob.check_resource_name, "--workspace-pvc"),
                    default=default.workspace_pvc, metavar="CLAIM",
-                   help="claim with the data and for the model, ReadWriteMany for several nodes (default: "
+                   help="ReadWriteMany claim with the data and for the model, as in compile and submit (default: "
                    "%(default)s)")
-    p.add_argument("--data-mount", default=default.workspace_mount, metavar="PATH",
-                   type=_checked(trainjob.check_mount_path, "--data-mount"),
-                   help="where the claim is mounted (default: %(default)s)")
+    p.add_argument("--workspace-mount", default=default.workspace_mount, metavar="PATH",
+                   type=_checked(trainjob.check_mount_path, "--workspace-mount"),
+                   help="where --workspace-pvc is mounted (default: %(default)s)")
     p.add_argument("--data-dir", default=None, metavar="PATH",
-                   help="preprocessed dataset in the pod (default: DATA_MOUNT/processed/DATASET)")
+                   help="preprocessed dataset in the pod (default: WORKSPACE_MOUNT/processed/DATASET)")
     p.add_argument("--out-dir", default=None, metavar="PATH",
-                   help="checkpoints in the pod (default: DATA_MOUNT/models/NAME)")
+                   help="checkpoints in the pod (default: WORKSPACE_MOUNT/models/NAME)")
     p.add_argument("--namespace", type=_checked(trainjob.check_namespace, "--namespace"), default=None,
                    help="namespace of the job (default: kubectl's)")
     p.add_argument("--name", type=_checked(trainjob.check_name, "--name"), default=None,

@@ -1,7 +1,9 @@
 """The Kubeflow pipeline: raw data -> validate -> preprocess -> train (GPU) -> evaluate -> register.
 
-Each ablation (a name and ``section.key=value`` overrides) trains and evaluates one more model in a
-``dsl.ParallelFor``; ablations are compared in MLflow and never registered.
+Each ablation named in the parameters' ``ablations.run`` trains and evaluates one more model in a
+``dsl.ParallelFor`` over those names (a first small step reads them from ``params``); every step
+gets the ``params`` text and the ablation's name, and applies the variant itself. Ablations are
+compared in MLflow and never registered.
 
 Everything Kubernetes-specific (GPU request, node selector and toleration, ``/dev/shm``, the MLflow
 secret, the data volume, CPU and memory per step, retries, caching, timeouts, image pull secrets,
@@ -11,31 +13,29 @@ pipeline runs on a laptop (the tests do that).
 
 Training runs in one of three ways: one process in the train pod (``gpus=1``), one process per GPU
 in the pod under ``torchrun`` (``gpus`` or ``nproc`` > 1), or across nodes as a Kubeflow Trainer
-``TrainJob`` created by a small launcher step (``nodes`` set; see :mod:`pipeline.trainjob`).
+``TrainJob`` created by a small launcher step (``nodes`` set; see :mod:`unet3plus.trainjob`).
 """
 
 import dataclasses
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 from kfp import dsl, kubernetes
-from kfp.dsl.for_loop import LoopArgumentVariable
 
-from components import (evaluate_model, preprocess_data, raw_data, register_model, report_ablations, train_model,
-                        validate_data)
+from components import (
+    ablation_names,
+    evaluate_model,
+    preprocess_data,
+    raw_data,
+    register_model,
+    report_ablations,
+    train_model,
+    validate_data,
+)
 from components.common import IMAGE, MLFLOW_SECRET_MOUNT
 from components.launch import train_on_trainjob
-from pipeline.trainjob import TrainJobSettings
+from unet3plus.trainjob import TrainJobSettings
 
 PIPELINE_NAME = "unet3plus"
-
-# The paper's Table 1 baselines next to the main model: UNet, UNet++ (deep supervision) and
-# UNet 3+ without deep supervision: params.yaml's ablations.run (a test keeps them equal).
-# `python -m pipeline submit` sends the params file's own selection instead.
-DEFAULT_ABLATIONS = [
-    {"name": "unet", "overrides": ["model.arch=\"unet\"", "model.deep_supervision=false", "model.cgm=false"]},
-    {"name": "unet2plus", "overrides": ["model.arch=\"unet2plus\"", "model.cgm=false"]},
-    {"name": "unet3plus_no_ds", "overrides": ["model.deep_supervision=false", "model.cgm=false"]},
-]
 
 PipelineOutputs = NamedTuple("PipelineOutputs", [("test_dice", float), ("model_name", str), ("model_version", str)])
 """What a run returns: the main model's mean test Dice and its registered name and version."""
@@ -117,6 +117,7 @@ class ClusterSettings:
 
 
 DEFAULT_RESOURCES = {
+    "ablations": ("250m", "512Mi"),
     "raw": ("1", "2Gi"),
     "validate": ("2", "4Gi"),
     "preprocess": ("4", "8Gi"),
@@ -142,13 +143,13 @@ def on_cluster(
     and the pod labels; the :data:`RETRIED_STEPS` a retry policy with backoff; training a timeout
     and no caching (a run that trains again must train); the raw-data step is not cached either
     (a ``source_dir`` can change under the same arguments), nor is the report (it reads MLflow);
-    validation and preprocessing are,
-    keyed by KFP on their inputs (the raw dataset artifact and the parameters).
+    reading the ablation names, validation and preprocessing are, keyed by KFP on their inputs
+    (the parameters and the raw dataset artifact).
 
     Args:
         task: the pipeline task.
         cluster: the settings.
-        step: ``raw``, ``validate``, ``preprocess``, ``train``, ``launch``, ``evaluate``, ``register`` or ``report``.
+        step: ``ablations``, ``raw``, ``validate``, ``preprocess``, ``train``, ``launch``, ``evaluate``, ``register`` or ``report``.
         gpu: request GPUs, schedule on GPU nodes and give the pod a large ``/dev/shm``.
         mlflow: set the MLflow environment from ``cluster.mlflow_secret``.
         data: mount ``cluster.data_pvc`` (when set) at ``cluster.data_mount``.
@@ -163,7 +164,7 @@ def on_cluster(
     if step in ("train", "launch"):
         task.set_caching_options(False)
         kubernetes.set_timeout(task, cluster.train_timeout_seconds + (1200 if step == "launch" else 0))
-    elif step in ("validate", "preprocess"):
+    elif step in ("ablations", "validate", "preprocess"):
         task.set_caching_options(True)
     elif step == "raw":
         task.set_caching_options(False)  # a source_dir on a volume can change under the same arguments
@@ -222,15 +223,13 @@ def build_pipeline(cluster: ClusterSettings = ClusterSettings()) -> dsl.graph_co
     def unet3plus_pipeline(
         params: str,
         dataset: str = "liver",
-        ablations: List[dict] = DEFAULT_ABLATIONS,
         source_dir: str = "",
     ) -> PipelineOutputs:
-        """Train, evaluate and register one model, and train and evaluate each ablation.
+        """Train, evaluate and register one model, and train and evaluate each ablation of ``ablations.run``.
 
         Args:
-            params: text of ``params.yaml`` (every knob of every step).
+            params: text of ``params.yaml`` (every knob of every step, and the ablations).
             dataset: ``liver`` (LiTS layout) or ``spleen`` (MSD Task09 layout).
-            ablations: ``{"name": str, "overrides": ["section.key=value", ...]}`` entries.
             source_dir: folder with an existing raw dataset (e.g. on the data volume); empty to
                 synthesise one.
         """
@@ -251,21 +250,19 @@ def build_pipeline(cluster: ClusterSettings = ClusterSettings()) -> dsl.graph_co
             cluster, "register", mlflow=True,
         )
 
-        with dsl.ParallelFor(ablations) as ablation:
-            # `ablation.name` would be the loop channel's own name attribute; reach the key explicitly.
-            ablation_name = LoopArgumentVariable(ablation, "name")
-            trained_ablation = train(
-                processed=processed, params=params, overrides=ablation.overrides, ablation=ablation_name,
-            ).set_display_name("train-ablation")
+        names = on_cluster(ablation_names(params=params), cluster, "ablations").set_display_name("ablations")
+        with dsl.ParallelFor(names.output) as ablation:
+            trained_ablation = train(processed=processed, params=params, ablation=ablation).set_display_name(
+                "train-ablation")
             evaluated_ablation = on_cluster(
                 evaluate_model(model=trained_ablation.outputs["model"], processed=processed, raw=raw_dataset,
-                               params=params, overrides=ablation.overrides),
+                               params=params, ablation=ablation),
                 cluster, "evaluate", mlflow=True,
             ).set_display_name("evaluate-ablation")
 
         # The study's tables as a Markdown artifact; it runs even when an ablation failed.
         on_cluster(
-            report_ablations(params=params, dataset=dataset, ablations=ablations)
+            report_ablations(params=params, dataset=dataset)
             .after(evaluated, evaluated_ablation).ignore_upstream_failure(),
             cluster, "report", mlflow=True,
         ).set_display_name("report")

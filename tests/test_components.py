@@ -10,7 +10,8 @@ import yaml
 from kfp import dsl
 
 from components import evaluate_model, preprocess_data, raw_data, register_model, train_model, validate_data
-from components.common import input_dir, layout_of, load_config
+from components.common import input_dir, layout_of
+from unet3plus.config import parse_config
 from unet3plus.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,26 +37,26 @@ def raw_liver(tmp_path_factory):
     return raw, cases
 
 
-def test_load_config_reads_params_text_and_applies_overrides():
-    config = load_config(_params(), ["train.epochs=3", "model.cgm=false"])
-    assert (config.data.size, config.train.epochs, config.model.cgm) == (32, 3, False)
+def test_parse_config_reads_params_text_overrides_and_an_ablation_by_name():
+    config = parse_config(_params(), ["train.epochs=3"], "unet")
+    assert (config.data.size, config.train.epochs, config.model.arch, config.model.cgm) == (32, 3, "unet", False)
+    assert parse_config(_params(), ablation="").model.arch == "unet3plus"  # "" is the main model
 
 
 @pytest.mark.parametrize(
-    ("params", "overrides", "message"),
+    ("params", "overrides", "ablation", "message"),
     [
-        ("", None, "expected a mapping of sections"),
-        ("train: [1, 2", None, "not valid YAML"),
-        ("- data\n- model\n", None, "expected a mapping of sections"),
-        ("train:\n  epochz: 3\n", None, "unknown key train.epochz"),
-        ("train:\n  epochs: 3\n", ["train.epochz=4"], "unknown key train.epochz"),
-        ("train:\n  epochs: 3\n", ["epochs=4"], "must look like section.key=value"),
-        ("train:\n  epochs: 3\n", [4], "not a string"),
+        ("train: [1, 2", None, None, "params: not valid YAML"),
+        ("- data\n- model\n", None, None, "params: expected a mapping of sections"),
+        ("train:\n  epochz: 3\n", None, None, "params: unknown key train.epochz"),
+        ("train:\n  epochs: 3\n", ["train.epochz=4"], None, "unknown key train.epochz"),
+        ("train:\n  epochs: 3\n", ["epochs=4"], None, "must look like section.key=value"),
+        ("train:\n  epochs: 3\n", None, "unet", "ablations.variants has no variant 'unet'"),
     ],
 )
-def test_load_config_refuses_bad_params_saying_what_to_fix(params, overrides, message):
+def test_parse_config_refuses_bad_params_saying_what_to_fix(params, overrides, ablation, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(params, overrides)
+        parse_config(params, overrides, ablation)
 
 
 def test_layout_of_maps_organs_and_lists_the_known_ones():
@@ -163,10 +164,10 @@ def test_steps_refuse_missing_inputs_before_writing(tmp_path):
     assert not out.exists()
 
 
-def test_train_refuses_an_unknown_override_before_writing(tmp_path):
+def test_train_refuses_an_unknown_ablation_before_writing(tmp_path):
     model = _artifact(dsl.Model, tmp_path / "model")
-    with pytest.raises(ConfigError, match="unknown key model.archh"):
+    with pytest.raises(ConfigError, match="no variant 'unet4plus'; defined: unet, unet2plus"):
         train_model.python_func(processed=_artifact(dsl.Dataset, tmp_path), model=model,
                                 metrics=_artifact(dsl.Metrics, tmp_path / "metrics"), params=_params(),
-                                overrides=["model.archh=unet"])
+                                ablation="unet4plus")
     assert not Path(model.path).exists()

@@ -102,6 +102,8 @@ def test_the_train_component_under_torchrun_gives_one_run_one_model_and_the_same
             "mlflow": {"system_metrics": False}}
     for section, values in tiny.items():
         params[section].update(values)
+    # Two variants by name; "two" changes a value that keeps the checkpoint's shapes.
+    params["ablations"] = {"variants": {"one": {}, "two": {"train.lr": 0.001}}, "run": []}
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for key, value in {"MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg",
                        "OMP_NUM_THREADS": "1"}.items():
@@ -116,8 +118,8 @@ def test_the_train_component_under_torchrun_gives_one_run_one_model_and_the_same
         raw = raw_data(dataset="liver", params=params)
         processed = preprocess_data(raw=raw.outputs["raw"], dataset="liver", params=params).outputs["processed"]
         train_model(processed=processed, params=params, ablation="one")
-        # An override that keeps the checkpoint's shapes; the study stays that of the base parameters.
-        train_model(processed=processed, params=params, overrides=["train.lr=0.001"], ablation="two", nproc=2)
+        # The variant travels as its name to the torchrun workers; the study stays that of the base parameters.
+        train_model(processed=processed, params=params, ablation="two", nproc=2)
 
     one_and_two_processes(params=yaml.safe_dump(params))
 

@@ -14,10 +14,9 @@ from kfp import compiler, local
 from packaging.specifiers import SpecifierSet
 
 from components.common import DEFAULT_IMAGE, MLFLOW_SECRET_MOUNT, mlflow_environment
-from components.common import load_config as component_config
-from pipeline import DEFAULT_ABLATIONS, ClusterSettings, build_pipeline, unet3plus_pipeline
+from pipeline import ClusterSettings, build_pipeline, unet3plus_pipeline
 from pipeline.__main__ import run_arguments
-from unet3plus.config import apply_overrides, load_config
+from unet3plus.config import load_config, parse_config
 from unet3plus.device import REQUIRE_CUDA_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,33 +66,29 @@ def test_every_step_is_wired_in_order(compiled):
     assert outputs["model_version"]["valueFromParameter"]["producerSubtask"] == "register-model"
 
 
-def test_ablations_are_a_parallel_for_of_train_and_evaluate_without_register(compiled):
+def test_ablations_are_a_parallel_for_over_the_params_names_of_train_and_evaluate_without_register(compiled):
     spec, _ = compiled
-    loops = [task for task in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in task]
+    tasks = spec["root"]["dag"]["tasks"]
+    loops = [task for task in tasks.values() if "parameterIterator" in task]
     assert len(loops) == 1
-    assert loops[0]["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--ablations"}
+    # The loop runs over the names a step reads from the run's params (ablations.run), no copy of them.
+    assert loops[0]["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--ablation-names-Output"}
+    assert tasks["ablation-names"]["inputs"]["parameters"]["params"] == {"componentInputParameter": "params"}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"params", "dataset", "source_dir"}
     body = spec["components"][loops[0]["componentRef"]["name"]]["dag"]["tasks"]
     assert sorted(task["taskInfo"]["name"] for task in body.values()) == ["evaluate-ablation", "train-ablation"]
-    train = next(task for task in body.values() if task["taskInfo"]["name"] == "train-ablation")
-    parameters = train["inputs"]["parameters"]
-    # The ablation's own name and overrides reach the task (not the loop channel's name).
-    assert parameters["ablation"]["parameterExpressionSelector"] == 'parseJson(string_value)["name"]'
-    assert parameters["overrides"]["parameterExpressionSelector"] == 'parseJson(string_value)["overrides"]'
-    assert spec["root"]["inputDefinitions"]["parameters"]["ablations"]["defaultValue"] == DEFAULT_ABLATIONS
-
-
-def test_default_ablations_are_valid_overrides():
-    base = load_config(ROOT / "params.yaml")
-    variants = {ablation["name"]: apply_overrides(base, ablation["overrides"]).model for ablation in DEFAULT_ABLATIONS}
-    assert variants["unet"].arch == "unet"
-    assert variants["unet2plus"].arch == "unet2plus"
-    assert variants["unet3plus_no_ds"].deep_supervision is False
+    for task in body.values():  # each gets the params text and the ablation's name, nothing else
+        parameters = task["inputs"]["parameters"]
+        assert set(parameters) == {"params", "ablation"}
+        assert parameters["ablation"] == {"componentInputParameter": "pipelinechannel--ablation-names-Output-loop-item"}
+    for component in spec["components"].values():
+        assert "overrides" not in component.get("inputDefinitions", {}).get("parameters", {})
 
 
 def test_only_training_asks_for_a_gpu_and_every_step_runs_in_the_project_image(compiled):
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 9  # six steps, the ablation's train and evaluate, the report
+    assert len(executors) == 10  # six steps, the ablation names, the ablation's train and evaluate, the report
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == DEFAULT_IMAGE, name
@@ -223,7 +218,7 @@ def test_resources_pull_secrets_labels_and_retries_are_compile_options(tmp_path)
 
 
 def test_nodes_replace_the_train_pod_by_a_trainjob_launcher(tmp_path):
-    from pipeline.trainjob import TrainJobSettings
+    from unet3plus.trainjob import TrainJobSettings
 
     cluster = ClusterSettings(nodes=2, gpus_per_node=4, workspace_pvc="shared-rwx")
     spec, platform = _compile(build_pipeline(cluster), tmp_path / "pipeline.yaml")
@@ -264,7 +259,7 @@ def test_submit_help_explains_the_options():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for option in ("--host", "--params", "--set", "--dataset", "--experiment", "--run-name", "--mlflow-secret",
-                   "--data-pvc"):
+                   "--data-pvc", "--workspace-pvc", "--workspace-mount"):
         assert option in result.stdout
 
 
@@ -285,21 +280,17 @@ def test_run_arguments_carry_params_overrides_and_ablations(tmp_path):
                                      "unet": {"model.arch": "unet"}, "unused": {}}, "run": ["no_cgm", "unet"]}
     params.write_text(yaml.safe_dump(raw))
     arguments = run_arguments(params, ["train.epochs=3"], "spleen", "")
+    assert set(arguments) == {"params", "dataset", "source_dir"}  # the ablations travel inside the params text
     assert arguments["dataset"] == "spleen"
-    sent = component_config(arguments["params"])  # what every component will read
+    sent = parse_config(arguments["params"])  # what every component will read
     assert sent.train.epochs == 3
     assert sent.flat() == load_config(params, ["train.epochs=3"]).flat()
-    assert sent.ablations.run == []  # they travel as their own argument
-    assert [a["name"] for a in arguments["ablations"]] == ["no_cgm", "unet"]
-    no_cgm = apply_overrides(sent, arguments["ablations"][0]["overrides"])
-    assert (no_cgm.model.cgm, no_cgm.loss.cgm_weight) == (False, 0.0)
-    assert apply_overrides(sent, arguments["ablations"][1]["overrides"]).model.arch == "unet"
-
-
-def test_default_ablations_are_the_shipped_params_selection():
-    """The ParallelFor's default variants are those `dvc repro` runs (params.yaml ablations.run)."""
-    arguments = run_arguments(ROOT / "params.yaml", [], "liver", "")
-    assert arguments["ablations"] == DEFAULT_ABLATIONS
+    assert sent.ablations.run == ["no_cgm", "unet"]
+    # Each branch gets a name, and builds its variant as DVC's `unet3plus train --ablation NAME` does.
+    no_cgm = parse_config(arguments["params"], ablation="no_cgm")
+    assert no_cgm == load_config(params, ["train.epochs=3"], "no_cgm")
+    assert (no_cgm.model.cgm, no_cgm.loss.cgm_weight, no_cgm.train.epochs) == (False, 0.0, 3)
+    assert parse_config(arguments["params"], ablation="unet").model.arch == "unet"
 
 
 def test_dockerfile_builds_the_project_with_the_pinned_dependencies():
@@ -363,8 +354,8 @@ def test_pipeline_runs_end_to_end_with_kfp_local(tmp_path, monkeypatch):
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
                workspace_root=str(tmp_path / "workspace"))
 
-    ablation = {"name": "unet", "overrides": ["model.arch=unet", "model.deep_supervision=false", "model.cgm=false"]}
-    run = unet3plus_pipeline(params=yaml.safe_dump(params), dataset="liver", ablations=[ablation])
+    params["ablations"]["run"] = ["unet"]  # the pipeline trains the names of ablations.run
+    run = unet3plus_pipeline(params=yaml.safe_dump(params), dataset="liver")
 
     assert run.outputs["model_name"] == "unet3plus-liver-synthetic"  # trained on the phantom: its own name
     assert run.outputs["model_version"] == "1"

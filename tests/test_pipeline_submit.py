@@ -8,8 +8,8 @@ import pytest
 import yaml
 from fake_kfp import FakeKfp
 
-from components.common import load_config as component_config
 from pipeline.__main__ import main
+from unet3plus.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "kubeflow-user-example-com"
@@ -51,7 +51,7 @@ def test_submit_authenticates_uploads_a_version_named_after_the_commit_and_runs_
         assert (experiment["display_name"], experiment["namespace"]) == ("unet3plus", NAMESPACE)
         assert run["experiment_id"] == experiment["experiment_id"]
         sent = run["runtime_config"]["parameters"]
-        assert component_config(sent["params"]).train.epochs == 3
+        assert parse_config(sent["params"]).train.epochs == 3
         assert sent["dataset"] == "liver"
 
         # The same commit and settings again: the version is reused, a second run starts.

@@ -17,17 +17,12 @@ import pytest
 from unet3plus.cli import main
 from unet3plus.config import DataConfig
 from unet3plus.data import preprocess
+from unet3plus.data.dataset import save_sample
 from unet3plus.data.geometry import VolumeGeometry, resample_to_slices, restore_volume, volume_geometry
 from unet3plus.data.phantom import write_dataset
-from unet3plus.data.preprocess import (
-    assign_splits,
-    prepare_label,
-    prepare_volume,
-    preprocess_dataset,
-    save_sample,
-    window_hu,
-)
+from unet3plus.data.preprocess import assign_splits, preprocess_dataset
 from unet3plus.data.sources import SYNTH_MARKER, Case, data_source, discover_cases
+from unet3plus.data.transforms import prepare_label, prepare_volume, window_hu
 from unet3plus.errors import DataError
 
 # A LiTS-like affine: voxel axes point left and posterior (negative diagonal), 0.7 mm in plane, 2.5 mm slices.

@@ -17,7 +17,7 @@ from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint, save_ch
 from unet3plus.cli import main
 from unet3plus.config import Config, config_from_dict
 from unet3plus.data.geometry import restore_volume
-from unet3plus.data.preprocess import prepare_volume
+from unet3plus.data.transforms import prepare_volume
 from unet3plus.errors import CheckpointError, DataError, UserError
 from unet3plus.models import create_model, predict_proba
 from unet3plus.register import register

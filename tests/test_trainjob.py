@@ -26,10 +26,17 @@ from kubernetes import client as k8s
 
 from components import preprocess_data, raw_data
 from components.launch import train_on_trainjob
-from pipeline.trainjob import MANAGER, TrainJobSettings, render_trainjob, run_trainjob, train_arguments
 from unet3plus.checkpoint import load_checkpoint
 from unet3plus.config import apply_overrides, load_config
 from unet3plus.errors import UserError
+from unet3plus.trainjob import (
+    MANAGER,
+    TrainJobSettings,
+    render_trainjob,
+    run_trainjob,
+    train_arguments,
+    worker_arguments,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "tests" / "schemas" / "trainer.kubeflow.org_trainjobs.yaml"
@@ -149,7 +156,7 @@ def _run(*args, timeout=120):
 def test_trainjob_command_writes_a_manifest_for_kubectl(validator, tmp_path):
     output = tmp_path / "job.yaml"
     result = _run("trainjob", "--params", "params.yaml", "--dataset", "spleen", "--nodes", "2", "--gpus-per-node", "4",
-                  "--image", "registry.example.com:5000/team/unet3plus:1.2", "--data-pvc", "ct-data",
+                  "--image", "registry.example.com:5000/team/unet3plus:1.2", "--workspace-pvc", "ct-data",
                   "--namespace", "team-a", "--name", "spleen-run-7", "--set", "train.epochs=7", "--output", str(output))
     assert result.returncode == 0, result.stderr
     job = yaml.safe_load(output.read_text())
@@ -159,6 +166,26 @@ def test_trainjob_command_writes_a_manifest_for_kubectl(validator, tmp_path):
     assert job["spec"]["trainer"]["image"] == "registry.example.com:5000/team/unet3plus:1.2"
     assert "train.epochs=7" in job["spec"]["trainer"]["args"]
     assert "/mnt/workspace/processed/spleen" in job["spec"]["trainer"]["args"]
+    assert job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "ct-data"}
+
+
+def test_pipeline_flags_mean_one_thing_across_verbs():
+    """A flag two verbs share names the same setting in both (e.g. --workspace-pvc, never --data-pvc for it)."""
+    from pipeline.__main__ import build_parser
+
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    helps = {}
+    for verb, parser in verbs.items():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                helps.setdefault(flag, {})[verb] = action.dest
+    shared = {flag: dests for flag, dests in helps.items() if len(dests) > 1}
+    assert {"--workspace-pvc", "--workspace-mount", "--nodes", "--gpus-per-node", "--params"} <= set(shared)
+    for flag, dests in shared.items():  # one destination (so one setting) per flag, in every verb
+        assert len(set(dests.values())) == 1, (flag, dests)
+    # --data-pvc is the raw-data claim of compile and submit; trainjob has no raw-data step, so no --data-pvc.
+    assert set(helps["--data-pvc"]) == {"compile", "submit"}
 
 
 def test_trainjob_reads_the_params_yaml_of_the_working_folder_like_every_command(tmp_path, monkeypatch):
@@ -363,7 +390,7 @@ def _job(name="unet3plus-test"):
 
 def test_run_trainjob_creates_streams_node_0_logs_waits_and_deletes(fake_kubernetes, caplog):
     fake = fake_kubernetes(outcome="Complete", polls=2)
-    caplog.set_level("INFO", logger="pipeline")
+    caplog.set_level("INFO", logger="unet3plus")
     job = run_trainjob(_job(), "team-a", timeout_seconds=30, poll_seconds=0.05, api_client=fake.api_client())
     assert job["status"]["conditions"][0]["type"] == "Complete"
     [(path, body)] = fake.created
@@ -429,14 +456,14 @@ def test_the_launcher_component_trains_through_a_trainjob_and_hands_on_the_model
     model = dsl.Model(name="model", uri=str(tmp_path / "model"), metadata={})
     metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"), metadata={})
     dice = train_on_trainjob.python_func(processed=processed, model=model, metrics=metrics, params=params, job=job,
-                                         overrides=['model.arch="unet"', "model.deep_supervision=false",
-                                                    "model.cgm=false"], ablation="unet")
+                                         ablation="unet")
 
     [(_, body)] = fake.created
     name = body["metadata"]["name"]
     assert re.fullmatch(r"unet3plus-[0-9a-f]{10}", name) and len(fake.deleted) == 1
-    assert body["spec"]["trainer"]["args"][2:5] == [str(workspace / "unet3plus" / name / "data"), "--out",
-                                                    str(workspace / "unet3plus" / name / "model")]
+    assert body["spec"]["trainer"]["args"] == worker_arguments(
+        str(workspace / "unet3plus" / name / "params.yaml"), str(workspace / "unet3plus" / name / "data"),
+        str(workspace / "unet3plus" / name / "model"), "unet")
     out = Path(model.path)
     assert {"best.pt", "last.pt", "history.csv", "train_summary.json"} <= {p.name for p in out.iterdir()}
     trained = load_checkpoint(out / "best.pt")["config"]["model"]

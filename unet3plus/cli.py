@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from unet3plus.config import LAYOUTS, Config, ablation_config, load_config, params_path
+from unet3plus.config import LAYOUTS, Config, load_config, params_path
 from unet3plus.errors import DataError, UserError
 from unet3plus.utils import check_files_replaceable, check_outputs, record_outputs, redact, setup_logging
 
@@ -24,10 +24,7 @@ EPILOG = "Configuration: every knob lives in params.yaml; override any with --se
 
 
 def _config(args: argparse.Namespace) -> Config:
-    config = load_config(params_path(args.params), args.overrides)
-    if getattr(args, "ablation", None):
-        return ablation_config(config, config.ablations.get(args.ablation))
-    return config
+    return load_config(params_path(args.params), args.overrides, getattr(args, "ablation", None))
 
 
 def cmd_synth(args: argparse.Namespace) -> None:

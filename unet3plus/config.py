@@ -470,39 +470,74 @@ def params_path(path: str | os.PathLike | None) -> Path | None:
     return Path(path)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Read ``params.yaml`` (or defaults when ``path`` is None), apply overrides, validate.
+def parse_config(
+    text: str | None, overrides: list[str] | None = None, ablation: str | None = None, *, source: str = "params"
+) -> Config:
+    """The one way a configuration is built: ``params.yaml`` text, ``--set`` overrides, then an ablation by name.
+
+    Every entry point ends here: the CLI and DVC (through :func:`load_config`), the Kubeflow
+    components (the ``params`` text they are given) and the ``torchrun`` and TrainJob workers (the
+    CLI again). An ablation travels as its name only; its overrides are read from the text's own
+    ``ablations.variants``.
+
+    Args:
+        text: the YAML text of a ``params.yaml``; None, empty or only comments means the defaults.
+        overrides: ``section.key=value`` strings (values are YAML), applied in order.
+        ablation: the name of a variant of ``ablations.variants`` to apply last, or None / ``""``
+            for the configuration itself.
+        source: what ``text`` is, for messages (a file path, or ``"params"``).
 
     Raises:
-        ConfigError: the file is missing or not YAML, or any knob is invalid (the message names
-            the file and the key).
+        ConfigError: the text is not YAML or not a mapping of sections, any knob is unknown,
+            mistyped or invalid, an override is malformed, or the variant does not exist (each
+            message names ``source``, the key or the override).
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: parameters file not found")
+    raw: Any = None
+    if text is not None:
         try:
-            raw = parse_yaml(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not a text file; expected YAML parameters like the repository's params.yaml") from err
+            raw = parse_yaml(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read the parameters file ({err.strerror})") from err
+            raise ConfigError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from err
         if raw is None:
-            logger.warning("%s is empty: using the built-in defaults, which differ from the repository's params.yaml", path)
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+            logger.warning("%s is empty: using the built-in defaults, which differ from the repository's params.yaml", source)
+        elif not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections (data, model, train, ...) at the top level, "
+                              f"got {raw!r:.80}")
     try:
         config = config_from_dict(raw)
     except ConfigError as err:
-        raise ConfigError(f"{path or 'defaults'}: {err}") from err
+        raise ConfigError(f"{source}: {err}") from err
+    if overrides:
+        try:
+            config = apply_overrides(config, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"--set: {err}") from err
+    if ablation:
+        config = ablation_config(config, config.ablations.get(ablation))
+    return config
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None, ablation: str | None = None
+) -> Config:
+    """Read ``params.yaml`` (or defaults when ``path`` is None), then :func:`parse_config`.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or any knob, override or the ablation is
+            invalid (the message names the file and the key).
+    """
+    if path is None:
+        return parse_config(None, overrides, ablation, source="defaults")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameters file not found")
     try:
-        return apply_overrides(config, overrides) if overrides else config
-    except ConfigError as err:
-        raise ConfigError(f"--set: {err}") from err
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file; expected YAML parameters like the repository's params.yaml") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the parameters file ({err.strerror})") from err
+    return parse_config(text, overrides, ablation, source=str(path))
 
 
 def ablation_config(config: Config, ablation: AblationConfig) -> Config:

@@ -26,8 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,15 +43,15 @@ from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint
 from unet3plus.config import Config
 from unet3plus.data.dataset import load_preprocessed, load_sample
 from unet3plus.data.geometry import VolumeGeometry, restore_volume
-from unet3plus.data.preprocess import window_hu
 from unet3plus.data.sources import organ_mask, read_volume
+from unet3plus.data.transforms import window_hu
 from unet3plus.device import describe_device, prepare_model, select_device
 from unet3plus.errors import DataError
 from unet3plus.metrics import METRIC_NAMES, dice, summarise, volume_metrics
 from unet3plus.models import predict_proba
 from unet3plus.predict import predict_slices, write_mask
 from unet3plus.tracking import data_hash, data_source, open_run
-from unet3plus.utils import atomic_path, check_replaceable, file_digest, record_outputs, write_json_atomic
+from unet3plus.utils import atomic_path, check_replaceable, file_digest, record_outputs, staged_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -306,13 +304,6 @@ def _json_safe(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
 
 
-def _replace_dir(source: Path, destination: Path) -> None:
-    """Move the finished ``source`` folder onto ``destination`` (its old content goes)."""
-    if destination.exists():
-        shutil.rmtree(destination)
-    os.replace(source, destination)
-
-
 def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.PathLike,
              raw_dir: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on every test case of a preprocessed dataset.
@@ -360,11 +351,8 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
     network = prepare_model(model_from_checkpoint(payload), device, config.train.mixed_precision)
     forward = _both_probabilities(network)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".evaluate-") as scratch:
-        predictions_tmp, overlays_tmp = Path(scratch) / "predictions", Path(scratch) / "overlays"
-        predictions_tmp.mkdir()
-        overlays_tmp.mkdir()
+    # Each folder is swapped in whole when the with-block ends (overlays first, then predictions).
+    with staged_dir(out_dir / "predictions") as predictions_tmp, staged_dir(out_dir / "overlays") as overlays_tmp:
         groups = dict(tuple(test.groupby("case_id", sort=False)))
         rows = [
             _score_case(case_id, groups[case_id], metadata["cases"][case_id], forward, config, device, data_dir,
@@ -383,8 +371,6 @@ def evaluate(config: Config, checkpoint: str | os.PathLike, data_dir: str | os.P
                               "fp_organ_free_no_gate": int(per_case["fp_organ_free_no_gate"].sum()),
                               "dataset": metadata["dataset"], "threshold": config.evaluate.threshold, **scored,
                               "device": device_name})
-        _replace_dir(predictions_tmp, out_dir / "predictions")
-        _replace_dir(overlays_tmp, out_dir / "overlays")
     with atomic_path(out_dir / "per_case.csv") as tmp:
         per_case.to_csv(tmp, index=False)
     if roc is not None:  # the CGM's ROC (for the KFP ClassificationMetrics artifact); none without a CGM

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint
 from unet3plus.config import Config, DataConfig, config_from_dict
 from unet3plus.data.geometry import restore_volume
-from unet3plus.data.preprocess import prepare_volume
 from unet3plus.data.sources import open_volume, read_slab
+from unet3plus.data.transforms import prepare_volume
 from unet3plus.device import autocast_context, memory_format_for, prepare_model, select_device
 from unet3plus.errors import CheckpointError, DataError, UserError
 from unet3plus.models import predict_proba
@@ -175,7 +175,6 @@ def load_predictor(model: str | os.PathLike, config: Config) -> Predictor:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from unet3plus.serving import VolumeModel
     from unet3plus.tracking import configure_for_reading, store_errors
 
     configure_for_reading(config.mlflow)
@@ -185,9 +184,11 @@ def load_predictor(model: str | os.PathLike, config: Config) -> Predictor:
         except (MlflowException, OSError) as err:
             raise UserError(redact(f"cannot load MLflow model {model} from {mlflow.get_tracking_uri()}: {err}")) from err
     python_model = loaded.unwrap_python_model() if loaded.loader_module == "mlflow.pyfunc.model" else None
-    if not isinstance(python_model, VolumeModel):
+    # A unet3plus.serving.VolumeModel carries its Predictor (serving imports this module, not the reverse).
+    predictor = getattr(python_model, "predictor", None)
+    if not isinstance(predictor, Predictor):
         raise UserError(f"MLflow model {model} is not a unet3plus volume model; register it with `unet3plus register`")
-    return python_model.predictor
+    return predictor
 
 
 @torch.no_grad()

@@ -368,8 +368,8 @@ def plot_overlay_grid(runs: pd.DataFrame, dataset: str, path: Path, cases: int =
     from nibabel.orientations import apply_orientation
 
     from unet3plus.data.geometry import VolumeGeometry
-    from unet3plus.data.preprocess import window_hu
     from unet3plus.data.sources import organ_mask, read_volume
+    from unet3plus.data.transforms import window_hu
     from unet3plus.evaluate import OVERLAY_COLOURS, overlay_rgb
 
     available = runs[(runs["dataset"] == dataset) & runs["evaluation_dir"].map(

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -41,6 +45,100 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder next to ``path``; on success swap it in as ``path`` (the folder twin of
+    :func:`atomic_path`).
+
+    Build the whole folder inside the staging one. When the ``with`` body ends without an
+    exception, a previous ``path`` is first renamed aside (``.<name>.<random>.old``), the staged
+    folder is renamed onto ``path`` and only then is the old one deleted; renames on one
+    filesystem are atomic. On Linux the two renames are one atomic exchange
+    (``renameat2(RENAME_EXCHANGE)``), so even a process killed at any moment (``kill -9``, power
+    loss) leaves ``path`` as the old folder or the new one, whole. Elsewhere a failed swap puts the
+    old folder back, and only a process killed between the two renames leaves ``path`` missing,
+    with both folders whole under their hidden names. On any exception in the body the staging
+    folder is removed and ``path`` is untouched.
+
+    The staging folder is made with ``mkdir``, and the published folder is given the user's
+    umask permissions (``0o777 & ~umask``) even when the body replaced it (``shutil.copytree`` copies
+    its source's mode; ``tempfile.mkdtemp`` would make it 0700, readable by its owner only).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    staging.mkdir()
+    try:
+        yield staging
+        staging.chmod(0o777 & ~umask())
+        _swap_in(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Put the folder ``new`` at ``path``; a previous ``path`` is deleted only once ``new`` is in its place."""
+    if not (path.exists() or path.is_symlink()):
+        os.replace(new, path)
+        return
+    if _exchange(new, path):  # one atomic step: `new` now holds the old folder
+        _remove(new)
+        return
+    old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    _remove(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns:
+        False where the system or the filesystem cannot (nothing was changed then).
+    """
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _remove(path: Path) -> None:
+    """Delete a replaced folder (or file); what cannot be deleted stays, hidden, with a warning."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError as err:
+        logger.warning("could not delete the replaced %s (%s); it is safe to delete", path, err)
+
+
+def umask() -> int:
+    """The process's file mode creation mask (read without changing it for longer than two calls)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -19,10 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -36,7 +32,7 @@ from unet3plus.config import DATASET_OF_LAYOUT
 from unet3plus.data.sources import SYNTH_MARKER as MARKER
 from unet3plus.data.sources import check_layout, discover_cases, organ_mask, read_volume
 from unet3plus.errors import ConfigError, DataError
-from unet3plus.utils import atomic_path, check_replaceable, record_outputs
+from unet3plus.utils import atomic_path, check_replaceable, record_outputs, staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -681,10 +677,7 @@ def write_dataset(
         check_replaceable(out_dir, [out_dir], "use another --out, or --force to replace the whole folder")
     layout_code = {"lits": 0, "msd-spleen": 1}[layout]
     labelled, unlabelled = _case_ids(layout, cases, np.random.default_rng([seed, layout_code]))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the dataset gets the usual permissions
+    with staged_dir(out_dir) as staging:
         images = []
         for number in tqdm(sorted(labelled + unlabelled), desc=f"synth {layout}", unit="case", disable=None):
             rng = np.random.default_rng([seed, layout_code, number])
@@ -716,28 +709,7 @@ def write_dataset(
             parameters["fov_range"] = list(fov_range)
         (staging / MARKER).write_text(json.dumps(parameters, indent=2) + "\n")
         record_outputs(staging, [staging])
-        _replace_folder(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return images
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Move ``new`` onto ``target``, removing a previous ``target`` only after the move."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, target)
 
 
 def _preview_slices(area: np.ndarray) -> list[int]:

@@ -1,8 +1,8 @@
-"""Raw CT volumes -> one ``.npz`` per axial slice (3-slice stack + mask) plus a manifest.
+"""Build a preprocessed dataset: raw CT volumes -> one ``.npz`` per axial slice (3-slice stack + mask) plus a manifest.
 
-:func:`prepare_volume` and :func:`prepare_label` are the single implementation of "what the
-network sees" and are used both here and when predicting a new scan; the way back to the scan's
-own voxel grid is :func:`unet3plus.data.geometry.restore_volume`.
+The transforms (what the network sees) are :mod:`unet3plus.data.transforms`, shared with
+prediction; the sample file format, its writer and its reader, is :mod:`unet3plus.data.dataset`.
+This module checks, splits, fingerprints and stages a whole dataset.
 
 Output layout of ``out_dir``::
 
@@ -46,7 +46,6 @@ import os
 import shutil
 import signal
 import uuid
-import zipfile
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -58,16 +57,17 @@ import torch
 from tqdm import tqdm
 
 from unet3plus.config import DATASET_OF_LAYOUT, DataConfig
-from unet3plus.data.dataset import CASES_FILE, MANIFEST_COLUMNS, MANIFEST_FILE, SAMPLES_DIR, load_preprocessed
-from unet3plus.data.geometry import (
-    VolumeGeometry,
-    canonical_slab,
-    chunks,
-    resample_planes,
-    resample_to_slices,
-    volume_geometry,
+from unet3plus.data.dataset import (
+    CASES_FILE,
+    MANIFEST_COLUMNS,
+    MANIFEST_FILE,
+    SAMPLES_DIR,
+    load_preprocessed,
+    save_sample,
 )
-from unet3plus.data.sources import Case, data_source, discover_cases, organ_mask
+from unet3plus.data.geometry import VolumeGeometry, canonical_slab, chunks, volume_geometry
+from unet3plus.data.sources import Case, data_source, discover_cases
+from unet3plus.data.transforms import image_chunk, mask_chunk, neighbour_index
 from unet3plus.data.validation import SLAB_SLICES, CaseScan
 from unet3plus.errors import DataError
 from unet3plus.utils import atomic_path, write_json_atomic
@@ -86,109 +86,12 @@ STAGING_PREFIX = ".staging-"
 """Samples are written into ``out_dir/.staging-<random>`` first and moved into place only when every case passed."""
 
 CODE_FILES = (
-    *(Path(__file__).with_name(name) for name in ("preprocess.py", "dataset.py", "geometry.py", "sources.py",
-                                                  "validation.py")),
+    *(Path(__file__).with_name(name) for name in ("preprocess.py", "transforms.py", "dataset.py", "geometry.py",
+                                                  "sources.py", "validation.py")),
     *(Path(__file__).parents[1] / name for name in ("config.py", "errors.py", "utils.py")),
 )
 """Every module preprocessing imports (tests/test_dvc_deps.py derives the list from the imports):
 any edit to them invalidates previous output."""
-
-
-def prepare_volume(
-    image_hu: np.ndarray, affine: np.ndarray, data_config: DataConfig
-) -> tuple[np.ndarray, VolumeGeometry]:
-    """CT volume in Hounsfield units -> the network's 3-channel inputs, one per axial slice.
-
-    Maps ``data_config.hu_window`` linearly onto [0, 1] (clipping outside), reorients to the
-    canonical orientation (see :mod:`unet3plus.data.geometry`), resizes every axial plane to
-    ``size x size`` bilinearly (or centre crops/pads with 0 in ``"crop"`` mode, or resamples to
-    ``spacing_mm`` then crops/pads in ``"spacing"`` mode) and stacks each
-    slice with its neighbours (previous, current, next; the first and last slice repeat themselves).
-
-    Args:
-        image_hu: (X, Y, Z) volume as stored in the file, any real dtype.
-        affine: (4, 4) voxel-to-world matrix of the file.
-        data_config: uses ``size``, ``hu_window`` and ``resize_mode``.
-
-    Returns:
-        ``(stacks, geometry)``: float32 (Z, 3, S, S) in [0, 1], channel 1 is slice z itself;
-        and the :class:`VolumeGeometry` that :func:`restore_volume` needs to map predictions back.
-
-    Raises:
-        ValueError: not a 3-D volume, NaN voxels, bad affine, or invalid ``data_config``.
-    """
-    geometry = volume_geometry(np.shape(image_hu), affine, data_config.size, data_config.resize_mode, data_config.spacing_mm)
-    _, planes = canonical_slab(np.asarray(image_hu), 0, geometry)
-    stacks = np.concatenate([image_chunk(chunk, geometry, data_config.hu_window) for _, chunk in chunks(planes)])
-    return stacks[neighbour_index(len(stacks))], geometry
-
-
-def image_chunk(planes_hu: np.ndarray, geometry: VolumeGeometry, hu_window: tuple[float, float]) -> np.ndarray:
-    """Canonical (n, H, W) planes in HU -> float32 (n, S, S) network input in [0, 1].
-
-    The window comes first: crop mode pads with 0, which must mean "below the window", not 0 HU.
-
-    Raises:
-        ValueError: NaN voxels.
-    """
-    windowed = window_hu(planes_hu, hu_window)
-    if planes_hu.dtype.kind == "f" and np.isnan(windowed).any():
-        raise ValueError(f"image_hu holds {np.isnan(planes_hu).sum()} NaN voxel(s)")
-    return resample_planes(windowed, geometry, "linear")
-
-
-def mask_chunk(labels: np.ndarray, geometry: VolumeGeometry, layout: str) -> np.ndarray:
-    """Canonical (n, H, W) label values -> uint8 (n, S, S) organ masks.
-
-    The organ mask is resampled exactly like the image (bilinear, half-pixel centres) and a sample
-    pixel is organ where that gives at least 0.5 (at 2x: at least 2 of its 2 x 2 block). Picking
-    the nearest voxel instead shifts the mask against the image by up to half a voxel (at 2x every
-    pick is the lower-right voxel of its block), which cost a 50-pixel spleen 2.5 points of
-    reachable Dice (benchmarks/RESULTS.md, "Training recipe").
-    """
-    return organ_fraction_mask(resample_planes(organ_mask(labels, layout), geometry, "linear"))
-
-
-def organ_fraction_mask(fraction: np.ndarray) -> np.ndarray:
-    """Bilinearly resampled 0/1 organ masks -> uint8 0/1: organ where at least half of the pixel is."""
-    return (fraction >= 0.5).view(np.uint8)
-
-
-def neighbour_index(depth: int) -> np.ndarray:
-    """(depth, 3) slice indices of each slice's (previous, current, next) stack; edges repeat themselves."""
-    return np.clip(np.arange(depth)[:, None] + np.array([-1, 0, 1]), 0, depth - 1)
-
-
-def prepare_label(labels: np.ndarray, affine: np.ndarray, data_config: DataConfig, layout: str) -> np.ndarray:
-    """Label volume (X, Y, Z) -> (Z, S, S) uint8 organ masks aligned with :func:`prepare_volume`.
-
-    The layout's organ labels become 1 (:func:`organ_mask`), then the same reorientation and
-    in-plane step as the image, thresholded at 0.5 (see :func:`mask_chunk`).
-
-    Args:
-        labels: (X, Y, Z) label values as stored in the file (validated for ``layout``).
-        affine: the (4, 4) affine of the image it belongs to.
-        data_config: uses ``size`` and ``resize_mode``.
-        layout: decides which label values are organ.
-
-    Returns:
-        uint8 (Z, S, S) with values 0/1.
-
-    Raises:
-        ValueError: not 3-D, bad affine or unknown layout.
-    """
-    geometry = volume_geometry(np.shape(labels), affine, data_config.size, data_config.resize_mode, data_config.spacing_mm)
-    return organ_fraction_mask(resample_to_slices(organ_mask(np.asarray(labels), layout), geometry, "linear"))
-
-
-def window_hu(image_hu: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
-    """Map ``[low, high]`` HU linearly onto [0, 1], clipping outside; returns float32, same shape."""
-    low, high = hu_window
-    image = np.array(image_hu, dtype=np.float32)
-    np.clip(image, low, high, out=image)
-    image -= low
-    image *= np.float32(1.0 / (high - low))
-    return image
 
 
 def assign_splits(layout: str, cases: list[Case], data_config: DataConfig) -> dict[str, str]:
@@ -599,24 +502,3 @@ class SampleWriter:
         self._pool.shutdown(wait=True)
         for future in self._futures:
             future.result()
-
-
-def save_sample(path: Path, image_planes: list[np.ndarray], mask: np.ndarray) -> None:
-    """Write one sample, as ``np.savez(path, image=np.stack(image_planes), mask=mask, organ_present=mask.max())``.
-
-    The (previous, current, next) planes go straight from the volume into the file, without
-    building the stack first (a 600 KB copy per sample at 320 x 320).
-    """
-    with zipfile.ZipFile(path, "w") as archive:
-        _write_npy(archive, "image", (len(image_planes), *image_planes[0].shape), image_planes)
-        _write_npy(archive, "mask", mask.shape, [mask])
-        _write_npy(archive, "organ_present", (), [mask.max(keepdims=True).reshape(())])
-
-
-def _write_npy(archive: zipfile.ZipFile, name: str, shape: tuple[int, ...], parts: list[np.ndarray]) -> None:
-    """One ``name.npy`` member holding the C-ordered ``parts`` one after another, with ``shape``."""
-    header = {"descr": np.lib.format.dtype_to_descr(parts[0].dtype), "fortran_order": False, "shape": shape}
-    with archive.open(f"{name}.npy", "w") as member:
-        np.lib.format.write_array_header_1_0(member, header)
-        for part in parts:
-            member.write(np.ascontiguousarray(part).reshape(-1).view(np.uint8))

@@ -14,6 +14,10 @@ the pipeline's launcher component (:mod:`components.launch`) calls it.
 
 Also here: the checks of every name and quantity that ends up in a Kubernetes object, shared by
 ``python -m pipeline`` and the components, so bad input fails before anything is sent.
+
+This is library code below the components and the pipeline (they import it, it imports neither),
+and it imports no torch: ``python -m pipeline`` checks its options with it before anything heavy
+is loaded.
 """
 
 import dataclasses
@@ -23,6 +27,8 @@ import re
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
+
+from unet3plus.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +56,9 @@ _IMAGE = re.compile(
 )
 
 
-class SettingError(ValueError):
+class SettingError(ConfigError):
     """An invalid name, quantity or count for a Kubernetes object (``python -m pipeline`` reports it as a
-    usage error; defined here, not as a :class:`unet3plus.errors.UserError`, because importing
-    :mod:`unet3plus` imports torch, and bad options should fail fast)."""
+    usage error)."""
 
 
 def _error(message: str) -> Exception:
@@ -219,6 +224,23 @@ def train_arguments(config: Any, data_dir: str, out_dir: str) -> List[str]:
     return arguments
 
 
+def worker_arguments(params_file: str, data_dir: str, out_dir: str, ablation: str = "") -> List[str]:
+    """``unet3plus train`` arguments of a training worker (``torchrun`` in a pod, or a TrainJob node).
+
+    The parameters travel as the text of ``params_file`` and the variant as its name, exactly as
+    DVC's ``unet3plus train --ablation NAME``: every worker builds the same configuration with
+    :func:`unet3plus.config.load_config`, and the run is tagged and filed under its study as in
+    every other path.
+
+    Args:
+        params_file: a ``params.yaml`` the workers can read.
+        data_dir, out_dir: the preprocessed dataset and the output folder, as the workers see them.
+        ablation: the name of a variant of the file's ``ablations.variants``, or ``""`` for the main model.
+    """
+    arguments = ["train", "--params", params_file, "--data", data_dir, "--out", out_dir]
+    return arguments + ["--ablation", ablation] if ablation else arguments
+
+
 def render_trainjob(
     name: str, namespace: Optional[str], settings: TrainJobSettings, arguments: List[str],
 ) -> Dict[str, Any]:
@@ -228,7 +250,7 @@ def render_trainjob(
         name: job name (RFC 1035 label; the runtime derives pod and service names from it).
         namespace: its namespace, or None to leave it to ``kubectl``'s context.
         settings: nodes, GPUs, image, volumes, secrets (checked here).
-        arguments: the ``unet3plus`` arguments (see :func:`train_arguments`).
+        arguments: the ``unet3plus`` arguments (:func:`worker_arguments` or :func:`train_arguments`).
 
     Raises:
         SettingError: an invalid name or setting.
@@ -357,8 +379,6 @@ def run_trainjob(
     """
     from kubernetes import client, config
     from kubernetes.client.rest import ApiException
-
-    from unet3plus.errors import UserError
 
     if cleanup not in ("always", "on-success", "never"):
         raise UserError(f"cleanup {cleanup!r} is unknown; expected always, on-success or never")
