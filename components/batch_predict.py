@@ -1,8 +1,8 @@
 """Component: batch inference, every scan of a folder on a volume segmented by a registered model."""
 
-from typing import List, NamedTuple, Optional
+from typing import NamedTuple
 
-from components.common import component, load_config
+from components.common import component, start
 
 
 @component
@@ -11,7 +11,6 @@ def batch_predict(
     input_dir: str,
     output_dir: str,
     model_uri: str = "models:/unet3plus-liver@champion",
-    overrides: Optional[List[str]] = None,
     allow_failures: bool = False,
 ) -> NamedTuple("BatchPrediction", [("segmented", int), ("failed", int)]):
     """Segment every ``.nii`` / ``.nii.gz`` of ``input_dir`` into ``output_dir`` (``unet3plus predict --input DIR``).
@@ -26,7 +25,6 @@ def batch_predict(
         input_dir: folder of CT scans.
         output_dir: folder for the masks (created).
         model_uri: the registered model (``models:/NAME@ALIAS``) or a checkpoint path on the volume.
-        overrides: ``section.key=value`` overrides.
         allow_failures: succeed even when some scans failed (default: the step fails, after
             segmenting every other scan, naming the bad ones).
 
@@ -42,10 +40,9 @@ def batch_predict(
 
     from unet3plus.errors import DataError
     from unet3plus.predict import predict_folder, scans_in
-    from unet3plus.utils import check_outputs, setup_logging
+    from unet3plus.utils import check_outputs
 
-    setup_logging()
-    config = load_config(params, overrides)
+    config = start(params)
     if not pathlib.Path(input_dir).is_dir():
         raise DataError(f"{input_dir}: input_dir is not a folder; give a folder of .nii / .nii.gz scans on the volume")
     check_outputs({"output_dir": output_dir}, {"input_dir": input_dir})

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import List  # noqa: UP035 - KFP reads pipeline parameter types from typing names
 
 from kfp import compiler, dsl, kubernetes
 
@@ -42,11 +41,10 @@ def build_batch_pipeline(cluster: ClusterSettings = DEFAULT_CLUSTER, gpu: bool =
         input_dir: str,
         output_dir: str,
         model_uri: str = "models:/unet3plus-liver@champion",
-        overrides: List[str] = [],  # noqa: B006, UP006 - KFP declares parameters by typing names and defaults
         allow_failures: bool = False,
     ):
         task = batch_predict(params=params, input_dir=input_dir, output_dir=output_dir, model_uri=model_uri,
-                             overrides=overrides, allow_failures=allow_failures)  # fmt: skip
+                             allow_failures=allow_failures)
         task.set_display_name("batch-predict")
         on_cluster(task, cluster, "evaluate", gpu=gpu, mlflow=True)
         task.set_caching_options(False)  # the registry's champion and the folder change under the same arguments
