@@ -28,16 +28,6 @@ def test_the_registries_hold_the_papers_models_and_each_has_its_expected_side_ou
     assert set(SIDE_OUTPUTS) == set(ARCHS)  # a new architecture needs its expected number of supervised maps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run on one intra-op thread: these tiny convolutions gain nothing from more, and on a busy
-    machine (or under pytest -n 2) OpenMP threads waiting for a core turn milliseconds into seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
