@@ -28,6 +28,7 @@ readme-results: $(STAMP)
 
 ## test: set up, then run the test suite
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --timeout 600 --durations 15
 
 test-fast: $(STAMP)

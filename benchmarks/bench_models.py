@@ -212,10 +212,14 @@ def probe_cpu_memory(variant: str, mode: str, args: argparse.Namespace) -> None:
     before = _status_bytes("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        peak = lambda: _status_bytes("VmHWM")
+
+        def peak() -> int:
+            return _status_bytes("VmHWM")
     except OSError:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+        def peak() -> int:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     for _ in range(args.warmup + 1):
         runner.step(mode)
     print(json.dumps({"peak_bytes": peak() - before + runner.weights_bytes}))

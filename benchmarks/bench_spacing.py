@@ -40,7 +40,6 @@ from unet3plus.data.dataset import load_preprocessed
 from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import preprocess_dataset
 from unet3plus.data.sources import discover_cases, organ_mask, read_volume
-from unet3plus.data.transforms import prepare_volume
 from unet3plus.metrics import dice
 from unet3plus.predict import predictor_from_checkpoint
 from unet3plus.train import train

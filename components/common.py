@@ -108,7 +108,7 @@ def layout_of(dataset: str) -> str:
     return layouts[dataset]
 
 
-def input_dir(artifact: Any, what: str, producer: str, required: str = "") -> "pathlib.Path":
+def input_dir(artifact: Any, what: str, producer: str, required: str = "") -> "pathlib.Path":  # noqa: F821
     """The directory behind an input artifact, checked before any work starts.
 
     Args:

@@ -95,7 +95,7 @@ def test_raw_data_copies_an_existing_dataset_from_source_dir(raw_liver, tmp_path
     [
         ("kidney", "", ConfigError, "dataset 'kidney' is unknown"),
         ("liver", "absent", DataError, "source_dir not found; mount the volume"),
-        ("spleen", "empty", DataError, "problem\(s\) with the msd-spleen dataset"),
+        ("spleen", "empty", DataError, r"problem\(s\) with the msd-spleen dataset"),
     ],
 )
 def test_raw_data_refuses_bad_inputs_before_writing(tmp_path, dataset, source, error, message):

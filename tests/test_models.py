@@ -11,23 +11,21 @@ import torchvision
 
 from unet3plus.errors import CheckpointError
 from unet3plus.losses import Criterion
+from unet3plus.models import ENCODERS as ENCODER_REGISTRY
 from unet3plus.models import SegmentationOutput, create_encoder, create_model, predict_proba
 from unet3plus.models.blocks import FullScaleSkip
+from unet3plus.models.model import ARCHITECTURES
 
-ARCHS = ("unet", "unet2plus", "unet3plus")
-ENCODERS = ("unet", "vgg16", "resnet101")
-SIDE_OUTPUTS = {"unet": 5, "unet2plus": 4, "unet3plus": 5}
+# The registries, so a new architecture or encoder is tested without editing this file.
+ARCHS = tuple(ARCHITECTURES)
+ENCODERS = tuple(ENCODER_REGISTRY)
+SIDE_OUTPUTS = {"unet": 5, "unet2plus": 4, "unet3plus": 5}  # supervised maps with deep supervision (the paper)
 WIDTH = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run on one intra-op thread: these tiny convolutions gain nothing from more, and on a busy
-    machine (or under pytest -n 2) OpenMP threads waiting for a core turn milliseconds into seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def test_the_registries_hold_the_papers_models_and_each_has_its_expected_side_outputs():
+    assert {"unet", "unet2plus", "unet3plus"} <= set(ARCHS) and {"unet", "vgg16", "resnet101"} <= set(ENCODERS)
+    assert set(SIDE_OUTPUTS) == set(ARCHS)  # a new architecture needs its expected number of supervised maps
 
 
 def _images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:

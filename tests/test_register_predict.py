@@ -121,7 +121,8 @@ def test_predict_cli_with_the_champion_and_with_the_checkpoint(registry, tmp_pat
     scan = write_scan(tmp_path / "scan.nii.gz")
     options = ["--set", f"mlflow.tracking_uri={registry['config'].mlflow.tracking_uri}", "--set", "evaluate.device=cpu"]
     assert main(["predict", "--model", CHAMPION, "--input", str(scan), "--output", "from_registry.nii.gz", *options]) == 0
-    assert main(["predict", "--model", str(registry["checkpoint"]), "--input", str(scan), "--output", "from_checkpoint.nii.gz", *options]) == 0
+    assert main(["predict", "--model", str(registry["checkpoint"]), "--input", str(scan),
+                 "--output", "from_checkpoint.nii.gz", *options]) == 0
     original = nib.load(scan)
     masks = []
     for name in ("from_registry.nii.gz", "from_checkpoint.nii.gz"):

@@ -19,14 +19,6 @@ from unet3plus.models.blocks import FullScaleSkip, upsample_conv3x3
 TOLERANCE = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
 

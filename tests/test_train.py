@@ -54,15 +54,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on 2 shared, busy cores, more threads make these runs ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PREPROCESSING = DataConfig(size=32, val_fraction=0.34, workers=1)
 
 
@@ -455,7 +446,6 @@ def test_epoch_sampler_shards_one_epoch_across_processes():
     interleaved = [index for pair in zip(*shards) for index in pair]
     order = whole.epoch_order().tolist()
     assert interleaved == order + order[:1]  # padded to a multiple of the process count
-
 
 
 def test_checkpoint_records_how_the_data_was_preprocessed_not_the_current_params(straight, store):

@@ -179,8 +179,10 @@ def _size(text: str) -> int:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", type=Path, default=None, help="parameters file (default: ./params.yaml if present, else built-in defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one parameter, e.g. --set train.epochs=5 (repeatable; values are YAML)")
+    parser.add_argument("--params", type=Path, default=None,
+                        help="parameters file (default: ./params.yaml if present, else built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one parameter, e.g. --set train.epochs=5 (repeatable; values are YAML)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
 
 
@@ -202,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ablation_help = ("train/evaluate the variant NAME of ablations.variants (its overrides applied to the main "
                      "configuration; the MLflow run is tagged ablation=NAME)")
-    layout_help = "raw data layout: 'lits' (LiTS 2017: volume-N.nii, segmentation-N.nii) or 'msd-spleen' (Decathlon Task09: dataset.json, imagesTr/, labelsTr/)"
+    layout_help = ("raw data layout: 'lits' (LiTS 2017: volume-N.nii, segmentation-N.nii) or 'msd-spleen' "
+                   "(Decathlon Task09: dataset.json, imagesTr/, labelsTr/)")
 
     p = verb("synth", cmd_synth, "write a synthetic CT phantom dataset in the LiTS or MSD layout",
              "Write seeded synthetic abdominal CT volumes (Hounsfield units, realistic spacing and affine) with liver "
@@ -213,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: data.synth_seed)")
     p.add_argument("--size", type=int, default=None, help="in-plane voxels, e.g. 128 or 512 (default: data.synth_size)")
     p.add_argument("--slices", type=int, default=None, help="slices per volume (default: data.synth_slices)")
-    p.add_argument("--preview", type=Path, default=None, metavar="PNG", help="also render a few axial slices with organ outlines to this PNG")
+    p.add_argument("--preview", type=Path, default=None, metavar="PNG",
+                   help="also render a few axial slices with organ outlines to this PNG")
     p.add_argument("--force", action="store_true", help="replace --out even if it holds files synth did not write (they are deleted)")
     p.add_argument("--fov-range", type=float, nargs=2, default=(1.0, 1.0), metavar=("LOW", "HIGH"),
                    help="vary the field of view: each case shows the same kind of body in a field of view (and "
@@ -320,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spread", type=Path, default=None, metavar="JSON",
                    help="with --readme: show the test Dice spread over seeds and threads that benchmarks/bench_recipe.py "
                    "measured (benchmarks/bench_recipe.json) beside the table, and whether the order is the paper's")
-    p.add_argument("--force", action="store_true", help="replace the report's files and plots even if unet3plus did not write it (or it was edited since)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the report's files and plots even if unet3plus did not write it (or it was edited since)")
     return parser
 
 

@@ -104,8 +104,10 @@ class LossConfig:
     def validate(self) -> None:
         for name in ("focal_weight", "ms_ssim_weight", "iou_weight", "cgm_weight", "focal_gamma"):
             _check(getattr(self, name) >= 0, f"loss.{name}", getattr(self, name), "a number >= 0")
-        _check(0.0 <= self.focal_alpha <= 1.0 or self.focal_alpha < 0, "loss.focal_alpha", self.focal_alpha, "a number in [0, 1], or negative to disable")
-        _check(self.focal_weight + self.ms_ssim_weight + self.iou_weight > 0, "loss", "all weights 0", "at least one positive segmentation loss weight")
+        _check(0.0 <= self.focal_alpha <= 1.0 or self.focal_alpha < 0, "loss.focal_alpha", self.focal_alpha,
+               "a number in [0, 1], or negative to disable")
+        _check(self.focal_weight + self.ms_ssim_weight + self.iou_weight > 0, "loss", "all weights 0",
+               "at least one positive segmentation loss weight")
 
 
 @dataclass
@@ -145,7 +147,8 @@ class TrainConfig:
         _check(self.schedule in ("poly", "cosine", "constant"), "train.schedule", self.schedule, "'poly', 'cosine' or 'constant'")
         _check(0.0 <= self.organ_fraction < 1.0, "train.organ_fraction", self.organ_fraction, "a number in [0, 1)")
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, "an integer >= 0")
-        _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "train.max_steps_per_epoch", self.max_steps_per_epoch, "null or an integer >= 1")
+        _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "train.max_steps_per_epoch",
+               self.max_steps_per_epoch, "null or an integer >= 1")
 
 
 @dataclass

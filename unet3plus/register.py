@@ -263,7 +263,8 @@ def version_description(payload: dict[str, Any], tags: dict[str, str], numbers: 
     return (f"{model['arch']} ({model['encoder']} encoder, width {model['width']}, "
             f"{'DS' if model['deep_supervision'] else 'no DS'}, {'CGM' if model['cgm'] else 'no CGM'}, {loss} loss), "
             f"{train['epochs']} epochs, trained on {payload['dataset']} data {tags.get('data_hash', 'unknown')[:12]} "
-            f"({tags.get('data_source', UNKNOWN_SOURCE)} source, git {tags.get('git_commit', 'unknown')[:12]}). Test: {scores} over {numbers.get('cases', '?')} volumes.")
+            f"({tags.get('data_source', UNKNOWN_SOURCE)} source, git {tags.get('git_commit', 'unknown')[:12]}). "
+            f"Test: {scores} over {numbers.get('cases', '?')} volumes.")
 
 
 def _log_model(
