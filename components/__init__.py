@@ -16,9 +16,5 @@ from components.report import report_ablations
 from components.train import train_model
 from components.validate import validate_data
 
-<<<<<<< HEAD
-__all__ = ["IMAGE", "ablation_names", "data_params", "evaluate_model", "preprocess_data", "raw_data", "register_model", "report_ablations", "train_model", "validate_data"]
-=======
-__all__ = ["IMAGE", "ablation_names", "evaluate_model", "preprocess_data", "raw_data", "register_model",
+__all__ = ["IMAGE", "ablation_names", "data_params", "evaluate_model", "preprocess_data", "raw_data", "register_model",
            "report_ablations", "train_model", "validate_data"]
->>>>>>> main
