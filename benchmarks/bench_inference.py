@@ -6,12 +6,15 @@ with each model of ``--configs`` (default: ``params.yaml``'s model and ``configs
 
 - ``today``: the predict path before issue 17, rebuilt from the library pieces it used: the
   checkpoint's network as trained (batch norms, every deep-supervision head), contiguous NCHW
-  layout, ``predict_slices`` then ``restore_volume`` then the threshold;
+  layout, ``predict_slices`` then ``restore_volume`` copied into C order (as it returned then), then
+  the threshold and ``write_mask``;
 - ``new``: :meth:`unet3plus.predict.Predictor.segment` as ``unet3plus predict`` and the registered
-  model run it (batch norm folded into the convolutions, side heads dropped, channels_last).
+  model run it (batch norm folded into the convolutions, side heads dropped, channels_last, the
+  restored volume kept in the file's Fortran order), then ``write_mask``.
 
 The weights are random but "trained-looking": every batch norm gets seeded non-trivial running
-statistics and affine parameters, so folding is not the identity. Rounds alternate the order of
+statistics and affine parameters, so folding is not the identity, and :func:`calibrate` makes
+about half of the voxels organ. Rounds alternate the order of
 the two paths (today/new, then new/today) so load from other processes on a shared machine hits
 both alike; seconds per volume are medians over rounds and the speed-up is the median of the
 per-round ratios. Masks are compared by Dice (1 when both are empty).
@@ -43,7 +46,7 @@ from unet3plus.data.phantom import write_dataset
 from unet3plus.data.sources import read_volume
 from unet3plus.data.transforms import prepare_volume
 from unet3plus.models import create_model
-from unet3plus.predict import ProbabilityModel, predict_slices, predictor_from_checkpoint
+from unet3plus.predict import ProbabilityModel, predict_slices, predictor_from_checkpoint, read_scan, write_mask
 from unet3plus.utils import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,24 +64,43 @@ def trained_looking_checkpoint(config_path: Path) -> dict:
             module.running_var.uniform_(0.5, 2.0, generator=generator)
             module.weight.data.uniform_(0.5, 1.5, generator=generator)
             module.bias.data.uniform_(-0.2, 0.2, generator=generator)
+    calibrate(model.eval(), config.data.size)
     return {"model": model.state_dict(), "config": config.to_dict(), "dataset": "liver", "epoch": 0}
 
 
-def today(checkpoint: dict, scan_path: Path, batch_size: int) -> np.ndarray:
-    """The predict path before issue 17: unfolded network, all heads, contiguous layout."""
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, size: int) -> None:
+    """Make random weights give a mask worth comparing: the CGM says "organ present" on every slice
+    (else a random CGM may gate every slice off: two empty masks agree trivially) and the final
+    head's bias puts the median logit of a CT-like batch at 0 (about half the voxels organ, so the
+    most voxels possible sit near the threshold, where rounding differences would show)."""
+    if model.cgm is not None:
+        model.cgm.conv.bias.copy_(torch.tensor([-100.0, 100.0]))
+    images = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(2))
+    model.heads[0].conv.bias -= model(images).logits.median()
+
+
+def today(checkpoint: dict, scan_path: Path, batch_size: int, output: Path) -> np.ndarray:
+    """The predict path before issue 17: unfolded network, all heads, contiguous layout, a C-ordered restored volume."""
     network = ProbabilityModel(model_from_checkpoint(checkpoint)).eval()
     config = config_from_dict({"data": checkpoint["config"]["data"]}).data
     scan = read_volume(scan_path)
     stacks, geometry = prepare_volume(np.asarray(scan.get_fdata(dtype=np.float32)), scan.affine, config)
     probabilities = predict_slices(network, stacks, batch_size, torch.device("cpu"), description="today",
                                    memory_format=torch.contiguous_format)  # fmt: skip
-    return restore_volume(probabilities[:, 0], geometry, "linear") > checkpoint["config"]["evaluate"]["threshold"]
+    restored = np.ascontiguousarray(restore_volume(probabilities[:, 0], geometry, "linear"))
+    mask = restored > checkpoint["config"]["evaluate"]["threshold"]
+    write_mask(output, mask, scan)
+    return mask
 
 
-def new(checkpoint: dict, scan_path: Path, batch_size: int) -> np.ndarray:
+def new(checkpoint: dict, scan_path: Path, batch_size: int, output: Path) -> np.ndarray:
     """What ``unet3plus predict`` and the registered model run now."""
     predictor = predictor_from_checkpoint(checkpoint, "benchmark", "cpu", batch_size=batch_size)
-    return predictor.segment(read_volume(scan_path), "new")
+    scan = read_scan(scan_path)
+    mask = predictor.segment(scan, "new")
+    write_mask(output, mask, scan)
+    return mask
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -108,7 +130,7 @@ def main() -> None:
                 order = list(paths) if round_index % 2 == 0 else list(reversed(paths))
                 for name in order:
                     start = time.perf_counter()
-                    masks[name] = paths[name](checkpoint, scan_path, args.batch_size)
+                    masks[name] = paths[name](checkpoint, scan_path, args.batch_size, Path(folder) / f"{name}.nii.gz")
                     seconds[name].append(time.perf_counter() - start)
                 ratios.append(seconds["today"][-1] / seconds["new"][-1])
             row = {

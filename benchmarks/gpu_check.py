@@ -13,6 +13,12 @@ Timings (``benchmarks/bench_models.py``, interleaved medians): training step and
 and peak memory of UNet 3+ naive / factored / auto, UNet and UNet++ at 320x320, batch 16, bf16
 autocast, channels_last, cudnn.benchmark; then UNet 3+ naive and factored with torch.compile.
 
+3. the registered volume model (``--model-uri models:/unet3plus-liver@champion``, else a tiny
+   model registered in a temporary store) loaded with ``mlflow.pyfunc.load_model(...,
+   model_config={"device": "cuda"})`` segments a 512 x 512 x 200 phantom CT; its mask agrees with
+   the CPU's (Dice >= 0.99: bf16 autocast), and the paper model's (``configs/paper.yaml``) volume
+   latency is timed.
+
 Writes ``--out`` (JSON with every number and the device) and prints a markdown table for
 ``benchmarks/RESULTS.md``. ``--quick`` runs the same code at tiny sizes (width 4, 32x32, the INT_MAX
 limit lowered so the split still happens), on the CPU if there is no GPU: a smoke test.
@@ -47,6 +53,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also time torch.compile (default: on for CUDA without --quick)")
     parser.add_argument("--out", default="gpu_check.json", help="JSON output (default gpu_check.json)")
+    parser.add_argument("--model-uri", default=None,
+                        help="registered volume model to load as pyfunc on the device and segment a phantom scan with "
+                        "(e.g. models:/unet3plus-liver@champion, MLFLOW_TRACKING_URI set); default: a tiny model "
+                        "registered in a temporary store")
+    parser.add_argument("--volume-slices", type=int, default=200, help="slices of the 512 x 512 phantom (default 200)")
     return parser.parse_args()
 
 
@@ -114,6 +125,94 @@ def check_int_max_split(device: torch.device, width: int, size: int, batch: int,
     }
 
 
+def _phantom_scan(folder: Path, size: int, slices: int) -> Path:
+    from unet3plus.data.phantom import write_dataset
+
+    (scan,) = write_dataset("lits", folder / "raw", cases=1, seed=0, size=size, slices=slices)
+    return scan
+
+
+def _tiny_champion(folder: Path) -> str:
+    """A tiny model registered as ``champion`` in a temporary SQLite store (``--quick`` / no ``--model-uri``)."""
+    import mlflow
+
+    from unet3plus.config import config_from_dict
+    from unet3plus.serving import log_volume_model
+
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    config = config_from_dict({"data": {"size": 32}, "model": {"width": 4}})
+    payload = {"model": create_model(**{**config.to_dict()["model"], "encoder_weights": None}).state_dict(),
+               "config": config.to_dict(), "dataset": "liver", "epoch": 0}
+    experiment = mlflow.MlflowClient().create_experiment("gpu-check", artifact_location=(folder / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_volume_model(payload, 0.5, "unet3plus-gpu-check")
+    mlflow.MlflowClient().set_registered_model_alias("unet3plus-gpu-check", "champion", info.registered_model_version)
+    return "models:/unet3plus-gpu-check@champion"
+
+
+def check_volume_model(device: torch.device, model_uri: str | None, slices: int, quick: bool) -> dict:
+    """The registered volume model loaded as pyfunc on ``device`` segments a phantom CT (issue 17).
+
+    Loads ``model_uri`` (or a tiny model registered in a temporary store) with
+    ``model_config={"device": ...}``, checks that it runs there, segments a 512 x 512 x ``slices``
+    phantom (tiny sizes with ``--quick``) through ``predict`` and compares the mask with the same
+    model on the CPU (Dice; bf16 autocast on CUDA rounds differently). Then times the paper's model
+    (``configs/paper.yaml``, random weights) on the same volume: seconds per volume (median of 3
+    after a warm-up) and slices per second.
+    """
+    import tempfile
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from unet3plus.config import load_config
+    from unet3plus.data.sources import read_volume
+    from unet3plus.predict import predictor_from_checkpoint
+    from unet3plus.serving import decode_mask, encode_scan
+
+    size, slices = (48, 8) if quick else (512, slices)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        folder = Path(tmp)
+        scan = _phantom_scan(folder, size, slices)
+        model_uri = model_uri or _tiny_champion(folder)
+        rows = pd.DataFrame({"nifti_base64": [encode_scan(scan)]})
+        model = mlflow.pyfunc.load_model(model_uri, model_config={"device": str(device)})
+        loaded_on = model.unwrap_python_model().predictor.device
+        model.predict(rows)  # warm-up: cudnn.benchmark picks its kernels
+        start = time.perf_counter()
+        result = model.predict(rows)
+        pyfunc_seconds = time.perf_counter() - start
+        mask = np.asanyarray(decode_mask(result["mask_base64"][0]).dataobj).astype(bool)
+        reference = mlflow.pyfunc.load_model(model_uri, model_config={"device": "cpu"}).predict(rows)
+        cpu_mask = np.asanyarray(decode_mask(reference["mask_base64"][0]).dataobj).astype(bool)
+        total = int(mask.sum()) + int(cpu_mask.sum())
+        dice = 1.0 if total == 0 else 2 * int((mask & cpu_mask).sum()) / total
+
+        config = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml", [])
+        if quick:
+            config = load_config(None, ["data.size=32", "model.width=4", "model.encoder=resnet101"])
+        network = create_model(**{**config.to_dict()["model"], "encoder_weights": None})
+        payload = {"model": network.state_dict(), "config": config.to_dict(), "dataset": "liver", "epoch": 0}
+        predictor = predictor_from_checkpoint(payload, "configs/paper.yaml", str(device), batch_size=16)
+        volume = read_volume(scan)
+        scan_shape = tuple(volume.shape)
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            predictor.segment(volume, "paper model")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        paper_seconds = sorted(times[1:])[1]
+    return {
+        "model_uri": model_uri, "loaded_on": str(loaded_on), "scan_shape": list(mask.shape),
+        "pyfunc_seconds": pyfunc_seconds, "organ_voxels": int(result["organ_voxels"][0]), "dice_vs_cpu": dice,
+        "paper_seconds_per_volume": paper_seconds, "paper_slices_per_second": slices / paper_seconds,
+        "pass": loaded_on.type == device.type and mask.shape == scan_shape and dice >= 0.99,
+    }  # fmt: skip
+
+
 def main() -> None:
     args = parse_args()
     device = select_device(args.device)
@@ -135,6 +234,7 @@ def main() -> None:
         report["compiled"] = bench_models.main(
             [*common, "--compile", "--no-flops", "--models", "unet3plus-naive", "unet3plus-factored"]
         )
+    report["volume_model"] = check_volume_model(device, args.model_uri, args.volume_slices, args.quick)
     report["seconds"] = time.perf_counter() - started
 
     exact, split = report["exactness"], report["int_max_split"]
@@ -145,9 +245,14 @@ def main() -> None:
     print(f"INT_MAX split, batch {split['batch']}: {'PASS' if split['pass'] else 'FAIL'} "
           f"({split['upsample_elements_whole_batch']:.3g} elements unsplit, {split['images_per_part']} images per part, "
           f"first two vs batch of 2: {split['first_two_rel_vs_batch_of_two']:.1e})")
+    volume = report["volume_model"]
+    print(f"volume model as pyfunc on {volume['loaded_on']}: {'PASS' if volume['pass'] else 'FAIL'} ({volume['model_uri']}, "
+          f"{volume['pyfunc_seconds']:.2f} s for a {volume['scan_shape']} scan, Dice vs CPU {volume['dice_vs_cpu']:.4f}); "
+          f"paper model: {volume['paper_seconds_per_volume']:.2f} s per {volume['scan_shape']} volume "
+          f"({volume['paper_slices_per_second']:.1f} slices/s)")
     print(f"total {report['seconds']:.0f} s")
     write_json_atomic(args.out, report)
-    if not (exact["fp32_pass"] and exact["bf16_pass"] and split["pass"]):
+    if not (exact["fp32_pass"] and exact["bf16_pass"] and split["pass"] and volume["pass"]):
         sys.exit(1)
 
 

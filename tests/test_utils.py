@@ -192,3 +192,33 @@ def test_the_raw_data_component_publishes_a_copied_dataset_with_the_umask(tmp_pa
     assert stat.S_IMODE(Path(raw.path).stat().st_mode) == 0o755
     assert sorted(path.name for path in Path(raw.path).glob("*.nii")) == sorted(
         path.name for path in source.glob("*.nii"))
+
+
+def test_folder_lock_names_its_holder_and_the_kernel_releases_it_when_the_holder_is_killed(tmp_path):
+    """A second holder is refused naming the first's pid; after ``kill -9`` of the first the lock is free again,
+    and a released lock leaves no file behind."""
+    from unet3plus.errors import UserError
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from unet3plus.utils import folder_lock\n"
+         f"with folder_lock({str(out)!r}, 'a training'):\n    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"a training is already writing here \(a training: pid {holder.pid} on "):
+            with utils.folder_lock(out / ".." / "run", "a training"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    with utils.folder_lock(out, "a training"):
+        assert (out / utils.LOCK_NAME).is_file()
+    assert not (out / utils.LOCK_NAME).exists() and out.is_dir()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        with utils.folder_lock(tmp_path / "afile", "a training"):
+            pass
+    with pytest.raises(UserError, match="refused"), utils.folder_lock(tmp_path / "new" / "run", "a training"):
+        raise UserError("refused")  # a refused training leaves no folder it created
+    assert not (tmp_path / "new" / "run").exists()

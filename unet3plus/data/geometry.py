@@ -249,7 +249,8 @@ def restore_volume(slices: np.ndarray, geometry: VolumeGeometry, interpolation: 
 
     Returns:
         (X, Y, Z) array with ``geometry.original_shape``, in the voxel order of the original file,
-        so ``nib.Nifti1Image(result, geometry.affine)`` overlays the original scan.
+        so ``nib.Nifti1Image(result, geometry.affine)`` overlays the original scan. It is a
+        (usually Fortran-ordered) view that may share memory with ``slices``.
 
     Raises:
         ValueError: ``slices`` is not (Z, S, S) for this geometry, or unknown interpolation.
@@ -268,7 +269,10 @@ def restore_volume(slices: np.ndarray, geometry: VolumeGeometry, interpolation: 
     else:
         planes = _resize(np.asarray(slices), (height, width), interpolation)
     canonical = np.moveaxis(planes, 0, -1)
-    restored = np.ascontiguousarray(apply_orientation(canonical, _inverse_orientation(geometry.orientation)))
+    # A view, not a C-ordered copy: for a file whose third axis is axial it is Fortran-ordered, NIfTI's
+    # own voxel order, so thresholding and writing it stay sequential; a C copy of 512 x 512 x 200
+    # voxels (a cache-hostile transpose) took longer than the network of the default model.
+    restored = apply_orientation(canonical, _inverse_orientation(geometry.orientation))
     assert restored.shape == geometry.original_shape, (restored.shape, geometry.original_shape)
     return restored
 
