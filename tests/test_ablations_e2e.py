@@ -1,10 +1,10 @@
 """End to end: the ablation grid through `dvc repro` of the real dvc.yaml, MLflow and `unet3plus report`.
 
-One tiny run covers: matrix stage names and per-variant params in dvc.lock, one parent run per
-study with a named child per variant, datasets and lineage tags, an injected failing variant (a
-FAILED run with its error; `--keep-going` finishes the rest; the report marks it), the report's
-rows and plots, the REST API behind the MLflow UI, that the rest is then up to date and that editing
-one variant reruns only it.
+One tiny `dvc repro` (the module-scoped ``study`` fixture), checked by one named test per promise:
+matrix stage names and per-variant params in dvc.lock; one parent run per study with a named
+child per variant, datasets and lineage tags, an injected failing variant (a FAILED run with its
+error; `--keep-going` finishes the rest); the report's rows, failure mark and plots; the REST API
+behind the MLflow UI; and that the rest is then up to date and editing one variant reruns only it.
 """
 
 import os
@@ -50,9 +50,10 @@ def _write_params(repo: Path, grid: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.mark.slow
-def test_ablation_grid_with_a_failing_variant_end_to_end(tmp_path):
-    repo = tmp_path / "repo"
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    """One `dvc repro --keep-going report` of the grid in a fresh git + DVC repository, then the report alone."""
+    repo = tmp_path_factory.mktemp("ablations") / "repo"
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
@@ -70,24 +71,30 @@ def test_ablation_grid_with_a_failing_variant_end_to_end(tmp_path):
     _run([dvc, "init", "--quiet"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "--quiet", "-m", "grid"], repo, env)
-
     # the report and everything it needs (registering models is test_pipeline_e2e's)
     failed = _run([dvc, "repro", "--keep-going", "report"], repo, env, ok=False)
-    assert failed.returncode != 0 and "ablate@liver-broken" in failed.stdout + failed.stderr
     _run([dvc, "repro", "--single-item", "report"], repo, env)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("unet3plus").experiment_id])
+    parents = {r.data.tags["dataset"]: r for r in runs if r.data.tags.get("study_parent") == "true"}
+    return {"repo": repo, "env": env, "dvc": dvc, "failed": failed, "runs": runs, "parents": parents}
 
-    # -- DVC: readable matrix stage names, each with only its own variant's params --------------
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+@pytest.mark.slow
+def test_dvc_keeps_going_past_the_failing_variant_with_readable_matrix_stages(study):
+    failed = study["failed"]
+    assert failed.returncode != 0 and "ablate@liver-broken" in failed.stdout + failed.stderr
+    # each matrix stage records only its own variant's params
+    lock = yaml.safe_load((study["repo"] / "dvc.lock").read_text())["stages"]
     assert {"ablate@liver-unet", "ablate@spleen-unet", "report"} <= set(lock)
     assert "ablate@liver-broken" not in lock
     ablation_params = {k for k in lock["ablate@liver-unet"]["params"]["params.yaml"] if k.startswith("ablations")}
     assert ablation_params == {"ablations.variants.unet"}
 
-    # -- MLflow: one parent per study, a named child per variant, datasets, lineage, the failure ---
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("unet3plus")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = {r.data.tags["dataset"]: r for r in runs if r.data.tags.get("study_parent") == "true"}
+
+@pytest.mark.slow
+def test_mlflow_has_one_parent_per_study_and_a_named_child_per_variant_with_lineage(study):
+    runs, parents, repo = study["runs"], study["parents"], study["repo"]
     assert sorted(parents) == ["liver", "spleen"]
     for organ in ("liver", "spleen"):
         children = {r.data.tags["ablation"]: r for r in runs
@@ -110,7 +117,10 @@ def test_ablation_grid_with_a_failing_variant_end_to_end(tmp_path):
         assert {d.dataset.source for d in inputs.values()} == {f'{{"uri": "data/raw/{organ}"}}'}
         assert "test_cgm_roc_auc" in main.data.metrics and "test_fp_organ_free_no_gate" in main.data.metrics
 
-    # -- the report: both configurations per organ, the failure marked, the plots ---------------
+
+@pytest.mark.slow
+def test_the_report_has_both_configurations_per_organ_marks_the_failure_and_draws_the_plots(study):
+    repo = study["repo"]
     report = (repo / "reports" / "ablations.md").read_text()
     assert "**FAILED**: TrainingError: " in report and "2 configuration(s) failed" in report
     table = pd.read_csv(repo / "reports" / "ablations.csv")
@@ -121,7 +131,10 @@ def test_ablation_grid_with_a_failing_variant_end_to_end(tmp_path):
     for name in ("dice_vs_params", "per_case_dice", "overlays_liver", "overlays_spleen"):
         assert (repo / "reports" / "ablations_plots" / f"{name}.png").stat().st_size > 5000, name
 
-    # -- the MLflow UI's REST API (a real server on this store) shows names, datasets, grouping ---
+
+@pytest.mark.slow
+def test_the_mlflow_ui_api_shows_run_names_datasets_and_grouping(study):
+    repo, parents = study["repo"], study["parents"]
     server = MlflowServer(repo)
     server.start()
     try:
@@ -141,8 +154,11 @@ def test_ablation_grid_with_a_failing_variant_end_to_end(tmp_path):
     finally:
         server.stop()
 
-    # -- all is up to date but the failed variant (and registering, not asked for); editing one
-    # variant reruns only its stages ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_rest_is_up_to_date_and_editing_one_variant_reruns_only_it(study):
+    """Last in this file: it edits params.yaml."""
+    repo, env, dvc = study["repo"], study["env"], study["dvc"]
     broken = ["ablate@liver-broken", "ablate@spleen-broken", "register@liver", "register@spleen"]
     assert sorted(yaml.safe_load(_run([dvc, "status", "--json"], repo, env).stdout)) == broken
     _write_params(repo, {**GRID, "variants": {**GRID["variants"], "unet": {**GRID["variants"]["unet"], "train.seed": 1}}})

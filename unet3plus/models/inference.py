@@ -11,7 +11,8 @@ the network :mod:`unet3plus.predict` (and so the registered MLflow model) runs:
 - the weights are laid out ``channels_last``, the layout the CPU's (oneDNN) and CUDA's (cuDNN)
   convolution kernels run fastest: on this project's CPU, the folded default model (batch 16,
   1 thread, 6 interleaved rounds) took 0.39-1.08 s per batch channels_last against 0.85-1.73 s
-  contiguous, a median per-round ratio of 1.9x (``benchmarks/RESULTS.md``).
+  contiguous, a median per-round ratio of 1.9x; the paper's model (ResNet-101, width 64, 320 px)
+  1.01-1.38x per round (``benchmarks/RESULTS.md``).
 
 Parameters of the original model are never modified: the inference network is a copy.
 """
