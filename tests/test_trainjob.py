@@ -219,7 +219,7 @@ BAD_INPUT = [
      "is not a container image reference"),
     # label and taint keys, label values and mount paths, as the API server checks them
     (["compile", "--data-mount", "data"], "--data-mount 'data' is not a usable mount path"),
-    (["trainjob", "--nodes", "2", "--gpus-per-node", "1", "--data-mount", "/dev/shm"], "is not a usable mount path"),
+    (["trainjob", "--nodes", "2", "--gpus-per-node", "1", "--workspace-mount", "/dev/shm"], "is not a usable mount path"),
     (["compile", "--gpu-toleration", "gpu node"], "--gpu-toleration 'gpu node' is not a valid label key"),
     (["compile", "--gpu-node-selector", "a/b/c=true"], "'a/b/c' is not a valid label key"),
     (["trainjob", "--nodes", "2", "--gpus-per-node", "1", "--pod-label", "team=a b"], "'a b' is not a valid label value"),
