@@ -13,7 +13,7 @@ configuration, as the CLI does for DVC.
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, List, Optional
 
 from kfp import dsl
 
@@ -31,12 +31,16 @@ def component(func: Callable) -> Any:
     return dsl.component(func, base_image=IMAGE, install_kfp_package=False, additional_funcs=HELPERS)
 
 
-def start(params: str, ablation: str = "") -> Any:
+def start(params: str, ablation: str = "", kfp_run: Optional[List[str]] = None) -> Any:
     """What every component does first: logging, the MLflow settings of the mounted secret, the configuration.
 
     Args:
         params: the text of a ``params.yaml``.
         ablation: the name of a variant of its ``ablations.variants``, or ``""`` for the main model.
+        kfp_run: ``[run id, run name, pipeline version]`` of the Kubeflow run (the pipeline passes
+            KFP's placeholders); they become ``KFP_RUN_ID``, ``KFP_RUN_NAME`` and
+            ``KFP_PIPELINE_VERSION``, which every MLflow run this pod writes carries as tags
+            (``unet3plus.tracking.kfp_tags``).
 
     Returns:
         ``unet3plus.config.parse_config(params, ablation=ablation)``.
@@ -44,11 +48,16 @@ def start(params: str, ablation: str = "") -> Any:
     Raises:
         ConfigError: invalid parameters, no such variant, or an MLflow secret without the tracking URI.
     """
+    import os
+
     from unet3plus.config import parse_config
     from unet3plus.utils import setup_logging
 
     setup_logging()
     mlflow_environment()
+    for variable, value in zip(("KFP_RUN_ID", "KFP_RUN_NAME", "KFP_PIPELINE_VERSION"), kfp_run or []):
+        if value:
+            os.environ[variable] = str(value)
     return parse_config(params, ablation=ablation)
 
 
@@ -114,16 +123,54 @@ def input_dir(artifact: Any, what: str, producer: str, required: str = "") -> "p
     Raises:
         DataError: the path is not a directory or lacks ``required``.
     """
+    import json
     import pathlib
 
     from unet3plus.errors import DataError
 
     path = pathlib.Path(artifact.path)
+    if (path / "location.json").is_file():  # a dataset on the workspace claim: see dataset_output
+        path = pathlib.Path(json.loads((path / "location.json").read_text())["path"])
     if not path.is_dir():
         raise DataError(f"{path}: the {what} is not a directory; connect this input to the output of {producer}")
     if required and not (path / required).is_file():
         raise DataError(f"{path}: the {what} has no {required}; connect this input to the output of {producer}")
     return path
+
+
+def dataset_output(artifact: Any, workspace: str, kind: str, key: str, existing: str = "") -> Any:
+    """Where a step writes a dataset: the artifact's own folder, or a folder on the workspace claim.
+
+    Without a ``workspace`` the dataset is the artifact, uploaded to the artifact store and
+    downloaded by every step that reads it. With one (the claim's mount path), the dataset is
+    written to ``<workspace>/unet3plus/<kind>/<key>`` and the artifact holds only
+    ``location.json`` (``{"path": ...}``), which :func:`input_dir` follows: the data stays on the
+    claim. ``key`` names the content (e.g. a hash of the settings that make it), so a later run
+    with the same settings finds it there, as KFP's cache finds the artifact. ``existing``: a
+    folder already on the claim that is the dataset (referenced in place, nothing written).
+
+    Returns:
+        The folder to write (a ``pathlib.Path``; its parent exists).
+    """
+    import json
+    import pathlib
+
+    if not workspace:
+        return pathlib.Path(artifact.path)
+    folder = pathlib.Path(existing) if existing else pathlib.Path(workspace) / "unet3plus" / kind / key
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(artifact.path).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(artifact.path) / "location.json").write_text(json.dumps({"path": str(folder)}))
+    artifact.metadata["location"] = str(folder)
+    return folder
+
+
+def content_key(*parts: Any) -> str:
+    """16 hex of the SHA-256 of ``parts`` as JSON: the name of a dataset made from exactly these settings."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def log_numbers(metrics: Any, values: dict) -> None:
@@ -133,6 +180,40 @@ def log_numbers(metrics: Any, values: dict) -> None:
     for key, value in sorted(values.items()):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             metrics.log_metric(key, float(value))
+
+
+def ablation_failed(artifact: Any, error: BaseException) -> float:
+    """Turn an ablation's failure into a marker, so that its branch ends successfully and nothing else is harmed.
+
+    Argo's DAG fail-fast can cut sibling branches of a failed ParallelFor iteration short
+    (kubeflow/pipelines#7330), and retries inside a ParallelFor may be ignored (#13897): a failing
+    variant must not fail its task. Its error is logged, written to ``FAILED.json`` in
+    ``artifact`` (``{"error": ...}``) and to the artifact's metadata (``failed``, ``error``); training
+    also leaves its FAILED MLflow run with the error, which the report shows as a FAILED row.
+
+    Returns:
+        0.0, the step's number for a failed variant (no score: see the marker).
+    """
+    import json
+    import logging
+    import pathlib
+
+    message = f"{type(error).__name__}: {error}"
+    logging.getLogger("unet3plus").error("this ablation failed; recorded, and the pipeline goes on: %s", message)
+    folder = pathlib.Path(artifact.path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "FAILED.json").write_text(json.dumps({"error": message}))
+    artifact.metadata.update({"failed": True, "error": message[:2000]})
+    return 0.0
+
+
+def failure_of(folder: Any) -> Optional[str]:
+    """The error an upstream step recorded with :func:`ablation_failed` in ``folder``, or None."""
+    import json
+    import pathlib
+
+    marker = pathlib.Path(folder) / "FAILED.json"
+    return json.loads(marker.read_text())["error"] if marker.is_file() else None
 
 
 def record_training(model: Any, metrics: Any, config: Any, summary: dict, ablation: str) -> float:
@@ -158,4 +239,5 @@ def record_training(model: Any, metrics: Any, config: Any, summary: dict, ablati
     return float(summary["best_val_dice"])
 
 
-HELPERS = [mlflow_environment, start, layout_of, input_dir, log_numbers, record_training]
+HELPERS = [mlflow_environment, start, layout_of, input_dir, dataset_output, content_key, log_numbers,
+           ablation_failed, failure_of, record_training]

@@ -1,5 +1,6 @@
 """Component: train across nodes with a Kubeflow Trainer TrainJob, handing the model on like ``train_model``."""
 
+
 from kfp import dsl
 
 from components.common import component, input_dir, record_training, start
@@ -13,6 +14,9 @@ def train_on_trainjob(
     params: str,
     job: dict,
     ablation: str = "",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+    pipeline_version: str = "",
 ) -> float:
     """Train on several nodes: stage the data on the workspace claim, run a TrainJob, collect the model.
 
@@ -33,6 +37,12 @@ def train_on_trainjob(
             ``timeout_seconds``, ``cleanup`` and ``poll_seconds``.
         ablation: the name of a variant of ``ablations.variants`` to train, or ``""`` for the main
             model (as ``train_model``).
+        kfp_run_id, kfp_run_name, pipeline_version: the Kubeflow run's id and name (KFP's placeholders)
+            and the pipeline version; every MLflow run this step writes is tagged with them
+            (``components.common.start``).
+
+    A dataset already on the claim (the pipeline's workspace, ``components.common.dataset_output``)
+    is used in place, not copied.
 
     Returns:
         The best validation Dice.
@@ -49,7 +59,7 @@ def train_on_trainjob(
 
     from unet3plus.trainjob import TrainJobSettings, render_trainjob, run_trainjob, worker_arguments
 
-    config = start(params, ablation=ablation)
+    config = start(params, ablation=ablation, kfp_run=[kfp_run_id, kfp_run_name, pipeline_version])
     data_dir = input_dir(processed, "preprocessed dataset", "preprocess_data", required="manifest.csv")
     options = dict(job)
     namespace = options.pop("namespace", "") or pathlib.Path(
@@ -64,12 +74,17 @@ def train_on_trainjob(
     settings = TrainJobSettings(**options).check()
     name = f"unet3plus-{uuid.uuid4().hex[:10]}"
     workdir = pathlib.Path(settings.workspace_mount) / "unet3plus" / name
-    shutil.copytree(data_dir, workdir / "data")
+    on_claim = data_dir.resolve().is_relative_to(pathlib.Path(settings.workspace_mount).resolve())
+    if not on_claim:
+        shutil.copytree(data_dir, workdir / "data")
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "params.yaml").write_text(params)
-    arguments = worker_arguments(str(workdir / "params.yaml"), str(workdir / "data"), str(workdir / "model"), ablation)
+    data = data_dir if on_claim else workdir / "data"
+    arguments = worker_arguments(str(workdir / "params.yaml"), str(data), str(workdir / "model"), ablation)
     run_trainjob(render_trainjob(name, namespace, settings, arguments), namespace, **run)
     shutil.copytree(workdir / "model", model.path, dirs_exist_ok=True)
-    shutil.rmtree(workdir / "data")  # a copy made above; the model stays on the claim as well
+    if not on_claim:
+        shutil.rmtree(workdir / "data")  # a copy made above; the model stays on the claim as well
     (workdir / "params.yaml").unlink()
     summary = json.loads((pathlib.Path(model.path) / "train_summary.json").read_text())
     return record_training(model, metrics, config, summary, ablation)

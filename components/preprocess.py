@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from components.common import component, input_dir, layout_of, start
+from components.common import component, content_key, dataset_output, input_dir, layout_of, start
 
 
 @component
@@ -11,8 +11,13 @@ def preprocess_data(
     processed: dsl.Output[dsl.Dataset],
     dataset: str,
     params: str,
+    workspace: str = "",
 ) -> None:
     """Preprocess the raw dataset into training samples (``unet3plus preprocess``).
+
+    With a ``workspace`` the samples are written on the claim, in a folder named after the raw
+    dataset and the ``data`` settings, and the artifact is a reference to it; preprocessing again
+    with unchanged input is a no-op there.
 
     Args:
         raw: the raw dataset directory (from ``raw_data``).
@@ -20,6 +25,7 @@ def preprocess_data(
             gets the dataset, the sample size and the number of samples and cases per split.
         dataset: ``"liver"`` or ``"spleen"``.
         params: text of ``params.yaml`` (the ``data`` section is used).
+        workspace: where the workspace claim is mounted, or ``""`` (the dataset is the artifact).
 
     Raises:
         ConfigError: unknown dataset or invalid parameters.
@@ -31,8 +37,9 @@ def preprocess_data(
     layout = layout_of(dataset)
     config = start(params)
     raw_dir = input_dir(raw, "raw dataset", "raw_data")
-    preprocess_dataset(layout, raw_dir, processed.path, config.data)
-    manifest, _ = load_preprocessed(processed.path)
+    out = dataset_output(processed, workspace, "processed", content_key(str(raw_dir), vars(config.data)))
+    preprocess_dataset(layout, raw_dir, out, config.data)
+    manifest, _ = load_preprocessed(out)
     processed.metadata.update({"dataset": dataset, "size": config.data.size, "samples": len(manifest)})
     for split, rows in manifest.groupby("split"):
         processed.metadata[f"{split}_samples"] = len(rows)

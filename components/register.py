@@ -12,6 +12,9 @@ def register_model(
     model: dsl.Input[dsl.Model],
     evaluation: dsl.Input[dsl.Artifact],
     params: str,
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+    pipeline_version: str = "",
 ) -> NamedTuple("Registered", [("name", str), ("version", str), ("champion", bool)]):
     """Register the model as ``<register.name_prefix>-<dataset>[-synthetic]`` (``unet3plus register``).
 
@@ -23,6 +26,9 @@ def register_model(
         model: the trained model directory (from ``train_model``).
         evaluation: its evaluation directory (from ``evaluate_model``), for ``metrics.json``.
         params: text of ``params.yaml`` (``register`` and ``mlflow`` sections are used).
+        kfp_run_id, kfp_run_name, pipeline_version: the Kubeflow run's id and name (KFP's placeholders)
+            and the pipeline version; every MLflow run this step writes is tagged with them
+            (``components.common.start``); the version's tags name the run.
 
     Returns:
         ``(name, version, champion)``: the registered model name, its new version and whether it
@@ -35,7 +41,7 @@ def register_model(
     """
     from unet3plus.register import register
 
-    config = start(params)
+    config = start(params, kfp_run=[kfp_run_id, kfp_run_name, pipeline_version])
     model_dir = input_dir(model, "trained model", "train_model", required="best.pt")
     evaluation_dir = input_dir(evaluation, "evaluation", "evaluate_model", required="metrics.json")
     result = register(config, checkpoint=model_dir / "best.pt", metrics_path=evaluation_dir / "metrics.json")

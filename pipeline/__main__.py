@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from components.common import DEFAULT_IMAGE, IMAGE
-from pipeline.pipeline import DEFAULT_RESOURCES, PIPELINE_NAME, ClusterSettings, build_pipeline
+from pipeline.pipeline import DEFAULT_RESOURCES, DEFAULT_SCRATCH, PIPELINE_NAME, ClusterSettings, build_pipeline
 from unet3plus import trainjob
 
 logger = logging.getLogger("pipeline")
@@ -95,6 +95,27 @@ def _step_resources(text: str) -> tuple:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _step_scratch(text: str) -> tuple:
+    """``STEP=SIZE`` -> ``(STEP, SIZE)``, a step of :data:`DEFAULT_SCRATCH` and a Kubernetes quantity."""
+    step, sep, size = text.partition("=")
+    if not sep or step not in DEFAULT_SCRATCH:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected STEP=SIZE with STEP one of {', '.join(DEFAULT_SCRATCH)}, "
+                                         "e.g. preprocess=200Gi")
+    try:
+        return step, trainjob.check_quantity(size, f"the scratch size of {step}")
+    except trainjob.SettingError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _count(what: str) -> Callable[[str], int]:
+    """A whole number >= 0."""
+    def parse(text: str) -> int:
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number (0 or more), got {text!r}")
+        return int(text)
+    return parse
+
+
 def _node_label(text: str) -> Optional[tuple]:
     """``LABEL=VALUE`` -> ``(LABEL, VALUE)``; ``""`` -> None (no node selector)."""
     if not text:
@@ -129,15 +150,20 @@ def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
         pod_labels=tuple(args.pod_labels),
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
-        workspace_pvc=args.workspace_pvc,
+        workspace_pvc=args.workspace_pvc or None,
         workspace_mount=args.workspace_mount,
+        evaluate_gpus=args.evaluate_gpus,
+        max_parallel_ablations=args.max_parallel_ablations,
+        scratch={**DEFAULT_SCRATCH, **dict(args.scratch)},
+        scratch_mount=args.scratch_mount,
+        scratch_storage_class=args.scratch_storage_class or None,
     )
     cluster.trainjob()  # checks the TrainJob settings now, not in the cluster
     return cluster
 
 
-def compile_pipeline(output: Path, cluster: ClusterSettings) -> Path:
-    """Compile the pipeline to ``output`` (IR YAML), atomically.
+def compile_pipeline(output: Path, cluster: ClusterSettings, params: str = "") -> Path:
+    """Compile the pipeline to ``output`` (IR YAML), atomically, with ``params`` as the default of its ``params``.
 
     Returns:
         ``output``.
@@ -147,8 +173,15 @@ def compile_pipeline(output: Path, cluster: ClusterSettings) -> Path:
     from unet3plus.utils import atomic_path
 
     with atomic_path(output) as tmp:
-        compiler.Compiler().compile(build_pipeline(cluster), str(tmp))
+        compiler.Compiler().compile(build_pipeline(cluster, params=params), str(tmp))
     return output
+
+
+def default_params(params_path: Optional[Path]) -> str:
+    """The text the compiled pipeline's ``params`` defaults to: ``params_path``, else ./params.yaml, else the defaults."""
+    if params_path is None and Path("params.yaml").is_file():
+        params_path = Path("params.yaml")
+    return run_arguments(params_path, [], "liver", "")["params"]
 
 
 def run_arguments(params_path: Optional[Path], overrides: List[str], dataset: str, source_dir: str) -> Dict[str, Any]:
@@ -189,7 +222,7 @@ def _record_output(args: argparse.Namespace) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> None:
     _check_output(args)
-    path = compile_pipeline(args.output, cluster_settings(args))
+    path = compile_pipeline(args.output, cluster_settings(args), default_params(args.params))
     _record_output(args)
     logger.info("pipeline %r compiled to %s", PIPELINE_NAME, path)
 
@@ -217,7 +250,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
     arguments = run_arguments(params, args.overrides, args.dataset, args.source_dir)
     ablations = len(yaml.safe_load(arguments["params"])["ablations"]["run"])
     scratch = tempfile.TemporaryDirectory()
-    package = compile_pipeline(Path(scratch.name) / "pipeline.yaml", cluster)
+    package = compile_pipeline(Path(scratch.name) / "pipeline.yaml", cluster, default_params(args.params))
     version = version_name(package, git_commit())
     run_name = args.run_name or f"{args.pipeline_name} {version} {datetime.datetime.now():%Y-%m-%d %H:%M:%S}"
     token = args.token or os.environ.get(TOKEN_ENV) or None
@@ -370,12 +403,34 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
                        "in the pipeline's own pod)")
     scale.add_argument("--gpus-per-node", type=_positive("--gpus-per-node"), default=None,
                        help="GPUs (and processes) per node (default: --gpus)")
-    scale.add_argument("--workspace-pvc", type=_checked(trainjob.check_resource_name, "--workspace-pvc"),
-                       default=default.workspace_pvc, metavar="CLAIM",
-                       help="ReadWriteMany claim for data and model (default: %(default)s)")
-    scale.add_argument("--workspace-mount", default=default.workspace_mount, metavar="PATH",
-                       type=_checked(trainjob.check_mount_path, "--workspace-mount"),
-                       help="where --workspace-pvc is mounted (default: %(default)s)")
+    data = parser.add_argument_group(
+        "where the data lives",
+        "With --workspace-pvc the datasets stay on that claim: raw-data, validate, preprocess, train and evaluate "
+        "read and write them there and pass only small references as artifacts, and training checkpoints there "
+        "(a retried train step resumes). Without it, datasets travel as artifacts and every step that downloads "
+        "one gets a scratch volume (a generic ephemeral volume) of --scratch's size.",
+    )
+    data.add_argument("--workspace-pvc", type=_checked(trainjob.check_resource_name, "--workspace-pvc",
+                                                       empty_is_none=True),
+                      default=default.workspace_pvc, metavar="CLAIM",
+                      help="claim for the datasets, checkpoints and a TrainJob's data and model; ReadWriteMany when "
+                      "pods on several nodes use it (default: none)")
+    data.add_argument("--workspace-mount", default=default.workspace_mount, metavar="PATH",
+                      type=_checked(trainjob.check_mount_path, "--workspace-mount"),
+                      help="where --workspace-pvc is mounted (default: %(default)s)")
+    data.add_argument("--scratch", action="append", default=[], type=_step_scratch, metavar="STEP=SIZE",
+                      help="scratch volume of a step without --workspace-pvc (repeatable); steps and defaults, sized "
+                      "for LiTS: " + "; ".join(f"{step}={size}" for step, size in DEFAULT_SCRATCH.items()))
+    data.add_argument("--scratch-mount", default=default.scratch_mount, metavar="PATH",
+                      help="where the KFP launcher keeps artifacts for your pipeline root: /minio (minio://, "
+                      "Kubeflow's default), /s3 (s3://) or /gcs (gs://) (default: %(default)s)")
+    data.add_argument("--scratch-storage-class", default=None, metavar="NAME",
+                      help="storage class of the scratch volumes (default: the cluster's)")
+    group.add_argument("--evaluate-gpus", type=_count("--evaluate-gpus"), default=default.evaluate_gpus,
+                       metavar="N", help="GPUs of each evaluation pod, on the training's GPU nodes; 0 evaluates on "
+                       "the CPU (default: %(default)s)")
+    group.add_argument("--max-parallel-ablations", type=_positive("--max-parallel-ablations"), default=None,
+                       metavar="N", help="ablations trained at once (default: all)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -401,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "`kfp pipeline create`.")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="FILE",
                    help="where to write the YAML (default: %(default)s)")
+    p.add_argument("--params", type=Path, default=None,
+                   help="the default of the pipeline's `params` input (default: ./params.yaml if present, else the "
+                   "built-in defaults)")
     p.add_argument("--force", action="store_true", help="replace --output even if unet3plus did not write it")
     _add_cluster_options(p)
     p.set_defaults(func=cmd_compile)

@@ -25,6 +25,7 @@ def no_cuda(monkeypatch):
     """A CUDA 13 torch build on a node where CUDA does not come up."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # in a pod (kfp.local runs have no refusal)
 
 
 def test_auto_falls_back_to_the_cpu_unless_gpus_were_requested(no_cuda, monkeypatch):
@@ -35,6 +36,8 @@ def test_auto_falls_back_to_the_cpu_unless_gpus_were_requested(no_cuda, monkeypa
     with pytest.raises(UserError) as refused:
         select_device("auto")
     assert "CUDA is unavailable" in str(refused.value) and "\n" not in str(refused.value)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    assert select_device("auto") == torch.device("cpu")  # kfp.local on a laptop: the same step, no pod
 
 
 def test_the_refusal_names_the_cuda_build_the_driver_it_needs_and_the_nodes(no_cuda, monkeypatch):

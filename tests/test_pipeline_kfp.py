@@ -53,8 +53,8 @@ def test_every_step_is_wired_in_order(compiled):
     spec, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
     assert set(STEPS) <= set(tasks)
-    assert tasks["validate-data"]["dependentTasks"] == ["raw-data"]
-    assert set(tasks["preprocess-data"]["dependentTasks"]) == {"raw-data", "validate-data"}
+    assert tasks["validate-data"]["dependentTasks"] == ["data-params", "raw-data"]  # data-params: its cache key
+    assert set(tasks["preprocess-data"]["dependentTasks"]) == {"data-params", "raw-data", "validate-data"}
     train_input = tasks["train-model"]["inputs"]["artifacts"]["processed"]
     assert train_input["taskOutputArtifact"]["producerTask"] == "preprocess-data"
     evaluate_inputs = tasks["evaluate-model"]["inputs"]["artifacts"]
@@ -74,12 +74,12 @@ def test_ablations_are_a_parallel_for_over_the_params_names_of_train_and_evaluat
     # The loop runs over the names a step reads from the run's params (ablations.run), no copy of them.
     assert loops[0]["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--ablation-names-Output"}
     assert tasks["ablation-names"]["inputs"]["parameters"]["params"] == {"componentInputParameter": "params"}
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"params", "dataset", "source_dir"}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"params", "dataset", "source_dir", "pipeline_version"}
     body = spec["components"][loops[0]["componentRef"]["name"]]["dag"]["tasks"]
     assert sorted(task["taskInfo"]["name"] for task in body.values()) == ["evaluate-ablation", "train-ablation"]
-    for task in body.values():  # each gets the params text and the ablation's name, nothing else
+    for task in body.values():  # each gets the params text and the ablation's name, and the KFP run (lineage)
         parameters = task["inputs"]["parameters"]
-        assert set(parameters) == {"params", "ablation"}
+        assert set(parameters) - {"workspace"} == {"params", "ablation", "kfp_run_id", "kfp_run_name", "pipeline_version"}
         assert parameters["ablation"] == {"componentInputParameter": "pipelinechannel--ablation-names-Output-loop-item"}
     for component in spec["components"].values():
         assert "overrides" not in component.get("inputDefinitions", {}).get("parameters", {})
@@ -88,13 +88,13 @@ def test_ablations_are_a_parallel_for_over_the_params_names_of_train_and_evaluat
 def test_only_training_asks_for_a_gpu_and_every_step_runs_in_the_project_image(compiled):
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 10  # six steps, the ablation names, the ablation's train and evaluate, the report
+    assert len(executors) == 11  # six steps, data-params, the ablation names, the ablation's train and evaluate, the report
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == DEFAULT_IMAGE, name
         accelerator = container.get("resources", {}).get("accelerator")
         env = {variable["name"]: variable["value"] for variable in container.get("env", [])}
-        if name.startswith("exec-train-model"):
+        if name.startswith(("exec-train-model", "exec-evaluate-model")):  # evaluation on GPUs too (test_pipeline_cluster)
             assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "1", name
             # A GPU pod without CUDA (driver too old for the image's build) refuses to train on the CPU.
             assert env == {REQUIRE_CUDA_ENV: "1"}, name
@@ -125,7 +125,9 @@ def test_kubernetes_settings_land_on_the_right_steps(compiled):
     report = spec["deploymentSpec"]["executors"]["exec-report-ablations"]["container"]["resources"]
     assert (report["resourceCpuRequest"], report["resourceMemoryRequest"], report["resourceMemoryLimit"]) == (
         "1", "4Gi", "4Gi") and "accelerator" not in report  # its own resources ("report"), no GPU
-    assert set(platform) == set(tracked)  # data steps need nothing from the cluster by default
+    # Without a workspace claim, the data steps get only their scratch volume (test_pipeline_cluster).
+    assert {name for name in platform if set(platform[name]) == {"genericEphemeralVolume"}} == {
+        "exec-raw-data", "exec-validate-data", "exec-preprocess-data"}
 
 
 def test_tracking_pods_export_the_mounted_mlflow_secret(tmp_path, monkeypatch):
@@ -154,7 +156,7 @@ def test_cluster_settings_can_be_changed_or_turned_off(tmp_path):
     assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("amd.com/gpu", "2")
     assert platform["exec-raw-data"]["pvcMount"][0]["mountPath"] == "/data"
     assert platform["exec-raw-data"]["pvcMount"][0]["pvcNameParameter"]["runtimeValue"]["constant"] == "lits-raw"
-    assert set(platform["exec-train-model"]) == {"emptyDirMounts", "activeDeadlineSeconds"}
+    assert set(platform["exec-train-model"]) == {"emptyDirMounts", "activeDeadlineSeconds", "genericEphemeralVolume"}
     assert "exec-register-model" not in platform
     # Two GPUs in the pod: two training processes under torchrun.
     train = spec["root"]["dag"]["tasks"]["train-model"]["inputs"]["parameters"]
@@ -187,7 +189,7 @@ def test_every_step_has_production_settings(compiled):
         assert "retryPolicy" not in tasks[step], step
     assert not tasks["train-model"]["cachingOptions"].get("enableCache")
     assert not _task(spec, "train-model-2")["cachingOptions"].get("enableCache")
-    assert not tasks["raw-data"]["cachingOptions"].get("enableCache")
+    assert tasks["raw-data"]["cachingOptions"]["enableCache"] is True  # keyed on the data settings
     assert tasks["validate-data"]["cachingOptions"]["enableCache"] is True
     assert tasks["preprocess-data"]["cachingOptions"]["enableCache"] is True
     for name in ("exec-train-model", "exec-train-model-2"):
@@ -251,7 +253,8 @@ def test_compile_command_writes_the_ir_with_the_image_from_the_environment(tmp_p
     images = {executor["container"]["image"] for executor in spec["deploymentSpec"]["executors"].values()}
     assert images == {"registry.example.com/team/unet3plus:test"}
     assert "tolerations" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-model"]
-    assert [path.name for path in output.parent.iterdir()] == ["unet3plus.yaml"]  # no temporary left behind
+    # No temporary left behind (the record of what unet3plus wrote sits beside it).
+    assert sorted(path.name for path in output.parent.iterdir()) == [".unet3plus-outputs.json", "unet3plus.yaml"]
 
 
 def test_submit_help_explains_the_options():

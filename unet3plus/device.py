@@ -13,7 +13,8 @@ import torch
 from unet3plus.errors import ConfigError, UserError
 
 REQUIRE_CUDA_ENV = "UNET3PLUS_REQUIRE_CUDA"
-"""``1`` on the pipeline's GPU steps: there ``auto`` refuses to fall back to the CPU (:func:`select_device`)."""
+"""``1`` on the pipeline's GPU steps: there, in a Kubernetes pod, ``auto`` refuses to fall back to the CPU
+(:func:`select_device`). ``kfp.local`` runs the same steps on this machine: no pod, no refusal."""
 
 MIN_DRIVER = {"12": "525.60.13", "13": "580.65.06"}
 """Oldest Linux NVIDIA driver per CUDA major version of the torch build (CUDA minor-version compatibility)."""
@@ -69,8 +70,8 @@ def select_device(preference: str = "auto", key: str = "device") -> torch.device
     """Return the torch device to use.
 
     Args:
-        preference: ``"auto"`` (CUDA when available, else CPU; CUDA required where the pipeline
-            asked for GPUs, :data:`REQUIRE_CUDA_ENV`), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        preference: ``"auto"`` (CUDA when available, else CPU; CUDA required in a pod the pipeline
+            gave GPUs, :data:`REQUIRE_CUDA_ENV`), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         key: the setting that chose it (``train.device``), for the message.
 
     Raises:
@@ -79,7 +80,8 @@ def select_device(preference: str = "auto", key: str = "device") -> torch.device
         ConfigError: CUDA (or that GPU index) is asked for but not available.
     """
     if preference == "auto":
-        if os.environ.get(REQUIRE_CUDA_ENV) == "1" and not torch.cuda.is_available():
+        on_gpu_pod = os.environ.get(REQUIRE_CUDA_ENV) == "1" and "KUBERNETES_SERVICE_HOST" in os.environ
+        if on_gpu_pod and not torch.cuda.is_available():
             raise UserError(f"GPUs were requested for this step, but CUDA is unavailable: "
                             f"{cuda_unavailable_reason(nvidia_driver_version())}")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

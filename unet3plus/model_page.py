@@ -30,6 +30,21 @@ def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | 
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def run_link(mlflow_config: Any, run_id: str) -> tuple[str, str | None]:
+    """The name and the UI page (:func:`mlflow_run_url`) of an MLflow run; ``("", None)`` when the store cannot say."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from unet3plus.tracking import configure
+
+    try:
+        uri = configure(mlflow_config)
+        run = mlflow.MlflowClient(uri).get_run(run_id)
+    except (MlflowException, OSError):
+        return "", None
+    return run.info.run_name or "", mlflow_run_url(uri, run.info.experiment_id, run_id)
+
+
 def _image(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" style="max-width:100%">'

@@ -112,7 +112,7 @@ def _pick_study(parents: pd.DataFrame, dataset: str, config: Config) -> tuple[st
                   f"{', '.join(differences(latest)[:5])}: run the study (`dvc repro`), or report with its settings")
 
 
-def collect_runs(config: Config, datasets: list[str] | None = None) -> StudyRuns:
+def collect_runs(config: Config, datasets: list[str] | None = None, kfp_run_id: str | None = None) -> StudyRuns:
     """The runs of the study of ``config``'s parameters, per organ: the main model and each name of ``ablations.run``.
 
     A study (:func:`unet3plus.tracking.study_parent`) is an organ, a data hash and the base parameters
@@ -123,6 +123,9 @@ def collect_runs(config: Config, datasets: list[str] | None = None) -> StudyRuns
     Args:
         config: the parameters (``params.yaml`` with any ``--set``): study, names and variants, ``mlflow``.
         datasets: only these organs (default: every organ with a study in the experiment).
+        kfp_run_id: only the training runs of this Kubeflow run (tag ``kfp_run_id``), so that the
+            pipeline's report step covers exactly its own run even when another run of the same
+            parameters writes into the same study at the same time.
 
     Returns:
         :class:`StudyRuns`; ``runs`` has columns ``dataset, ablation, seed, status, error, run_id`` +
@@ -142,9 +145,11 @@ def collect_runs(config: Config, datasets: list[str] | None = None) -> StudyRuns
         runs = mlflow.search_runs(experiment_names=[mlflow_config.experiment], order_by=["attributes.start_time DESC"])
     if "tags.ablation" not in runs or runs["tags.ablation"].isna().all():
         raise UserError(f"{where}: no training run; run `dvc repro` (or `unet3plus train`) first")
-    for column in ("tags.study_parent", "tags.study", "tags.mlflow.parentRunId"):
+    for column in ("tags.study_parent", "tags.study", "tags.mlflow.parentRunId", "tags.kfp_run_id"):
         if column not in runs:
             runs[column] = None
+    if kfp_run_id:
+        runs = runs[(runs["tags.study_parent"] == "true") | (runs["tags.kfp_run_id"] == kfp_run_id)]
     parents = runs[runs["tags.study_parent"] == "true"]
     variants = {MAIN: config, **{name: ablation_config(config, config.ablations.get(name))
                                  for name in config.ablations.run}}
