@@ -52,8 +52,9 @@ from unet3plus.utils import write_json_atomic
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def trained_looking_checkpoint(config_path: Path) -> dict:
-    """A checkpoint dict of the config's model with seeded weights and non-trivial batch-norm statistics."""
+def trained_looking_checkpoint(config_path: Path, scan_path: Path) -> dict:
+    """A checkpoint dict of the config's model with seeded weights and non-trivial batch-norm statistics,
+    calibrated on the middle slices of ``scan_path``."""
     config = load_config(config_path, [])
     torch.manual_seed(0)
     model = create_model(**{**dataclasses.asdict(config.model), "encoder_weights": None})
@@ -64,19 +65,21 @@ def trained_looking_checkpoint(config_path: Path) -> dict:
             module.running_var.uniform_(0.5, 2.0, generator=generator)
             module.weight.data.uniform_(0.5, 1.5, generator=generator)
             module.bias.data.uniform_(-0.2, 0.2, generator=generator)
-    calibrate(model.eval(), config.data.size)
+    scan = read_volume(scan_path)
+    stacks, _ = prepare_volume(np.asarray(scan.get_fdata(dtype=np.float32)), scan.affine, config.data)
+    middle = len(stacks) // 2
+    calibrate(model.eval(), torch.from_numpy(np.ascontiguousarray(stacks[max(middle - 2, 0) : middle + 2])))
     return {"model": model.state_dict(), "config": config.to_dict(), "dataset": "liver", "epoch": 0}
 
 
 @torch.no_grad()
-def calibrate(model: torch.nn.Module, size: int) -> None:
+def calibrate(model: torch.nn.Module, images: torch.Tensor) -> None:
     """Make random weights give a mask worth comparing: the CGM says "organ present" on every slice
     (else a random CGM may gate every slice off: two empty masks agree trivially) and the final
-    head's bias puts the median logit of a CT-like batch at 0 (about half the voxels organ, so the
+    head's bias puts the median logit of ``images`` (slices of the scan) at 0 (about half the voxels organ, so the
     most voxels possible sit near the threshold, where rounding differences would show)."""
     if model.cgm is not None:
         model.cgm.conv.bias.copy_(torch.tensor([-100.0, 100.0]))
-    images = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(2))
     model.heads[0].conv.bias -= model(images).logits.median()
 
 
@@ -122,7 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as folder:
         (scan_path,) = write_dataset("lits", Path(folder) / "raw", cases=1, seed=0, size=512, slices=args.slices)
         for config_path in args.configs:
-            checkpoint = trained_looking_checkpoint(config_path)
+            checkpoint = trained_looking_checkpoint(config_path, scan_path)
             paths = {"today": today, "new": new}
             seconds = {name: [] for name in paths}
             ratios, masks = [], {}

@@ -46,7 +46,7 @@ def build_batch_pipeline(cluster: ClusterSettings = DEFAULT_CLUSTER, gpu: bool =
         task = batch_predict(params=params, input_dir=input_dir, output_dir=output_dir, model_uri=model_uri,
                              allow_failures=allow_failures)
         task.set_display_name("batch-predict")
-        on_cluster(task, cluster, "evaluate", gpu=gpu, mlflow=True)
+        on_cluster(task, cluster, "evaluate", gpus=cluster.gpus if gpu else 0, mlflow=True)
         task.set_caching_options(False)  # the registry's champion and the folder change under the same arguments
         kubernetes.mount_pvc(task, cluster.workspace_pvc, cluster.workspace_mount)
 
