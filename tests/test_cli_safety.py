@@ -222,7 +222,8 @@ def test_every_command_that_writes_a_file_keeps_the_users_files(workspace):
         (["synth", "--layout", "lits", "--out", "raw_new", "--preview", "notes.md"], ["notes.md", "--force"]),
         ([*trainjob, "--output", "p.yaml"], ["p.yaml", "--params"]),
         ([*trainjob, "--output", "notes.md"], ["notes.md", "--force"]),
-        (["pipeline", "compile", "--output", "params.yaml"], ["params.yaml", "--force"]),
+        (["pipeline", "compile", "--output", "params.yaml"], ["params.yaml", "--params"]),  # compile reads it
+        (["pipeline", "compile", "--output", "notes.md"], ["notes.md", "--force"]),
         (["pipeline", "compile", "--output", "raw"], ["raw", "folder"]),
         # what they wrote, they replace
         (["report", "--out", "rep/ablations.md", *TINY], ["written to rep/ablations.md"], 0),

@@ -132,7 +132,8 @@ def test_kubernetes_settings_land_on_the_right_steps(compiled):
 
 def test_tracking_pods_export_the_mounted_mlflow_secret(tmp_path, monkeypatch):
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that what mlflow_environment exports is undone after the test
+        monkeypatch.delenv(key)
     mlflow_environment(str(tmp_path / "absent"))  # not mounted (kfp.local, data steps): nothing happens
     assert "MLFLOW_TRACKING_URI" not in os.environ
     secret = tmp_path / "secret"
