@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -218,7 +219,9 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_masks_and_4xx_for_bad_rows(champion, tmp_path):
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": champion["config"].mlflow.tracking_uri, "OMP_NUM_THREADS": "1"}
+    # mlflow models serve starts `uvicorn` from PATH: the environment's bin folder first, as an activated venv has it.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion["config"].mlflow.tracking_uri, "OMP_NUM_THREADS": "1",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", CHAMPION, "--env-manager", "local",
                "-h", "127.0.0.1", "-p", str(port), "-w", "1"]  # fmt: skip
     log = (tmp_path / "serve.log").open("w")
@@ -257,6 +260,7 @@ def test_mlflow_models_serve_answers_masks_and_4xx_for_bad_rows(champion, tmp_pa
         again = invoke(scans[1:])
         assert again.status_code == 200 and again.json()["predictions"][0]["mask_base64"] == predictions[1]["mask_base64"]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # the group may be gone if the server failed to start
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
         log.close()
