@@ -218,6 +218,7 @@ from pathlib import Path
 from unet3plus import tracking
 from unet3plus.config import MlflowConfig, config_from_dict
 go = Path(sys.argv[2])
+(go.parent / f"ready-{sys.argv[3]}").touch()
 while not go.exists():
     time.sleep(0.01)
 store = MlflowConfig(tracking_uri=sys.argv[1], experiment="tests", system_metrics=False)
@@ -232,10 +233,12 @@ def test_processes_opening_a_new_sqlite_store_at_once_share_one_schema_and_one_s
     uri, go = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("MLFLOW_TRACKING_URI", None)
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, uri, str(go)], env=env, stderr=subprocess.PIPE, text=True)
-               for _ in range(3)]
-    time.sleep(3)  # every worker has imported MLflow and waits for the same moment
-    go.touch()
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, uri, str(go), str(i)], env=env, stderr=subprocess.PIPE,
+                                text=True) for i in range(3)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()  # every worker has imported MLflow: they open the store at the same moment
     errors = [worker.communicate(timeout=120)[1] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0, 0], errors
     assert not any("Traceback" in error or "could not" in error for error in errors), errors
