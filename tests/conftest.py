@@ -126,6 +126,9 @@ def first_labelled(layout: str, root: Path) -> Case:
     return next(case for case in discover_cases(layout, root) if case.label is not None)
 
 
+TINY_DATA = DataConfig(size=32, val_fraction=0.34, workers=1)  # how tiny_dataset is preprocessed
+
+
 @dataclasses.dataclass(frozen=True)
 class TinyDataset:
     """A raw LiTS-layout phantom, its preprocessed form and the data settings that made it."""
@@ -142,10 +145,9 @@ def tiny_dataset(tmp_path_factory) -> TinyDataset:
     Shared by every test of the process: train on it, read it, never write into it.
     """
     root = tmp_path_factory.mktemp("tiny_dataset")
-    config = DataConfig(size=32, val_fraction=0.34, workers=1)
     write_dataset("lits", root / "raw", cases=4, seed=0, size=48, slices=10)
-    preprocess_dataset("lits", root / "raw", root / "processed", config)
-    return TinyDataset(root / "raw", root / "processed", config)
+    preprocess_dataset("lits", root / "raw", root / "processed", TINY_DATA)
+    return TinyDataset(root / "raw", root / "processed", TINY_DATA)
 
 
 # ---- MLflow: a SQLite store per test module ----
