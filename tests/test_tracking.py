@@ -26,17 +26,10 @@ from unet3plus.utils import redact
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("store")
-
-
 @pytest.fixture
-def store(store_dir, monkeypatch):
-    """One SQLite tracking store for the module (creating one takes seconds); artifacts beside it."""
-    monkeypatch.chdir(store_dir)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return MlflowConfig(tracking_uri=f"sqlite:///{store_dir / 'mlflow.db'}", experiment="tests", system_metrics=False)
+def store(in_sqlite_store) -> MlflowConfig:
+    """The module's SQLite tracking store (conftest.py), the test running in its folder."""
+    return MlflowConfig(tracking_uri=in_sqlite_store, experiment="tests", system_metrics=False)
 
 
 def unused_port() -> int:
@@ -126,10 +119,10 @@ def test_a_run_records_params_metrics_tags_and_text_and_finishes(store):
     assert [a.path for a in client.list_artifacts(run.run_id)] == ["config.yaml"]
 
 
-def test_log_datasets_attaches_one_dataset_per_split_quietly(store, store_dir):
+def test_log_datasets_attaches_one_dataset_per_split_quietly(store, sqlite_store):
     import pandas as pd
 
-    data = store_dir / "processed"
+    data = sqlite_store / "processed"
     data.mkdir(exist_ok=True)
     manifest = pd.DataFrame({"case_id": ["1", "1", "2", "3"], "slice_index": [0, 1, 0, 0],
                              "path": ["a", "b", "c", "d"], "organ_present": [1, 0, 1, 1],
