@@ -121,12 +121,17 @@ def create_sqlite_store(uri: str) -> None:
     it first; two processes opening a new store at the same moment (ablations trained in parallel:
     a ``kfp.local`` ParallelFor, ``dvc queue start --jobs 2``) both migrate it and one of them
     fails ("Online migration expected to match one row ..."). Under the lock the first creates the
-    tables and the others find them. Other stores are left alone.
+    tables and the others find them. Other stores are left alone; a store that cannot be opened
+    (its folder is a file, a full disk) is left to fail at the caller's first use, which names it.
     """
     if sqlite_path(uri) is None or uri in _CREATED:
         return
-    with store_lock(uri):
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    try:
+        with store_lock(uri):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # the caller's own MLflow call fails next, with its context
+        logger.debug("could not open the SQLite store %s: %s", uri, err)
+        return
     _CREATED.add(uri)
 
 
