@@ -158,7 +158,8 @@ def check_volume_model(device: torch.device, model_uri: str | None, slices: int,
     phantom (tiny sizes with ``--quick``) through ``predict`` and compares the mask with the same
     model on the CPU (Dice; bf16 autocast on CUDA rounds differently). Then times the paper's model
     (``configs/paper.yaml``, random weights) on the same volume: seconds per volume (median of 3
-    after a warm-up) and slices per second.
+    after a warm-up) and slices per second. Its CGM says "organ" on every slice, so the decoder
+    runs on all of them: the worst case (a trained CGM skips the organ-free slices' decoder).
     """
     import tempfile
 
@@ -193,6 +194,9 @@ def check_volume_model(device: torch.device, model_uri: str | None, slices: int,
         if quick:
             config = load_config(None, ["data.size=32", "model.width=4", "model.encoder=resnet101"])
         network = create_model(**{**config.to_dict()["model"], "encoder_weights": None})
+        if network.cgm is not None:  # "organ" on every slice: a random CGM would gate off any share of the decoder
+            torch.nn.init.constant_(network.cgm.conv.bias, 0.0)
+            network.cgm.conv.bias.data[1] = 100.0
         payload = {"model": network.state_dict(), "config": config.to_dict(), "dataset": "liver", "epoch": 0}
         predictor = predictor_from_checkpoint(payload, "configs/paper.yaml", str(device), batch_size=16)
         volume = read_volume(scan)

@@ -24,7 +24,10 @@ PIPELINE_NAME = "unet3plus-batch-predict"
 DEFAULT_OUTPUT = Path("unet3plus_batch_predict.yaml")
 
 
-DEFAULT_CLUSTER = ClusterSettings()
+DEFAULT_PVC = "unet3plus-workspace"
+DEFAULT_CLUSTER = ClusterSettings(workspace_pvc=DEFAULT_PVC)
+"""The training pipeline's settings with a claim: the batch step always reads the scans from one (the training
+pipeline's default has none, and mounting ``None`` failed at compile time)."""
 
 
 def build_batch_pipeline(cluster: ClusterSettings = DEFAULT_CLUSTER, gpu: bool = False) -> dsl.graph_component.GraphComponent:
@@ -60,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     compile_parser = verbs.add_parser("compile", help="write the batch-inference pipeline's IR YAML")
     compile_parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"(default {DEFAULT_OUTPUT})")
     compile_parser.add_argument("--gpu", action="store_true", help="run on a GPU node (one GPU)")
-    compile_parser.add_argument("--pvc", default=ClusterSettings.workspace_pvc,
+    compile_parser.add_argument("--pvc", default=DEFAULT_PVC,
                                 help="claim holding the scans and receiving the masks (default %(default)s)")
-    compile_parser.add_argument("--mount", default=ClusterSettings.workspace_mount,
+    compile_parser.add_argument("--mount", default=DEFAULT_CLUSTER.workspace_mount,
                                 help="where it is mounted; input_dir and output_dir are paths under it (default %(default)s)")
     compile_parser.add_argument("--mlflow-secret", default=ClusterSettings.mlflow_secret,
                                 help="secret with MLFLOW_TRACKING_URI (and credentials) (default %(default)s)")

@@ -29,6 +29,7 @@ from unet3plus.config import Config, config_from_dict
 from unet3plus.device import select_device
 from unet3plus.errors import UserError
 from unet3plus.models import create_model
+from unet3plus.models.inference import randomize_batch_norms
 from unet3plus.register import register
 from unet3plus.serving import decode_mask, device_preference, encode_scan, export_model
 from unet3plus.utils import file_digest
@@ -59,13 +60,7 @@ def tiny_config(tracking_uri: str) -> Config:
 def write_checkpoint(path: Path, config: Config) -> Path:
     """Random weights with non-trivial batch-norm statistics, so folding them is not the identity."""
     torch.manual_seed(0)
-    model = create_model(**dataclasses.asdict(config.model))
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.3, 0.3, generator=generator)
-            module.running_var.uniform_(0.5, 2.0, generator=generator)
-            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+    model = randomize_batch_norms(create_model(**dataclasses.asdict(config.model)), seed=1)
     payload = {"model": model.state_dict(), "config": config.to_dict(), "dataset": "liver", "epoch": 3, "mlflow_run_id": None}
     return save_checkpoint(path, payload)
 

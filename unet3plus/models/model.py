@@ -84,6 +84,14 @@ class SegmentationModel(nn.Module):
     the parts give exactly the whole batch's result; training batches are never split, nor are
     batches under ``torch.compile`` / ``torch.export`` tracing.
 
+    ``decode_present_only`` (default False; :func:`unet3plus.models.inference.inference_network`
+    sets it) is an inference mode for models with a CGM: in eval mode the CGM runs right after the
+    encoder and the decoder and heads run only on the slices it finds the organ in; the logits of
+    the other slices are ``-inf``. :func:`predict_proba` gates those slices to exactly 0 anyway,
+    so its output is unchanged, while the decoder (most of UNet 3+'s work) is skipped wherever
+    the CGM says "no organ". Ungated logits of such slices are then not available (ablations of
+    the gate use the model without it).
+
     Args:
         encoder: a module from :func:`unet3plus.models.encoders.create_encoder`.
         decoder: a decoder built on ``encoder.out_channels``.
@@ -113,6 +121,7 @@ class SegmentationModel(nn.Module):
         self.heads = nn.ModuleList(SegmentationHead(c, num_classes, head_kernel_size) for c in supervised)
         self.cgm = ClassificationGuidedModule(encoder.out_channels[-1]) if cgm else None
         self.max_upsample_elements = INT_MAX
+        self.decode_present_only = False
         self._upsample_elements: dict[tuple[int, int], int] = {}
         self._widest = max(in_channels, *(m.out_channels for m in self.modules() if isinstance(m, nn.Conv2d)))
 
@@ -134,7 +143,7 @@ class SegmentationModel(nn.Module):
                 name: torch.empty_like(tensor, device="meta")
                 for name, tensor in (*self.named_parameters(), *self.named_buffers())
             }
-            image = torch.empty(1, self.in_channels, height, width, device="meta")
+            image = torch.empty(1, self.in_channels, height, width, device="meta", dtype=meta_state[next(iter(meta_state))].dtype)
             with torch.no_grad(), _LargestUpsample() as watch:
                 functional_call(self, meta_state, (image,))
             self._upsample_elements[height, width] = watch.largest
@@ -176,11 +185,31 @@ class SegmentationModel(nn.Module):
         if pad_bottom or pad_right:
             x = F.pad(x, (0, pad_right, 0, pad_bottom))
         features = self.encoder(x)
-        maps = self.decoder(features)
-        size = tuple(x.shape[-2:])
-        side_logits = tuple(head(m, size)[..., :height, :width] for head, m in zip(self.heads, maps))
         class_logits = self.cgm(features[-1]) if self.cgm is not None else None
+        size = tuple(x.shape[-2:])
+        if self.decode_present_only and class_logits is not None and not self.training and x.device.type != "meta":
+            present = (class_logits.argmax(dim=1) == 1).nonzero().flatten()
+            if len(present) < len(x):
+                return self._segment_present(features, present, size, (height, width), class_logits)
+        maps = self.decoder(features)
+        side_logits = tuple(head(m, size)[..., :height, :width] for head, m in zip(self.heads, maps))
         return SegmentationOutput(side_logits[0], side_logits, class_logits)
+
+    def _segment_present(
+        self, features: list[Tensor], present: Tensor, size: tuple[int, int], crop: tuple[int, int],
+        class_logits: Tensor,
+    ) -> SegmentationOutput:
+        """Decode only the images ``present`` (indices into the batch), cropped to ``crop``; ``-inf`` logits for the
+        others."""
+        batch, (height, width) = len(class_logits), crop
+        side_logits = [
+            features[0].new_full((batch, head.conv.out_channels, height, width), float("-inf")) for head in self.heads
+        ]
+        if len(present):
+            maps = self.decoder([feature[present] for feature in features])  # keeps channels_last
+            for logits, head, m in zip(side_logits, self.heads, maps):
+                logits[present] = head(m, size)[..., :height, :width]
+        return SegmentationOutput(side_logits[0], tuple(side_logits), class_logits)
 
 
 def _check_positive_int(name: str, value: object) -> None:
