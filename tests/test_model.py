@@ -301,3 +301,16 @@ def test_batches_under_the_free_bound_are_not_measured():
     assert model._upsample_elements == {}  # the meta-device run (about 2 s on first use) never happened
     _largest_upsample_batches(model, images, 3 * bound - 1)
     assert list(model._upsample_elements) == [(40, 40)]  # over the bound: measured
+
+
+def test_training_forward_runs_the_cgm_after_the_decoder():
+    """The order of the forward pass decides the order in which autograd sums the deepest features'
+    gradients, and so the trained weights' last bits: a training run stays bit-identical across versions
+    only if the CGM keeps running after the decoder (the eval-only decode_present_only mode may run it first)."""
+    model = create_model("unet3plus", width=4, cgm=True).train()
+    calls: list[str] = []
+    model.decoder.register_forward_hook(lambda *args: calls.append("decoder"))
+    model.cgm.register_forward_hook(lambda *args: calls.append("cgm"))
+    model.decode_present_only = True  # ignored while training
+    model(torch.randn(2, 3, 32, 32))
+    assert calls == ["decoder", "cgm"]
