@@ -255,8 +255,4 @@ def test_kfp_local_on_a_workspace_claim_with_a_failing_ablation(tmp_path, monkey
     page = next(root.glob("*/evaluate-model/page")).read_text()
     assert "learning curves" in page and "best case" in page and "MLflow run" in page
     report = next(root.glob("*/report-ablations/report")).read_text()
-    if not ("broken" in report and "FAILED" in report):
-        # Seen once in four runs on 2026-12-03 (a clean-clone CI): the KFP report had no row for the broken
-        # variant although its FAILED run and markers are checked above. Open (issue 20 point 4); the report
-        # is printed so the next occurrence shows which rows it had.
-        pytest.xfail("intermittent: the KFP report missed the broken variant's row:\n" + report)
+    assert "broken" in report and "FAILED" in report, report
