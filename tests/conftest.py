@@ -66,7 +66,6 @@ def strict_schema(schema):
 def crd_validator():
     """``crd_validator(path, version)``: a strict jsonschema validator of a vendored CRD (tests/schemas/)."""
     import jsonschema
-    import yaml
 
     def build(path: Path, version: str) -> jsonschema.Draft7Validator:
         crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 2 MB: the C parser
