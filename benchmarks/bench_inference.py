@@ -102,7 +102,8 @@ def calibrate(model: torch.nn.Module, stacks: torch.Tensor, organ: torch.Tensor,
         if cgm == "fitted":
             probe = torch.linspace(0, len(stacks) - 1, min(PROBE_SLICES, len(stacks))).round().long()
             report.update(fit_cgm_probe(model, stacks[probe], organ[probe]))
-        else:
+        else:  # no weights: a bias alone cannot outweigh the random encoder's huge deepest maps
+            model.cgm.conv.weight.zero_()
             model.cgm.conv.bias.copy_(torch.tensor([-100.0, 100.0]))
     saved, model.cgm = model.cgm, None  # the head's calibration must see the middle organ slices ungated
     model.heads[0].conv.bias -= model(stacks[middle]).logits.median()
