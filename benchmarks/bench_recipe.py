@@ -113,7 +113,8 @@ def run_one(params: str, work: Path, organ: str, model: str, seed: int, threads:
     metrics = evaluate(config, out / "model" / "best.pt", data, work / "raw" / organ, out / "evaluation", force=True)
     with open(out / "model" / "history.csv", newline="") as history:
         val = [round(float(row["val_dice"]), 4) for row in csv.DictReader(history)]
-    return {"organ": organ, "model": model, "seed": seed, "threads": threads, "recipe": recipe_hash(base),
+    # The recipe as main() hashes it (params alone): the overrides above are the benchmark's, not the recipe's.
+    return {"organ": organ, "model": model, "seed": seed, "threads": threads, "recipe": recipe_hash(load_config(params)),
             "test_dice": metrics["dice"], "best_val_dice": summary["best_val_dice"], "best_epoch": summary["best_epoch"],
             "val_dice": val, "train_seconds": round(train_seconds, 1), "train_cpu_seconds": round(train_cpu, 1),
             "finished": datetime.now(UTC).isoformat(timespec="seconds")}

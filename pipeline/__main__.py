@@ -365,6 +365,17 @@ def _add_kubernetes_options(group: argparse._ArgumentGroup, default: ClusterSett
                        metavar="KEY=VALUE", help="label of every pod, e.g. team=imaging (repeatable)")
 
 
+def _add_workspace_options(group: argparse._ActionsContainer, claim: Optional[str], mount: str, optional: bool,
+                           help: str) -> None:
+    """``--workspace-pvc`` and ``--workspace-mount``, declared once so that they name the same claim and mount
+    path in ``compile``, ``submit`` and ``trainjob``; where the claim is ``optional``, an empty value means none."""
+    group.add_argument("--workspace-pvc", default=claim, metavar="CLAIM", help=help,
+                       type=_checked(trainjob.check_resource_name, "--workspace-pvc", empty_is_none=optional))
+    group.add_argument("--workspace-mount", default=mount, metavar="PATH",
+                       type=_checked(trainjob.check_mount_path, "--workspace-mount"),
+                       help="where --workspace-pvc is mounted (default: %(default)s)")
+
+
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     default = ClusterSettings()
     group = parser.add_argument_group(
@@ -410,14 +421,9 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
         "(a retried train step resumes). Without it, datasets travel as artifacts and every step that downloads "
         "one gets a scratch volume (a generic ephemeral volume) of --scratch's size.",
     )
-    data.add_argument("--workspace-pvc", type=_checked(trainjob.check_resource_name, "--workspace-pvc",
-                                                       empty_is_none=True),
-                      default=default.workspace_pvc, metavar="CLAIM",
-                      help="claim for the datasets, checkpoints and a TrainJob's data and model; ReadWriteMany when "
-                      "pods on several nodes use it (default: none)")
-    data.add_argument("--workspace-mount", default=default.workspace_mount, metavar="PATH",
-                      type=_checked(trainjob.check_mount_path, "--workspace-mount"),
-                      help="where --workspace-pvc is mounted (default: %(default)s)")
+    _add_workspace_options(data, default.workspace_pvc, default.workspace_mount, optional=True,
+                           help="claim for the datasets, checkpoints and a TrainJob's data and model; ReadWriteMany "
+                           "when pods on several nodes use it (default: none)")
     data.add_argument("--scratch", action="append", default=[], type=_step_scratch, metavar="STEP=SIZE",
                       help="scratch volume of a step without --workspace-pvc (repeatable); steps and defaults, sized "
                       "for LiTS: " + "; ".join(f"{step}={size}" for step, size in DEFAULT_SCRATCH.items()))
@@ -510,13 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs, and training processes, per node")
     p.add_argument("--image", type=_checked(trainjob.check_image, "--image"), default=IMAGE,
                    help="the project's image (default: %(default)s)")
-    p.add_argument("--workspace-pvc", type=_checked(trainjob.check_resource_name, "--workspace-pvc"),
-                   default=default.workspace_pvc, metavar="CLAIM",
-                   help="ReadWriteMany claim with the data and for the model, as in compile and submit (default: "
-                   "%(default)s)")
-    p.add_argument("--workspace-mount", default=default.workspace_mount, metavar="PATH",
-                   type=_checked(trainjob.check_mount_path, "--workspace-mount"),
-                   help="where --workspace-pvc is mounted (default: %(default)s)")
+    _add_workspace_options(p, default.workspace_pvc, default.workspace_mount, optional=False,
+                           help="ReadWriteMany claim with the data and for the model, as in compile and submit "
+                           "(default: %(default)s)")
     p.add_argument("--data-dir", default=None, metavar="PATH",
                    help="preprocessed dataset in the pod (default: WORKSPACE_MOUNT/processed/DATASET)")
     p.add_argument("--out-dir", default=None, metavar="PATH",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -10,11 +11,17 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from unet3plus import tracking_server
+from unet3plus.config import DataConfig
+from unet3plus.data.phantom import write_dataset
+from unet3plus.data.preprocess import preprocess_dataset
+from unet3plus.data.sources import Case, discover_cases
 
 # `make test` runs two test processes on 2-core machines; one torch thread each avoids
 # oversubscription, which made small trainings 10x slower.
@@ -59,7 +66,6 @@ def strict_schema(schema):
 def crd_validator():
     """``crd_validator(path, version)``: a strict jsonschema validator of a vendored CRD (tests/schemas/)."""
     import jsonschema
-    import yaml
 
     def build(path: Path, version: str) -> jsonschema.Draft7Validator:
         crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 2 MB: the C parser
@@ -70,6 +76,125 @@ def crd_validator():
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# ---- voxel orders a volume may be stored in (geometry, transforms and preprocessing tests) ----
+
+# A LiTS-like affine: voxel axes point left and posterior (negative diagonal), 0.7 mm in plane, 2.5 mm slices.
+LITS_AFFINE = np.array([[-0.7, 0, 0, 180.0], [0, -0.7, 0, 170.0], [0, 0, 2.5, -400.0], [0, 0, 0, 1]])
+AFFINES = {
+    "lps_diagonal": LITS_AFFINE,
+    "ras_diagonal": np.diag([0.8, 0.9, 3.0, 1.0]),
+    "permuted_axes": np.array([[0, 0.75, 0, 0], [0, 0, -2.0, 0], [-0.8, 0, 0, 0], [0, 0, 0, 1.0]]),
+}
+
+
+def reference_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two masks (nonzero = inside), plain numpy: the reference for the library's resampling."""
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+# ---- tiny data: raw phantom datasets and one preprocessed dataset, made once per test process ----
+
+
+@pytest.fixture(scope="session")
+def raw_datasets(tmp_path_factory) -> dict[str, Path]:
+    """Small synthetic raw datasets by layout (``lits``, ``msd-spleen``: 4 cases of 32 x 32 x 8 voxels).
+
+    Shared: read them, never change them; :func:`raw_copy` gives a writable copy.
+    """
+    root = tmp_path_factory.mktemp("raw")
+    for layout in ("lits", "msd-spleen"):
+        write_dataset(layout, root / layout, cases=4, seed=1, size=32, slices=8)
+    return {layout: root / layout for layout in ("lits", "msd-spleen")}
+
+
+@pytest.fixture
+def raw_copy(raw_datasets, tmp_path) -> Callable[[str], Path]:
+    """``raw_copy(layout)``: a fresh, writable copy of the small raw dataset of that layout."""
+    return lambda layout: Path(shutil.copytree(raw_datasets[layout], tmp_path / layout))
+
+
+def save_nifti(array: np.ndarray, path: Path, affine: np.ndarray | None = None) -> None:
+    """Write ``array`` as a NIfTI file (identity affine unless given)."""
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), path)
+
+
+def first_labelled(layout: str, root: Path) -> Case:
+    """The first case of the raw dataset at ``root`` that has a label."""
+    return next(case for case in discover_cases(layout, root) if case.label is not None)
+
+
+TINY_DATA = DataConfig(size=32, val_fraction=0.34, workers=1)  # how tiny_dataset is preprocessed
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyDataset:
+    """A raw LiTS-layout phantom, its preprocessed form and the data settings that made it."""
+
+    raw: Path
+    processed: Path
+    config: DataConfig
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> TinyDataset:
+    """4 phantom LiTS cases of 48 x 48 x 10 voxels (seed 0) preprocessed at 32 x 32, one case for validation.
+
+    Shared by every test of the process: train on it, read it, never write into it.
+    """
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    write_dataset("lits", root / "raw", cases=4, seed=0, size=48, slices=10)
+    preprocess_dataset("lits", root / "raw", root / "processed", TINY_DATA)
+    return TinyDataset(root / "raw", root / "processed", TINY_DATA)
+
+
+# ---- MLflow: a SQLite store per test module ----
+
+
+def sqlite_uri(folder: Path) -> str:
+    """The tracking URI of the SQLite store ``mlflow.db`` in ``folder``."""
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory) -> Path:
+    """The folder of one SQLite MLflow store for the test module (creating a store takes seconds); its
+    tracking URI is ``sqlite_uri(sqlite_store)``. Use :func:`in_sqlite_store` to run a test inside it."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture
+def in_sqlite_store(sqlite_store, monkeypatch) -> str:
+    """The test runs in the module's store folder (MLflow puts a SQLite store's artifacts under the working
+    directory) with ``MLFLOW_TRACKING_URI`` unset; returns the store's tracking URI."""
+    monkeypatch.chdir(sqlite_store)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return sqlite_uri(sqlite_store)
+
+
+# ---- params.yaml for seconds-long pipeline runs ----
+
+TINY_PARAMS = {
+    "data": {"size": 32, "synth_cases": 4, "synth_size": 48, "synth_slices": 16, "workers": 1},
+    "model": {"width": 4},
+    "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 2},
+    "evaluate": {"batch_size": 16},
+    "mlflow": {"system_metrics": False},
+    "register": {"min_test_dice": 0.0},  # a one-epoch model is far below the floor: let it be the champion
+}
+
+
+def tiny_params(**sections: dict) -> dict:
+    """The project's params.yaml with :data:`TINY_PARAMS`, then ``sections``, merged into its sections.
+
+    E.g. ``tiny_params(train={"epochs": 2}, ablations={"run": []})``.
+    """
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for changes in (TINY_PARAMS, sections):
+        for section, values in changes.items():
+            params[section].update(values)
+    return params
 
 
 class DvcProject:

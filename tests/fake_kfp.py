@@ -10,9 +10,11 @@ import threading
 import uuid
 from email.parser import BytesParser
 from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Self
 from urllib.parse import parse_qs, urlparse
+
+from fake_http import JsonHandler
 
 
 class FakeKfp:
@@ -39,28 +41,17 @@ class FakeKfp:
     def _handler(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # quiet
-                pass
-
-            def _reply(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def _route(self, method: str) -> None:
                 url = urlparse(self.path)
                 query = {key: values[0] for key, values in parse_qs(url.query).items()}
                 fake.requests.append((method, url.path, self.headers.get("Authorization")))
                 if fake.token and self.headers.get("Authorization") != f"Bearer {fake.token}":
-                    return self._reply(401, {"error": "Unauthorized", "code": 16, "message": "Unauthorized"})
+                    return self.reply(401, {"error": "Unauthorized", "code": 16, "message": "Unauthorized"})
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 status, answer = fake.answer(method, url.path, query, body, self.headers)
-                self._reply(status, answer)
+                self.reply(status, answer)
 
             def do_GET(self) -> None:
                 self._route("GET")

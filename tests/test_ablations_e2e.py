@@ -19,13 +19,11 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import MlflowServer
-from tests.test_pipeline_e2e import TINY as PIPELINE_TINY
+from tests.conftest import MlflowServer, tiny_params
 from unet3plus.config import MlflowConfig
 from unet3plus.tracking import data_hash, runs_view_url
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {**PIPELINE_TINY, "mlflow": {"system_metrics": False}}
 GRID = {
     "variants": {"unet": {"model.arch": "unet", "model.deep_supervision": False, "model.cgm": False},
                  # valid settings that fail at run time, during training: the loss or the weights become
@@ -43,11 +41,7 @@ def _run(cmd: list[str], cwd: Path, env: dict, ok: bool = True) -> subprocess.Co
 
 
 def _write_params(repo: Path, grid: dict) -> None:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    params["ablations"] = grid
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(ablations=grid), sort_keys=False))
 
 
 @pytest.fixture(scope="module")

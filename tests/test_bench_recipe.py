@@ -36,3 +36,26 @@ def test_results_section_replaces_its_markers_or_is_appended(tmp_path):
     bench.write_results_section(results, "second\n")
     text = results.read_text()
     assert "first" not in text and f"{bench.BEGIN}\nsecond\n{bench.END}\n" in text and text.count(bench.BEGIN) == 1
+
+
+def test_a_run_is_filed_under_the_recipe_hash_that_main_looks_up(tmp_path, monkeypatch):
+    """The cache key of a finished run is the hash of the params file alone: the benchmark's own overrides
+    (seed, tracking store, no overlays) must not change it, or no rerun would ever find a cached run."""
+    from unet3plus.config import load_config
+
+    params = ROOT / "params.yaml"
+    recorded = {}
+
+    def fake_train(config, *args, **kwargs):
+        recorded["overlays"] = config.evaluate.overlays
+        out = Path(args[1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "history.csv").write_text("epoch,val_dice\n1,0.5\n")
+        return {"best_val_dice": 0.5, "best_epoch": 1}
+
+    monkeypatch.setattr("unet3plus.train.train", fake_train)
+    monkeypatch.setattr("unet3plus.evaluate.evaluate", lambda *args, **kwargs: {"dice": 0.9})
+    record = bench.run_one(str(params), tmp_path, "spleen", "unet", 1, 1)
+    assert recorded["overlays"] == 0  # the override did apply to the run
+    assert record["recipe"] == bench.recipe_hash(load_config(params))
+    assert record["recipe"] != bench.recipe_hash(load_config(params, ["evaluate.overlays=0"]))

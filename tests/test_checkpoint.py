@@ -14,12 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import sqlite_uri
 from unet3plus import create_model
 from unet3plus.checkpoint import load_checkpoint, save_checkpoint
 from unet3plus.cli import main
-from unet3plus.config import DataConfig
-from unet3plus.data.phantom import write_dataset
-from unet3plus.data.preprocess import preprocess_dataset
 from unet3plus.errors import CheckpointError
 
 
@@ -44,14 +42,6 @@ def crafted(path: Path, marker: Path, zipped: bool = True) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_dataset("lits", root / "raw", cases=3, seed=0, size=32, slices=8)
-    preprocess_dataset("lits", root / "raw", root / "processed", DataConfig(size=32, val_fraction=0.34, workers=1))
-    return root
-
-
 def test_the_crafted_file_does_run_code_with_the_unsafe_loader(tmp_path):
     """The attack is real: the loader the project used before (weights_only=False) runs it."""
     marker = tmp_path / "pwned"
@@ -73,22 +63,22 @@ def test_load_checkpoint_refuses_a_crafted_file_naming_it_and_runs_nothing(tmp_p
 
 @pytest.mark.parametrize("verb", ["predict", "evaluate", "register", "train"])
 def test_every_verb_that_reads_a_checkpoint_refuses_it_with_one_line_and_exit_2(
-    verb, data_dir, tmp_path, capsys, monkeypatch
+    verb, tiny_dataset, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(tmp_path))
     marker = tmp_path / "pwned"
     out = tmp_path / "out"
     out.mkdir()
     evil = crafted(out / ("last.pt" if verb == "train" else "best.pt"), marker)
     (tmp_path / "metrics.json").write_text('{"dice": 0.9, "dataset": "liver"}')
-    scan = sorted((data_dir / "raw").glob("volume-*.nii"))[0]
+    scan = sorted((tiny_dataset.raw).glob("volume-*.nii"))[0]
     argv = {
         "predict": ["--model", str(evil), "--input", str(scan), "--output", "m.nii.gz"],
-        "evaluate": ["--checkpoint", str(evil), "--data", str(data_dir / "processed"), "--raw", str(data_dir / "raw"),
+        "evaluate": ["--checkpoint", str(evil), "--data", str(tiny_dataset.processed), "--raw", str(tiny_dataset.raw),
                      "--out", "evaluation"],
         "register": ["--checkpoint", str(evil), "--metrics", "metrics.json"],
-        "train": ["--data", str(data_dir / "processed"), "--out", str(out), "--resume"],
+        "train": ["--data", str(tiny_dataset.processed), "--out", str(out), "--resume"],
     }[verb]  # fmt: skip
     assert main([verb, *argv]) == 2
     err = capsys.readouterr().err

@@ -1,6 +1,8 @@
 """Kubeflow components called as plain Python (``component.python_func``) with real artifacts on tiny data."""
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import nibabel as nib
@@ -10,19 +12,18 @@ import yaml
 from kfp import dsl
 
 from components import evaluate_model, preprocess_data, raw_data, register_model, train_model, validate_data
+from components.ablations import ablation_names
 from components.common import input_dir, layout_of
+from components.data_params import data_params
+from components.report import report_ablations
+from tests.conftest import sqlite_uri, tiny_params
 from unet3plus.config import parse_config
-from unet3plus.errors import ConfigError, DataError
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {"data": {"size": 32, "synth_cases": 4, "synth_size": 48, "synth_slices": 16, "workers": 1}}
+from unet3plus.data.phantom import write_dataset
+from unet3plus.errors import ConfigError, DataError, UserError
 
 
-def _params(**sections) -> str:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in {**TINY, **sections}.items():
-        params[section].update(values)
-    return yaml.safe_dump(params)
+def _params() -> str:
+    return yaml.safe_dump(tiny_params())
 
 
 def _artifact(kind: type, path: Path) -> dsl.Artifact:
@@ -41,6 +42,35 @@ def test_parse_config_reads_params_text_overrides_and_an_ablation_by_name():
     config = parse_config(_params(), ["train.epochs=3"], "unet")
     assert (config.data.size, config.train.epochs, config.model.arch, config.model.cgm) == (32, 3, "unet", False)
     assert parse_config(_params(), ablation="").model.arch == "unet3plus"  # "" is the main model
+
+
+def test_ablation_names_are_the_params_run_list_in_order_and_checked():
+    assert ablation_names.python_func(params=_params()) == ["unet", "unet2plus", "unet3plus_no_ds"]
+    reordered = yaml.safe_dump(tiny_params(ablations={"run": ["unet3plus_no_ds", "unet"]}))
+    assert ablation_names.python_func(params=reordered) == ["unet3plus_no_ds", "unet"]
+    assert ablation_names.python_func(params=yaml.safe_dump(tiny_params(ablations={"run": []}))) == []
+    with pytest.raises(ConfigError, match="unet4plus"):
+        ablation_names.python_func(params=yaml.safe_dump(tiny_params(ablations={"run": ["unet4plus"]})))
+
+
+def test_data_params_keep_the_data_section_alone_so_only_data_changes_change_them():
+    text = data_params.python_func(params=_params())
+    assert list(yaml.safe_load(text)) == ["data"]
+    assert parse_config(text).data == parse_config(_params()).data
+    other_training = yaml.safe_dump(tiny_params(train={"epochs": 7}, model={"width": 16}))
+    assert data_params.python_func(params=other_training) == text  # the data steps' cache key is unchanged
+    assert data_params.python_func(params=yaml.safe_dump(tiny_params(data={"size": 48}))) != text
+    with pytest.raises(ConfigError, match="data.size"):
+        data_params.python_func(params=yaml.safe_dump(tiny_params(data={"size": "big"})))
+
+
+def test_the_report_refuses_a_missing_tracking_store_naming_it_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    report = _artifact(dsl.Markdown, tmp_path / "report.md")
+    with pytest.raises(UserError, match=f"no MLflow tracking store at {tmp_path}"):
+        report_ablations.python_func(report=report, params=_params(), dataset="liver")
+    assert not Path(report.path).exists()
 
 
 @pytest.mark.parametrize(
@@ -173,3 +203,19 @@ def test_train_refuses_an_unknown_ablation_before_writing(tmp_path):
                                 metrics=_artifact(dsl.Metrics, tmp_path / "metrics"), params=_params(),
                                 ablation="unet4plus")
     assert not Path(model.path).exists()
+
+
+def test_the_raw_data_component_publishes_a_copied_dataset_with_the_umask(tmp_path):
+    source = tmp_path / "mounted"
+    write_dataset("lits", source, cases=2, seed=0, size=32, slices=8)
+    source.chmod(0o700)  # a claim's folder readable by its owner only
+    raw = _artifact(dsl.Dataset, tmp_path / "raw")
+    previous = os.umask(0o022)
+    try:
+        cases = raw_data.python_func(raw=raw, dataset="liver", params="", source_dir=str(source))
+    finally:
+        os.umask(previous)
+    assert cases == 2
+    assert stat.S_IMODE(Path(raw.path).stat().st_mode) == 0o755
+    assert sorted(path.name for path in Path(raw.path).glob("*.nii")) == sorted(
+        path.name for path in source.glob("*.nii"))

@@ -1,4 +1,4 @@
-"""SliceDataset and load_preprocessed on real preprocess_dataset output of hand-made LiTS files."""
+"""unet3plus.data.dataset: SliceDataset, load_preprocessed and the sample format, on real preprocess_dataset output."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from unet3plus.config import DataConfig
-from unet3plus.data.dataset import SliceDataset, load_preprocessed, sampling_grid
+from unet3plus.data.dataset import SliceDataset, load_preprocessed, load_sample, sampling_grid, save_sample
 from unet3plus.data.preprocess import preprocess_dataset
 from unet3plus.errors import DataError
 
@@ -147,9 +147,26 @@ def test_missing_or_corrupt_files_raise_data_error_naming_them(data_dir, tmp_pat
         [dataset[i] for i in range(len(dataset))]
 
 
-
 def test_sampling_grid_equals_torch_affine_grid():
     matrix = ((0.93, -0.31), (0.27, 1.08))
     theta = torch.tensor([[[*matrix[0], 0.0], [*matrix[1], 0.0]]])
     expected = torch.nn.functional.affine_grid(theta, [1, 1, 24, 40], align_corners=False)
     torch.testing.assert_close(sampling_grid(matrix, 24, 40), expected)
+
+
+def test_save_sample_writes_what_np_savez_would_and_load_sample_reads_it_back(tmp_path):
+    """The sample writer beside its reader: the file np.savez writes for the stacked planes, read back as float32."""
+    rng = np.random.default_rng(0)
+    planes = [rng.random((6, 5)).astype(np.float16).T for _ in range(3)]  # non-contiguous, as a volume's slices
+    mask = (rng.random((5, 6)) > 0.5).astype(np.uint8)
+    save_sample(tmp_path / "ours.npz", planes, mask)
+    np.savez(tmp_path / "reference.npz", image=np.stack(planes), mask=mask, organ_present=mask.max())
+    with np.load(tmp_path / "ours.npz") as ours, np.load(tmp_path / "reference.npz") as reference:
+        assert sorted(ours.files) == sorted(reference.files) == ["image", "mask", "organ_present"]
+        for name in reference.files:
+            assert (ours[name].dtype, ours[name].shape) == (reference[name].dtype, reference[name].shape), name
+            np.testing.assert_array_equal(ours[name], reference[name])
+    image, loaded_mask = load_sample(tmp_path / "ours.npz")
+    assert (image.dtype, tuple(image.shape), tuple(loaded_mask.shape)) == (torch.float32, (3, 5, 6), (1, 5, 6))
+    np.testing.assert_array_equal(image.numpy(), np.stack(planes).astype(np.float32))
+    np.testing.assert_array_equal(loaded_mask[0].numpy(), mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -228,3 +229,19 @@ def test_cli_synth_writes_dataset_and_preview(tmp_path, caplog):
     assert len(discover_cases("msd-spleen", tmp_path / "raw")) == 3 and (tmp_path / "p.png").is_file()
     assert main(["synth", "--layout", "lits", "--out", str(tmp_path / "x"), "--cases", "0", "--seed", "1"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_a_larger_field_of_view_pads_the_same_kind_of_body_with_air_and_enlarges_pixels():
+    image, tissue, affine = synthesize_volume(np.random.default_rng(3), 64, 8, fov_scale=1.0)
+    wide_image, wide_tissue, wide_affine = synthesize_volume(np.random.default_rng(3), 64, 8, fov_scale=2.0)
+    assert wide_image.shape == image.shape == (64, 64, 8)
+    inner = 32
+    pixel, wide_pixel = (float(nib.affines.voxel_sizes(a)[0]) for a in (affine, wide_affine))
+    assert wide_pixel == pytest.approx(pixel * 64 / inner)  # same drawn field of view on half the voxels
+    border = np.ones((64, 64), bool)
+    border[16:48, 16:48] = False
+    assert (wide_image[border] == -1024).all() and (wide_tissue[border] == Tissue.AIR).all()
+    assert (wide_tissue[16:48, 16:48] == Tissue.LIVER).any()
+    # the default phantom is untouched by the option: the digest of these arrays before it existed
+    digest = hashlib.sha256(image.tobytes() + tissue.tobytes() + affine.tobytes()).hexdigest()
+    assert digest == "640ef8e33bb8e509a1c84bad1b409a9d733e0c33e3922a102dde8fe3dad9fd66"

@@ -1,4 +1,7 @@
-"""The compiled pipeline is readable by the minimum Kubeflow Pipelines backend (its release's protobuf messages)."""
+"""The compiled pipeline is readable by the minimum Kubeflow Pipelines backend (its release's protobuf messages).
+
+pipeline.backend installs that release's messages and runs pipeline/proto_check.py to parse the compiled YAML.
+"""
 
 from pathlib import Path
 

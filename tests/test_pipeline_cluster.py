@@ -8,6 +8,7 @@ from kfp import compiler, dsl
 
 from pipeline import ClusterSettings, build_pipeline
 from pipeline.pipeline import DEFAULT_SCRATCH
+from tests.conftest import sqlite_uri, tiny_params
 
 DATASET_PRODUCERS = {("raw-data", "raw"), ("preprocess-data", "processed")}
 DATA_STEPS = ("raw-data", "validate-data", "preprocess-data", "train-model", "evaluate-model")
@@ -148,37 +149,19 @@ def test_a_trainjob_needs_the_workspace_claim():
         ClusterSettings(nodes=2).trainjob()
 
 
-TINY = {
-    "data": {"size": 32, "synth_cases": 4, "synth_size": 48, "synth_slices": 16, "workers": 1},
-    "model": {"width": 4},
-    "train": {"epochs": 2, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 2},
-    "evaluate": {"batch_size": 16, "overlays": 1},
-    "mlflow": {"system_metrics": False},
-    "register": {"min_test_dice": 0.0},
-}
-
-
 def _tiny_params(**ablations) -> dict:
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    params["ablations"].update(ablations)
-    return params
+    return tiny_params(train={"epochs": 2}, evaluate={"overlays": 1}, ablations=ablations)
 
 
-def test_a_retried_train_step_resumes_from_the_claims_checkpoint_into_the_same_mlflow_run(tmp_path, monkeypatch):
+def test_a_retried_train_step_resumes_from_the_claims_checkpoint_into_the_same_mlflow_run(
+        tiny_dataset, tmp_path, monkeypatch):
     """The first attempt dies after epoch 1 (an injected fault); the retry trains epoch 2 only, into the same run."""
     import mlflow
 
     import unet3plus.train
     from components.train import train_model
-    from unet3plus.config import DataConfig
-    from unet3plus.data.phantom import write_dataset
-    from unet3plus.data.preprocess import preprocess_dataset
 
-    write_dataset("lits", tmp_path / "raw", cases=4, seed=0, size=48, slices=16)
-    preprocess_dataset("lits", tmp_path / "raw", tmp_path / "processed", DataConfig(size=32, workers=1))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     for variable in ("KFP_RUN_ID", "KFP_RUN_NAME", "KFP_PIPELINE_VERSION"):
@@ -189,7 +172,7 @@ def test_a_retried_train_step_resumes_from_the_claims_checkpoint_into_the_same_m
     def attempt(number: int) -> tuple[float, dsl.Model]:
         model = dsl.Model(uri=str(tmp_path / f"attempt{number}" / "model"))
         dice = train_model.python_func(
-            processed=dsl.Dataset(uri=str(tmp_path / "processed")), model=model,
+            processed=dsl.Dataset(uri=str(tiny_dataset.processed)), model=model,
             metrics=dsl.Metrics(uri=str(tmp_path / f"attempt{number}" / "metrics")), params=params,
             workspace=str(claim), kfp_run_id="run-1", kfp_run_name="unet3plus run", pipeline_version="abc-123")
         return dice, model
@@ -272,8 +255,4 @@ def test_kfp_local_on_a_workspace_claim_with_a_failing_ablation(tmp_path, monkey
     page = next(root.glob("*/evaluate-model/page")).read_text()
     assert "learning curves" in page and "best case" in page and "MLflow run" in page
     report = next(root.glob("*/report-ablations/report")).read_text()
-    if not ("broken" in report and "FAILED" in report):
-        # Seen once in four runs on 2026-12-03 (a clean-clone CI): the KFP report had no row for the broken
-        # variant although its FAILED run and markers are checked above. Open (issue 20 point 4); the report
-        # is printed so the next occurrence shows which rows it had.
-        pytest.xfail("intermittent: the KFP report missed the broken variant's row:\n" + report)
+    assert "broken" in report and "FAILED" in report, report

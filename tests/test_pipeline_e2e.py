@@ -21,28 +21,18 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import tiny_params
 from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint
 from unet3plus.data.dataset import SliceDataset
 from unet3plus.models import create_model, predict_proba
 from unet3plus.tracking import data_hash
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "data": {"size": 32, "synth_cases": 4, "synth_size": 48, "synth_slices": 16, "workers": 1},
-    "model": {"width": 4},
-    "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 2},
-    "evaluate": {"batch_size": 16},
-    "register": {"min_test_dice": 0.0},  # the spleen does not learn at this size: let both models be champions
-}
 LEARNS = {"epochs": 15, "max_steps_per_epoch": None}  # this test's main models: long enough to segment
 FLOOR = 0.5  # test Dice a trained model clears and an untrained one cannot reach (both measured below)
 
 
 def _tiny_params() -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    params["train"].update(LEARNS)
+    params = tiny_params(train=LEARNS)  # min_test_dice 0: the spleen does not learn here, both models are champions
     variant = params["ablations"]["variants"]["unet"]
     variant.update({"train.epochs": 1, "train.max_steps_per_epoch": 2})  # a cheap ablation stage per organ
     params["ablations"]["run"] = ["unet"]

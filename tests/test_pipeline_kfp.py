@@ -16,19 +16,12 @@ from packaging.specifiers import SpecifierSet
 from components.common import DEFAULT_IMAGE, MLFLOW_SECRET_MOUNT, mlflow_environment
 from pipeline import ClusterSettings, build_pipeline, unet3plus_pipeline
 from pipeline.__main__ import run_arguments
+from tests.conftest import tiny_params
 from unet3plus.config import load_config, parse_config
 from unet3plus.device import REQUIRE_CUDA_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("raw-data", "validate-data", "preprocess-data", "train-model", "evaluate-model", "register-model")
-TINY = {
-    "data": {"size": 32, "synth_cases": 4, "synth_size": 48, "synth_slices": 16, "workers": 1},
-    "model": {"width": 4},
-    "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 2},
-    "evaluate": {"batch_size": 16, "overlays": 0},
-    "mlflow": {"system_metrics": False},
-    "register": {"min_test_dice": 0.0},  # a 1-epoch model is far below the floor; here the champion is tested
-}
 
 
 def _compile(pipeline, path: Path) -> tuple[dict, dict]:
@@ -346,9 +339,7 @@ def _pyproject() -> dict:
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task that uses custom:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:Task .* have no effect in the current local runner:UserWarning")
 def test_pipeline_runs_end_to_end_with_kfp_local(tmp_path, monkeypatch):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
+    params = tiny_params(evaluate={"overlays": 0})
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.setenv("PYTHONPATH", _python_env()["PYTHONPATH"])

@@ -1,4 +1,4 @@
-"""Preprocessing: geometry round trips, the prepare_* transforms, and preprocess_dataset end to end."""
+"""unet3plus.data.preprocess: the dataset build (samples, splits, cases.json, fingerprint) end to end."""
 
 from __future__ import annotations
 
@@ -14,152 +14,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.conftest import AFFINES, reference_dice
 from unet3plus.cli import main
 from unet3plus.config import DataConfig
 from unet3plus.data import preprocess
 from unet3plus.data.dataset import save_sample
-from unet3plus.data.geometry import VolumeGeometry, resample_to_slices, restore_volume, volume_geometry
+from unet3plus.data.geometry import VolumeGeometry, restore_volume
 from unet3plus.data.phantom import write_dataset
 from unet3plus.data.preprocess import assign_splits, preprocess_dataset
 from unet3plus.data.sources import SYNTH_MARKER, Case, data_source, discover_cases
-from unet3plus.data.transforms import prepare_label, prepare_volume, window_hu
+from unet3plus.data.transforms import prepare_label, prepare_volume
 from unet3plus.errors import DataError
-
-# A LiTS-like affine: voxel axes point left and posterior (negative diagonal), 0.7 mm in plane, 2.5 mm slices.
-LITS_AFFINE = np.array([[-0.7, 0, 0, 180.0], [0, -0.7, 0, 170.0], [0, 0, 2.5, -400.0], [0, 0, 0, 1]])
-AFFINES = {
-    "lps_diagonal": LITS_AFFINE,
-    "ras_diagonal": np.diag([0.8, 0.9, 3.0, 1.0]),
-    "permuted_axes": np.array([[0, 0.75, 0, 0], [0, 0, -2.0, 0], [-0.8, 0, 0, 0], [0, 0, 0, 1.0]]),
-}
-
-
-def reference_dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
-
-
-def ellipsoid(shape: tuple[int, int, int], centre: tuple[float, ...], radii: tuple[float, ...]) -> np.ndarray:
-    grid = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
-    return (sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0).astype(np.uint8)
-
-
-def world_coordinates(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
-    """(3, X, Y, Z) world (RAS mm) position of every voxel, from the affine alone."""
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).reshape(3, -1)
-    return (affine[:3, :3] @ ijk + affine[:3, 3:]).reshape(3, *shape)
 
 
 def config(**changes) -> DataConfig:
     return dataclasses.replace(DataConfig(size=32, workers=1), **changes)
-
-
-def test_label_round_trip_512_to_320_and_back_keeps_dice_and_affine(tmp_path):
-    organ = ellipsoid((512, 512, 40), centre=(300, 230, 21), radii=(140, 100, 15))
-    nib.save(nib.Nifti1Image(organ, LITS_AFFINE), tmp_path / "label.nii.gz")
-    original = nib.load(tmp_path / "label.nii.gz")
-    label = np.asanyarray(original.dataobj)
-    masks = prepare_label(label, original.affine, DataConfig(size=320), "msd-spleen")
-    _, geometry = prepare_volume(np.zeros(label.shape, np.int16), original.affine, DataConfig(size=320))
-    assert masks.shape == (40, 320, 320) and masks.dtype == np.uint8
-    geometry = VolumeGeometry.from_dict(json.loads(json.dumps(geometry.to_dict())))  # as read from cases.json
-    for interpolation in ("nearest", "linear"):
-        restored = restore_volume(masks, geometry, interpolation) >= 0.5
-        assert restored.shape == label.shape
-        assert reference_dice(restored, label) >= 0.99, interpolation
-    nib.save(nib.Nifti1Image(restored.astype(np.uint8), geometry.affine), tmp_path / "restored.nii.gz")
-    written = nib.load(tmp_path / "restored.nii.gz")
-    np.testing.assert_array_equal(written.affine, original.affine)
-    assert reference_dice(np.asanyarray(written.dataobj), label) >= 0.99
-
-
-@pytest.mark.parametrize("name", sorted(AFFINES))
-@pytest.mark.parametrize("mode,size", [("resize", 20), ("crop", 26), ("crop", 20)])
-def test_restore_inverts_resample_exactly_without_scaling(name, mode, size):
-    volume = np.random.default_rng(0).integers(0, 1000, size=(20, 20, 7)).astype(np.int16)
-    geometry = volume_geometry(volume.shape, AFFINES[name], size, mode)
-    slices = resample_to_slices(volume, geometry, "nearest")
-    assert slices.shape == (geometry.canonical_shape[2], size, size)
-    np.testing.assert_array_equal(restore_volume(slices, geometry, "nearest"), volume)
-
-
-def test_crop_mode_crops_and_pads_around_the_centre_and_restores_zeros_outside():
-    volume = np.arange(30 * 16 * 3, dtype=np.float32).reshape(30, 16, 3) + 1
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS voxel axes: canonical plane [r, c] = volume[c, r]
-    geometry = volume_geometry(volume.shape, affine, 20, "crop")
-    slices = resample_to_slices(volume, geometry, "linear")
-    plane = volume[:, :, 1].T  # (16 rows, 30 columns)
-    np.testing.assert_array_equal(slices[1, 2:18, :], plane[:, 5:25])  # rows padded by 2, columns cropped by 5
-    assert not slices[1, :2].any() and not slices[1, 18:].any()
-    restored = restore_volume(slices, geometry, "linear")
-    np.testing.assert_array_equal(restored[5:25], volume[5:25])
-    assert not restored[:5].any() and not restored[25:].any()
-
-
-def test_crop_mode_pads_images_with_the_bottom_of_the_window():
-    stacks, _ = prepare_volume(np.zeros((10, 10, 2)), np.eye(4), config(size=14, resize_mode="crop"))
-    assert stacks.shape == (2, 3, 14, 14)
-    np.testing.assert_allclose(stacks[:, :, 2:12, 2:12], 200.0 / 450.0, rtol=1e-6)  # 0 HU inside
-    assert not stacks[:, :, :2].any() and not stacks[:, :, :, 12:].any()  # padding reads as air
-
-
-@pytest.mark.parametrize("name", sorted(AFFINES))
-def test_planes_are_axial_in_radiological_display_order(name):
-    affine = AFFINES[name]
-    shape = (12, 12, 12)
-    world = world_coordinates(shape, affine)
-    identity = config(size=12, hu_window=(-1000.0, 1000.0))  # no scaling, window covers every value
-    right, anterior, superior = (prepare_volume(world[i], affine, identity)[0][:, 1] * 2000 - 1000 for i in range(3))
-    # rows run anterior -> posterior, columns patient right -> left, slices inferior -> superior
-    assert (np.diff(anterior, axis=1) < 0).all() and np.allclose(np.diff(anterior, axis=2), 0, atol=1e-3)
-    assert (np.diff(right, axis=2) < 0).all() and np.allclose(np.diff(right, axis=1), 0, atol=1e-3)
-    assert (np.diff(superior, axis=0) > 0).all() and np.allclose(np.diff(superior, axis=2), 0, atol=1e-3)
-
-
-def test_window_maps_hu_window_linearly_onto_unit_interval():
-    hu = np.array([-1000.0, -200.0, 25.0, 250.0, 3000.0])
-    np.testing.assert_allclose(window_hu(hu, (-200.0, 250.0)), [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-7)
-
-
-def test_stacks_hold_previous_current_next_slice_with_repeated_edges():
-    volume = np.broadcast_to(np.arange(5, dtype=np.float32), (8, 8, 5))  # value = slice index
-    stacks, _ = prepare_volume(volume, np.eye(4), config(size=8, hu_window=(0.0, 4.0)))
-    assert stacks.shape == (5, 3, 8, 8) and stacks.dtype == np.float32
-    expected = np.array([[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 4]]) / 4.0
-    np.testing.assert_allclose(stacks[:, :, 4, 4], expected, atol=1e-6)
-
-
-def test_bilinear_resize_matches_an_independent_half_pixel_reference():
-    plane = np.random.default_rng(1).random((16, 16)).astype(np.float32)
-    stacks, _ = prepare_volume(plane[:, :, None], np.eye(4), config(size=8, hu_window=(0.0, 1.0)))
-    # 2x downsampling with half-pixel centres = mean of each 2x2 block (canonical plane is the volume
-    # transposed and flipped for a RAS affine: rows <- -y, columns <- -x)
-    canonical = plane[::-1, ::-1].T
-    expected = canonical.reshape(8, 2, 8, 2).mean(axis=(1, 3))
-    np.testing.assert_allclose(stacks[0, 1], expected, atol=1e-6)
-
-
-def test_prepare_label_maps_the_layouts_label_values_to_the_organ():
-    liver = np.zeros((4, 6, 3), np.int16)
-    liver[1, 2, :] = 1  # liver
-    liver[2, 3, 1] = 2  # tumour: part of the liver
-    spleen = (liver == 1).astype(np.float32)  # MSD labels are 0/1, sometimes stored as floats
-    crop = config(size=4, resize_mode="crop")  # keeps every voxel above: the organ count is exact
-    liver_masks = prepare_label(liver, np.eye(4), crop, "lits")
-    spleen_masks = prepare_label(spleen, np.eye(4), crop, "msd-spleen")
-    assert liver_masks.dtype == spleen_masks.dtype == np.uint8
-    assert liver_masks.sum() == 4 and spleen_masks.sum() == 3 and (liver_masks >= spleen_masks).all()
-
-
-def test_prepare_functions_reject_bad_arrays():
-    with pytest.raises(ValueError, match="unknown layout"):
-        prepare_label(np.zeros((4, 4, 2), np.uint8), np.eye(4), config(), "kits")
-    with pytest.raises(ValueError, match="3-D"):
-        prepare_volume(np.zeros((4, 4)), np.eye(4), config())
-    volume = np.zeros((4, 4, 2))
-    volume[1, 2, 1] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
-        prepare_volume(volume, np.eye(4), config())
 
 
 # ---- preprocess_dataset end to end on D1's synthetic phantom (tiny: 64 px, 16 slices, 5 cases) ----

@@ -11,11 +11,10 @@ import mlflow
 import pandas as pd
 import pytest
 
+from tests.conftest import sqlite_uri
 from unet3plus import tracking
 from unet3plus.cli import main
-from unet3plus.config import Config, DataConfig, ablation_config, apply_overrides, config_from_dict
-from unet3plus.data.phantom import write_dataset
-from unet3plus.data.preprocess import preprocess_dataset
+from unet3plus.config import Config, ablation_config, apply_overrides, config_from_dict
 from unet3plus.errors import ConfigError, UserError
 from unet3plus.report import (
     README_BEGIN,
@@ -128,16 +127,14 @@ def test_parameters_without_a_study_show_every_name_as_not_run_and_say_why(base)
     assert tracking.params_hash(apply_overrides(base, ["train.seed=5"])) == tracking.params_hash(base)
 
 
-def test_a_variant_that_fails_before_training_is_a_failed_row_with_its_error(tmp_path, monkeypatch):
+def test_a_variant_that_fails_before_training_is_a_failed_row_with_its_error(tiny_dataset, tmp_path, monkeypatch):
     """Issue 20: a missing weights file failed before the variant's run existed, and the report omitted it."""
-    write_dataset("lits", tmp_path / "raw", cases=4, seed=0, size=32, slices=8)
-    preprocess_dataset("lits", tmp_path / "raw", tmp_path / "processed", DataConfig(size=16, workers=1))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(tmp_path))
     grid = {"variants": {"vgg": {"model.encoder": "vgg16", "model.encoder_weights": str(tmp_path / "absent.pth")}},
             "run": ["vgg"]}
     config = config_from_dict({"ablations": grid, "mlflow": {"system_metrics": False}})
     with pytest.raises(ConfigError, match="file not found"):
-        train(ablation_config(config, config.ablations.get("vgg")), tmp_path / "processed", tmp_path / "out",
+        train(ablation_config(config, config.ablations.get("vgg")), tiny_dataset.processed, tmp_path / "out",
               ablation="vgg", base=config)
     table = configuration_table(collect_runs(config)).set_index("variant")
     assert table.loc["vgg", "status"] == "FAILED" and "absent.pth': file not found" in table.loc["vgg", "error"]

@@ -32,9 +32,7 @@ import torch
 from test_train import after_epoch
 
 from unet3plus.cli import main
-from unet3plus.config import DataConfig, load_config
-from unet3plus.data.phantom import write_dataset
-from unet3plus.data.preprocess import preprocess_dataset
+from unet3plus.config import load_config
 from unet3plus.tracking import STUDY_SECTIONS, data_hash
 from unet3plus.tracking_server import AUTH_DATABASE, MlflowServer, Postgres, free_port, run_concurrently
 from unet3plus.train import train
@@ -77,12 +75,12 @@ class Team:
 
 
 @pytest.fixture(scope="module")
-def team() -> Iterator[Team]:
+def team(tiny_dataset) -> Iterator[Team]:
     root = Path(tempfile.mkdtemp(prefix="unet3plus-team-"))  # not under pytest's root-only 0700 folder
     team = Team(root)
     team.work.mkdir()
-    write_dataset("lits", team.work / "raw", cases=4, seed=0, size=48, slices=10)
-    preprocess_dataset("lits", team.work / "raw", team.work / "data", DataConfig(size=32, val_fraction=0.34, workers=1))
+    shutil.copytree(tiny_dataset.raw, team.work / "raw")
+    shutil.copytree(tiny_dataset.processed, team.work / "data")
     team.postgres.start()
     try:
         team.server.start()

@@ -8,8 +8,10 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -21,18 +23,13 @@ from unet3plus.config import MlflowConfig
 from unet3plus.errors import UserError
 from unet3plus.utils import redact
 
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("store")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def store(store_dir, monkeypatch):
-    """One SQLite tracking store for the module (creating one takes seconds); artifacts beside it."""
-    monkeypatch.chdir(store_dir)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return MlflowConfig(tracking_uri=f"sqlite:///{store_dir / 'mlflow.db'}", experiment="tests", system_metrics=False)
+def store(in_sqlite_store) -> MlflowConfig:
+    """The module's SQLite tracking store (conftest.py), the test running in its folder."""
+    return MlflowConfig(tracking_uri=in_sqlite_store, experiment="tests", system_metrics=False)
 
 
 def unused_port() -> int:
@@ -122,10 +119,10 @@ def test_a_run_records_params_metrics_tags_and_text_and_finishes(store):
     assert [a.path for a in client.list_artifacts(run.run_id)] == ["config.yaml"]
 
 
-def test_log_datasets_attaches_one_dataset_per_split_quietly(store, store_dir):
+def test_log_datasets_attaches_one_dataset_per_split_quietly(store, sqlite_store):
     import pandas as pd
 
-    data = store_dir / "processed"
+    data = sqlite_store / "processed"
     data.mkdir(exist_ok=True)
     manifest = pd.DataFrame({"case_id": ["1", "1", "2", "3"], "slice_index": [0, 1, 0, 0],
                              "path": ["a", "b", "c", "d"], "organ_present": [1, 0, 1, 1],
@@ -206,6 +203,44 @@ def test_variants_starting_one_study_at_once_end_under_one_parent(store, monkeyp
     experiment = client.get_experiment_by_name(store.experiment).experiment_id
     parents = client.search_runs([experiment], "tags.study_parent = 'true'")
     assert [run.info.run_id for run in parents] == [first]  # the duplicate deleted itself
+
+
+WORKER = """
+import sys, time
+from pathlib import Path
+from unet3plus import tracking
+from unet3plus.config import MlflowConfig, config_from_dict
+go = Path(sys.argv[2])
+(go.parent / f"ready-{sys.argv[3]}").touch()
+while not go.exists():
+    time.sleep(0.01)
+store = MlflowConfig(tracking_uri=sys.argv[1], experiment="tests", system_metrics=False)
+parent = tracking.study_parent(store, "liver", "f" * 32, config_from_dict({"mlflow": {"system_metrics": False}}))
+with tracking.open_run(store, run_name="child", parent_run_id=parent) as run:
+    run.set_tags({"parent_seen": str(parent)})
+"""
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_share_one_schema_and_one_study_parent(tmp_path):
+    """MLflow migrates a new SQLite store in whichever process opens it first: at once, one of two used to fail."""
+    uri, go = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}", tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, uri, str(go), str(i)], env=env, stderr=subprocess.PIPE,
+                                text=True) for i in range(3)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()  # every worker has imported MLflow: they open the store at the same moment
+    errors = [worker.communicate(timeout=120)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0, 0], errors
+    assert not any("Traceback" in error or "could not" in error for error in errors), errors
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tests").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.study_parent = 'true'")
+    children = client.search_runs([experiment], "attributes.run_name = 'child'")
+    assert len(children) == 3 and {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
+    assert sorted(path.name for path in (tmp_path / "new").iterdir()) == ["mlflow.db"]  # no lock file beside it
 
 
 def test_the_study_parent_spans_its_children_in_time(store):

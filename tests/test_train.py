@@ -26,12 +26,11 @@ import pytest
 import requests
 import torch
 
+from tests.conftest import TINY_DATA, sqlite_uri
 from unet3plus import tracking
 from unet3plus.checkpoint import load_checkpoint, model_from_checkpoint
-from unet3plus.config import Config, DataConfig, load_config
+from unet3plus.config import Config, load_config
 from unet3plus.data.dataset import SliceDataset
-from unet3plus.data.phantom import write_dataset
-from unet3plus.data.preprocess import preprocess_dataset
 from unet3plus.device import cpu_name
 from unet3plus.errors import CheckpointError, ConfigError, DataError
 from unet3plus.models import predict_proba
@@ -54,44 +53,24 @@ TINY = [
 ]
 
 
-PREPROCESSING = DataConfig(size=32, val_fraction=0.34, workers=1)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("liver")
-    write_dataset("lits", root / "raw", cases=4, seed=0, size=48, slices=10)
-    preprocess_dataset("lits", root / "raw", root / "processed", PREPROCESSING)
-    return root / "processed"
-
-
 def as_trained(config: Config) -> Config:
     """``config`` with the data section the run records: how its data was preprocessed."""
-    return dataclasses.replace(config, data=PREPROCESSING)
+    return dataclasses.replace(config, data=TINY_DATA)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """One SQLite MLflow store for the module (creating one costs seconds); also the cwd of every test."""
-    return tmp_path_factory.mktemp("mlflow")
-
-
-@pytest.fixture(autouse=True)
-def in_store(store, monkeypatch):
-    monkeypatch.chdir(store)  # MLflow puts the SQLite store's artifacts under the cwd
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+pytestmark = pytest.mark.usefixtures("in_sqlite_store")  # one SQLite store for the module, the cwd of every test
 
 
 def tiny_config(store: Path, *overrides: str) -> Config:
-    return load_config(None, [*TINY, f"mlflow.tracking_uri=sqlite:///{store / 'mlflow.db'}", *overrides])
+    return load_config(None, [*TINY, f"mlflow.tracking_uri={sqlite_uri(store)}", *overrides])
 
 
 @pytest.fixture(scope="module")
-def straight(data_dir, store, tmp_path_factory) -> Path:
+def straight(tiny_dataset, sqlite_store, tmp_path_factory) -> Path:
     """Two epochs in one go: the reference for resume and determinism."""
     out = tmp_path_factory.mktemp("straight")
-    with contextlib.chdir(store):
-        train(tiny_config(store), data_dir, out)
+    with contextlib.chdir(sqlite_store):
+        train(tiny_config(sqlite_store), tiny_dataset.processed, out)
     return out
 
 
@@ -145,16 +124,16 @@ def val_dice_history(tracking_uri: str, run_id: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_an_interrupted_run_resumed_ends_bitwise_equal_to_a_straight_run(workers, straight, data_dir, store, tmp_path):
-    config = tiny_config(store, f"train.num_workers={workers}")
+def test_an_interrupted_run_resumed_ends_bitwise_equal_to_a_straight_run(workers, straight, tiny_dataset, sqlite_store, tmp_path):
+    config = tiny_config(sqlite_store, f"train.num_workers={workers}")
     with after_epoch(1, interrupt), pytest.raises(Interrupted):
-        train(config, data_dir, tmp_path)
+        train(config, tiny_dataset.processed, tmp_path)
     interrupted = load_checkpoint(tmp_path / "last.pt")
     assert interrupted["epoch"] == 1 and len(pd.read_csv(tmp_path / "history.csv")) == 1
     uri = config.mlflow.tracking_uri
     assert mlflow.MlflowClient(uri).get_run(interrupted["mlflow_run_id"]).info.status == "FAILED"
 
-    summary = train(config, data_dir, tmp_path, resume=True)
+    summary = train(config, tiny_dataset.processed, tmp_path, resume=True)
 
     # augmentation depends on (seed, epoch, index) only, so workers do not change the result either
     assert_same_state(load_checkpoint(tmp_path / "last.pt"), load_checkpoint(straight / "last.pt"))
@@ -164,17 +143,17 @@ def test_an_interrupted_run_resumed_ends_bitwise_equal_to_a_straight_run(workers
     assert mlflow.MlflowClient(uri).get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
 
-def test_the_same_seed_gives_identical_weights_and_another_seed_does_not(straight, data_dir, store, tmp_path):
-    train(tiny_config(store), data_dir, tmp_path / "again")
+def test_the_same_seed_gives_identical_weights_and_another_seed_does_not(straight, tiny_dataset, sqlite_store, tmp_path):
+    train(tiny_config(sqlite_store), tiny_dataset.processed, tmp_path / "again")
     assert_same_state(load_checkpoint(tmp_path / "again" / "last.pt"), load_checkpoint(straight / "last.pt"))
-    train(tiny_config(store, "train.seed=1"), data_dir, tmp_path / "other")
+    train(tiny_config(sqlite_store, "train.seed=1"), tiny_dataset.processed, tmp_path / "other")
     other, reference = load_checkpoint(tmp_path / "other" / "last.pt"), load_checkpoint(straight / "last.pt")
     assert not all(torch.equal(other["model"][name], tensor) for name, tensor in reference["model"].items())
 
 
-def test_select_checkpoint_last_epoch_keeps_the_final_epoch_whatever_its_validation_dice(data_dir, store, tmp_path):
-    with contextlib.chdir(store):
-        summary = train(tiny_config(store, "train.select_checkpoint=last_epoch", "train.epochs=3"), data_dir, tmp_path)
+def test_select_checkpoint_last_epoch_keeps_the_final_epoch_whatever_its_validation_dice(tiny_dataset, sqlite_store, tmp_path):
+    with contextlib.chdir(sqlite_store):
+        summary = train(tiny_config(sqlite_store, "train.select_checkpoint=last_epoch", "train.epochs=3"), tiny_dataset.processed, tmp_path)
     history = pd.read_csv(tmp_path / "history.csv")
     last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
     assert best["epoch"] == last["epoch"] == summary["best_epoch"] == 3
@@ -182,38 +161,38 @@ def test_select_checkpoint_last_epoch_keeps_the_final_epoch_whatever_its_validat
     assert all(torch.equal(best["model"][key], value) for key, value in last["model"].items())
 
 
-def test_resuming_a_finished_run_trains_no_further(straight, data_dir, store, tmp_path):
+def test_resuming_a_finished_run_trains_no_further(straight, tiny_dataset, sqlite_store, tmp_path):
     shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
     before = load_checkpoint(tmp_path / "last.pt")
-    summary = train(tiny_config(store), data_dir, tmp_path, resume=True)
+    summary = train(tiny_config(sqlite_store), tiny_dataset.processed, tmp_path, resume=True)
     assert summary["epochs"] == 2 and summary["mlflow_run_id"] == before["mlflow_run_id"]
     assert_same_state(load_checkpoint(tmp_path / "last.pt"), before)
-    uri = f"sqlite:///{store / 'mlflow.db'}"
+    uri = sqlite_uri(sqlite_store)
     assert len(val_dice_history(uri, summary["mlflow_run_id"])) == 2  # nothing logged twice
 
 
-def test_resume_refuses_changed_train_and_loss_settings_and_records_a_longer_run(straight, data_dir, store, tmp_path):
+def test_resume_refuses_changed_train_and_loss_settings_and_records_a_longer_run(straight, tiny_dataset, sqlite_store, tmp_path):
     """Issue 20: a new lr was silently ignored, a new loss weight used but not shown, a new optimizer a KeyError."""
     shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
-    changed = tiny_config(store, "train.lr=0.02", "loss.focal_weight=2", "train.optimizer=adamw")
+    changed = tiny_config(sqlite_store, "train.lr=0.02", "loss.focal_weight=2", "train.optimizer=adamw")
     with pytest.raises(CheckpointError) as refused:
-        train(changed, data_dir, tmp_path, resume=True)
+        train(changed, tiny_dataset.processed, tmp_path, resume=True)
     message = str(refused.value)
     assert message.startswith(f"{tmp_path / 'last.pt'}: --resume with settings other than the checkpoint's")
     for change in ("train.lr (0.05 -> 0.02)", "loss.focal_weight (1.0 -> 2.0)", "train.optimizer ('sgd' -> 'adamw')"):
         assert change in message
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
     # Training longer is what resume is for: allowed, and the run says so (its params keep the first value).
-    summary = train(tiny_config(store, "train.epochs=3"), data_dir, tmp_path, resume=True)
-    run = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}").get_run(summary["mlflow_run_id"])
+    summary = train(tiny_config(sqlite_store, "train.epochs=3"), tiny_dataset.processed, tmp_path, resume=True)
+    run = mlflow.MlflowClient(sqlite_uri(sqlite_store)).get_run(summary["mlflow_run_id"])
     assert summary["epochs"] == 3 and run.data.tags["resumed_with"] == "train.epochs (2 -> 3)"
     assert load_checkpoint(tmp_path / "last.pt")["config"]["train"]["epochs"] == 3
 
 
 @pytest.mark.parametrize("schedule", ["poly", "cosine", "constant"])
-def test_learning_rate_schedules_follow_their_formulas_per_step(schedule, store):
-    config = tiny_config(store, f"train.schedule={schedule}", "train.poly_power=0.9").train
+def test_learning_rate_schedules_follow_their_formulas_per_step(schedule, sqlite_store):
+    config = tiny_config(sqlite_store, f"train.schedule={schedule}", "train.poly_power=0.9").train
     expected = {
         "poly": lambda t: (1 - t) ** 0.9,
         "cosine": lambda t: (1 + math.cos(math.pi * t)) / 2,
@@ -224,8 +203,8 @@ def test_learning_rate_schedules_follow_their_formulas_per_step(schedule, store)
     assert lr_multiplier(config, 150, total_steps=100) == pytest.approx(expected[schedule](1.0), abs=1e-12)
 
 
-def test_warm_up_rises_linearly_then_hands_over_to_the_schedule(store):
-    config = tiny_config(store, "train.schedule=cosine").train
+def test_warm_up_rises_linearly_then_hands_over_to_the_schedule(sqlite_store):
+    config = tiny_config(sqlite_store, "train.schedule=cosine").train
     # 4 warm-up steps of 10: factors 1/5, 2/5, 3/5, 4/5, then cosine over the 6 remaining steps
     # (by hand: step 5 is progress 1/6, (1 + cos 30 deg) / 2 = 0.9330127; step 7 is progress 3/6,
     # cos 90 deg = 0, so 0.5; step 10 is the end, 0, and stays there).
@@ -260,12 +239,12 @@ def reference_val_dice(checkpoint_path: Path, data_dir: Path) -> float:
 
 
 @pytest.mark.slow
-def test_training_learns_and_is_recorded_in_files_and_mlflow(data_dir, store, tmp_path, monkeypatch):
+def test_training_learns_and_is_recorded_in_files_and_mlflow(tiny_dataset, sqlite_store, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     epochs = ["train.epochs=15", "train.max_steps_per_epoch=null", "train.augment=false"]
     optimiser = ["train.optimizer=adamw", "train.lr=0.01", "train.schedule=cosine"]
-    config = tiny_config(store, *epochs, *optimiser, "mlflow.system_metrics=true")
-    summary = train(config, data_dir, tmp_path)
+    config = tiny_config(sqlite_store, *epochs, *optimiser, "mlflow.system_metrics=true")
+    summary = train(config, tiny_dataset.processed, tmp_path)
 
     history = pd.read_csv(tmp_path / "history.csv")
     assert list(history.columns) == ["epoch", "lr", *LOSS_COLUMNS, "val_dice", "seconds"]
@@ -285,7 +264,7 @@ def test_training_learns_and_is_recorded_in_files_and_mlflow(data_dir, store, tm
     last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
     assert last["epoch"] == 15 and last["config"] == as_trained(config).to_dict() and last["dataset"] == "liver"
     assert best["epoch"] == summary["best_epoch"] and best["best_metric"] == summary["best_val_dice"]
-    assert reference_val_dice(tmp_path / "last.pt", data_dir) == pytest.approx(history.val_dice.iloc[-1], abs=1e-12)
+    assert reference_val_dice(tmp_path / "last.pt", tiny_dataset.processed) == pytest.approx(history.val_dice.iloc[-1], abs=1e-12)
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
 
     client = mlflow.MlflowClient(config.mlflow.tracking_uri)
@@ -298,49 +277,49 @@ def test_training_learns_and_is_recorded_in_files_and_mlflow(data_dir, store, tm
         logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, column))
         assert logged == list(zip(history.epoch, history[column])), column
     assert any(key.startswith("system/") for key in run.data.metrics)
-    assert run.data.tags["dataset"] == "liver" and run.data.tags["data_hash"] == tracking.data_hash(data_dir)
+    assert run.data.tags["dataset"] == "liver" and run.data.tags["data_hash"] == tracking.data_hash(tiny_dataset.processed)
     artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "history.csv", "curves.png", "train_summary.json"} <= artifacts
 
 
-def test_bad_inputs_fail_clearly_and_write_nothing(straight, data_dir, store, tmp_path):
-    config = tiny_config(store)
+def test_bad_inputs_fail_clearly_and_write_nothing(straight, tiny_dataset, sqlite_store, tmp_path):
+    config = tiny_config(sqlite_store)
     with pytest.raises(DataError, match="not found"):
         train(config, tmp_path / "absent", tmp_path / "out")
-    no_train = shutil.copytree(data_dir, tmp_path / "no_train")
+    no_train = shutil.copytree(tiny_dataset.processed, tmp_path / "no_train")
     manifest = pd.read_csv(no_train / "manifest.csv", dtype={"case_id": str})
     manifest.loc[manifest.split == "train", "split"] = "test"
     manifest.to_csv(no_train / "manifest.csv", index=False)
     with pytest.raises(DataError, match=r"manifest.csv: the 'train' split has no samples"):
         train(config, no_train, tmp_path / "out")
     with pytest.raises(CheckpointError, match="last.pt: checkpoint not found"):
-        train(config, data_dir, tmp_path / "out", resume=True)
+        train(config, tiny_dataset.processed, tmp_path / "out", resume=True)
     assert not (tmp_path / "out").exists()
 
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "last.pt").write_bytes((straight / "last.pt").read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        train(config, data_dir, corrupt, resume=True)
+        train(config, tiny_dataset.processed, corrupt, resume=True)
     other_model = tmp_path / "other_model"
     other_model.mkdir()
     shutil.copy(straight / "last.pt", other_model / "last.pt")
     with pytest.raises(CheckpointError, match="was trained with model"):
-        train(tiny_config(store, "model.width=8"), data_dir, other_model, resume=True)
+        train(tiny_config(sqlite_store, "model.width=8"), tiny_dataset.processed, other_model, resume=True)
     assert sorted(p.name for p in [*corrupt.iterdir(), *other_model.iterdir()]) == ["last.pt", "last.pt"]
 
     with pytest.raises(ConfigError, match=r"train.optimizer = 'adam' is invalid: expected 'sgd' or 'adamw'"):
-        tiny_config(store, "train.optimizer=adam")
+        tiny_config(sqlite_store, "train.optimizer=adam")
     with pytest.raises(ConfigError, match=r"train.epochs = 'two' has the wrong type: expected int"):
-        tiny_config(store, "train.epochs=two")
+        tiny_config(sqlite_store, "train.epochs=two")
 
 
 @pytest.mark.slow
-def test_two_process_ddp_run_writes_one_checkpoint_set_and_one_mlflow_run(data_dir, tmp_path):
+def test_two_process_ddp_run_writes_one_checkpoint_set_and_one_mlflow_run(tiny_dataset, tmp_path):
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [arg for item in TINY for arg in ("--set", item)]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = [*torchrun, "-m", "unet3plus", "train", "--data", str(data_dir), "--out", str(out), *overrides]
+    command = [*torchrun, "-m", "unet3plus", "train", "--data", str(tiny_dataset.processed), "--out", str(out), *overrides]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
@@ -373,11 +352,11 @@ def logged_val_dice(server_url: str, run_id: str) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 def test_training_against_a_tracking_server_is_readable_over_its_rest_api(
-    mlflow_server, data_dir, store, tmp_path, monkeypatch
+    mlflow_server, tiny_dataset, sqlite_store, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    config = tiny_config(store)
-    summary = train(config, data_dir, tmp_path)
+    config = tiny_config(sqlite_store)
+    summary = train(config, tiny_dataset.processed, tmp_path)
 
     run = rest(mlflow_server.url, "runs/get", run_id=summary["mlflow_run_id"])["run"]
     assert run["info"]["status"] == "FINISHED" and not summary["mlflow_offline"]
@@ -391,11 +370,11 @@ def test_training_against_a_tracking_server_is_readable_over_its_rest_api(
 
 
 @pytest.mark.slow
-def test_a_server_dying_mid_training_loses_nothing(mlflow_server, data_dir, store, tmp_path, monkeypatch, caplog):
+def test_a_server_dying_mid_training_loses_nothing(mlflow_server, tiny_dataset, sqlite_store, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    config = tiny_config(store, "train.epochs=3")
+    config = tiny_config(sqlite_store, "train.epochs=3")
     with caplog.at_level(logging.WARNING), after_epoch(1, mlflow_server.kill):
-        summary = train(config, data_dir, tmp_path)
+        summary = train(config, tiny_dataset.processed, tmp_path)
 
     assert summary["mlflow_offline"] and summary["mlflow_run_id"] is not None and summary["epochs"] == 3
     assert [r.name for r in caplog.records if "continuing offline" in r.getMessage()] == ["unet3plus.tracking"]
@@ -404,7 +383,7 @@ def test_a_server_dying_mid_training_loses_nothing(mlflow_server, data_dir, stor
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3 and (tmp_path / "best.pt").is_file()
 
     mlflow_server.start()  # back on the same port and store: a resume uploads what the run missed
-    again = train(config, data_dir, tmp_path, resume=True)
+    again = train(config, tiny_dataset.processed, tmp_path, resume=True)
     assert again["mlflow_run_id"] == summary["mlflow_run_id"] and not again["mlflow_offline"]
     history = pd.read_csv(tmp_path / "history.csv")
     assert logged_val_dice(mlflow_server.url, summary["mlflow_run_id"]) == list(zip(history.epoch, history.val_dice))
@@ -448,7 +427,7 @@ def test_epoch_sampler_shards_one_epoch_across_processes():
     assert interleaved == order + order[:1]  # padded to a multiple of the process count
 
 
-def test_checkpoint_records_how_the_data_was_preprocessed_not_the_current_params(straight, store):
-    assert tiny_config(store).data.size != 32  # params say one thing ...
+def test_checkpoint_records_how_the_data_was_preprocessed_not_the_current_params(straight, sqlite_store):
+    assert tiny_config(sqlite_store).data.size != 32  # params say one thing ...
     data = torch.load(straight / "last.pt", weights_only=True)["config"]["data"]
-    assert data == dataclasses.asdict(PREPROCESSING)  # ... the data another
+    assert data == dataclasses.asdict(TINY_DATA)  # ... the data another

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -21,11 +21,13 @@ import jsonschema
 import mlflow
 import pytest
 import yaml
+from fake_http import JsonHandler
 from kfp import dsl
 from kubernetes import client as k8s
 
 from components import preprocess_data, raw_data
 from components.launch import train_on_trainjob
+from tests.conftest import tiny_params
 from unet3plus.checkpoint import load_checkpoint
 from unet3plus.config import apply_overrides, load_config
 from unet3plus.errors import UserError
@@ -40,41 +42,15 @@ from unet3plus.trainjob import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "tests" / "schemas" / "trainer.kubeflow.org_trainjobs.yaml"
-TINY = {
-    "data": {"size": 32, "synth_cases": 4, "synth_size": 48, "synth_slices": 16, "workers": 1},
-    "model": {"width": 4},
-    "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 2, "device": "cpu"},
-    "mlflow": {"system_metrics": False},
-}
-
-
-def _strict(schema):
-    """The schema with ``additionalProperties: false`` on every object that lists its properties and
-    neither allows nor preserves unknown fields, so a misspelled or removed field fails validation."""
-    if isinstance(schema, dict):
-        schema = {key: _strict(value) for key, value in schema.items()}
-        if ("properties" in schema and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
-            schema["additionalProperties"] = False
-        return schema
-    if isinstance(schema, list):
-        return [_strict(item) for item in schema]
-    return schema
 
 
 @pytest.fixture(scope="module")
-def validator():
-    crd = yaml.safe_load(CRD.read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
-    schema = _strict(version["schema"]["openAPIV3Schema"])
-    return jsonschema.Draft7Validator(schema)
+def validator(crd_validator):
+    return crd_validator(CRD, "v1alpha1")
 
 
-def _params(**sections) -> str:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in {**TINY, **sections}.items():
-        params[section].update(values)
-    return yaml.safe_dump(params)
+def _params() -> str:
+    return yaml.safe_dump(tiny_params(train={"device": "cpu"}))
 
 
 SETTINGS = [
@@ -291,28 +267,17 @@ class FakeKubernetes:
         self.log = b"epoch 1/1: loss 0.9\nbest val Dice 0.5\n"
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, code, payload):
-                body = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
+        class Handler(JsonHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.created.append((urlparse(self.path).path, body))
                 if fake.run_command:
                     fake.execute(body)
-                self._reply(201, body)
+                self.reply(201, body)
 
             def do_DELETE(self):
                 fake.deleted.append(urlparse(self.path).path)
-                self._reply(200, {"kind": "Status", "status": "Success"})
+                self.reply(200, {"kind": "Status", "status": "Success"})
 
             def do_GET(self):
                 url = urlparse(self.path)
@@ -323,21 +288,16 @@ class FakeKubernetes:
                         job["status"] = {"conditions": [{
                             "type": fake.outcome, "status": "True", "reason": "Reason" + fake.outcome,
                             "message": "node 1 exited with code 137", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
-                    return self._reply(200, job)
+                    return self.reply(200, job)
                 if url.path.endswith("/pods"):
                     fake.selectors.append(parse_qs(url.query)["labelSelector"][0])
                     pod = {"metadata": {"name": "job-node-0-0-abcde", "namespace": "team-a"},
                            "status": {"phase": "Running"}}
-                    return self._reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [pod]})
+                    return self.reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [pod]})
                 if url.path.endswith("/log"):
                     assert parse_qs(url.query)["container"] == ["node"]
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/plain")
-                    self.send_header("Content-Length", str(len(fake.log)))
-                    self.end_headers()
-                    self.wfile.write(fake.log)
-                    return None
-                return self._reply(404, {"kind": "Status", "code": 404})
+                    return self.reply(200, fake.log, "text/plain")
+                return self.reply(404, {"kind": "Status", "code": 404})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

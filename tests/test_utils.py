@@ -5,15 +5,12 @@ import shutil
 import stat
 import subprocess
 import sys
-import tarfile
 import textwrap
 from pathlib import Path
 
 import pytest
-from kfp import dsl
 
 from unet3plus import utils
-from unet3plus.data.archive import extract_dataset
 from unet3plus.utils import staged_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,42 +153,6 @@ def test_published_folders_get_the_umask_permissions_whatever_the_body_did(tmp_p
         os.umask(previous)
     for name in ("made", "copied"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o777 & ~mask, name
-
-
-def test_extract_publishes_an_archive_without_a_top_folder_with_the_umask(tmp_path):
-    source = tmp_path / "source"
-    _write(source, {"dataset.json": "{}", "imagesTr/a.nii.gz": "x"})
-    archive = tmp_path / "flat.tar"
-    with tarfile.open(archive, "w") as tar:
-        for path in sorted(source.rglob("*")):
-            tar.add(path, arcname=path.relative_to(source).as_posix(), recursive=False)
-    previous = os.umask(0o022)
-    try:
-        out = extract_dataset(archive, tmp_path / "raw")
-    finally:
-        os.umask(previous)
-    assert _content(out) == {"dataset.json": "{}", "imagesTr/a.nii.gz": "x"}
-    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not mkdtemp's 0700
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["flat.tar", "raw", "source"]
-
-
-def test_the_raw_data_component_publishes_a_copied_dataset_with_the_umask(tmp_path):
-    from components import raw_data
-    from unet3plus.data.phantom import write_dataset
-
-    source = tmp_path / "mounted"
-    write_dataset("lits", source, cases=2, seed=0, size=32, slices=8)
-    source.chmod(0o700)  # a claim's folder readable by its owner only
-    raw = dsl.Dataset(name="raw", uri=str(tmp_path / "raw"), metadata={})
-    previous = os.umask(0o022)
-    try:
-        cases = raw_data.python_func(raw=raw, dataset="liver", params="", source_dir=str(source))
-    finally:
-        os.umask(previous)
-    assert cases == 2
-    assert stat.S_IMODE(Path(raw.path).stat().st_mode) == 0o755
-    assert sorted(path.name for path in Path(raw.path).glob("*.nii")) == sorted(
-        path.name for path in source.glob("*.nii"))
 
 
 def test_folder_lock_names_its_holder_and_the_kernel_releases_it_when_the_holder_is_killed(tmp_path):

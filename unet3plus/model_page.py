@@ -38,7 +38,7 @@ def run_link(mlflow_config: Any, run_id: str) -> tuple[str, str | None]:
     from unet3plus.tracking import configure
 
     try:
-        uri = configure(mlflow_config)
+        uri = configure(mlflow_config, create=False)
         run = mlflow.MlflowClient(uri).get_run(run_id)
     except (MlflowException, OSError):
         return "", None

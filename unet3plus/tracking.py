@@ -25,6 +25,7 @@ manifests as MLflow datasets (the UI's Dataset column).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -58,13 +59,15 @@ HTTP_LIMITS = {
 }
 
 
-def configure(mlflow_config: MlflowConfig) -> str:
+def configure(mlflow_config: MlflowConfig, create: bool = True) -> str:
     """Point MLflow at the configured tracking store and cap HTTP retries and timeouts.
 
     Args:
         mlflow_config: the ``mlflow`` section; ``MLFLOW_TRACKING_URI`` in the environment wins
             over its ``tracking_uri`` (default ``sqlite:///mlflow.db``: relative to the DVC root in a DVC
             stage, else to the working directory; see :meth:`MlflowConfig.resolved_tracking_uri`).
+        create: create a SQLite store that does not exist yet (:func:`create_sqlite_store`); commands
+            that only read pass False.
 
     The HTTP limits (:data:`HTTP_LIMITS`) are set in ``os.environ`` where not already set, so they
     hold for the rest of the process and for its subprocesses.
@@ -81,7 +84,55 @@ def configure(mlflow_config: MlflowConfig) -> str:
         # set_tracking_uri also exports the URI, which would then "win" over the config of every
         # later configure() in this process (tests, notebooks, in-process pipelines).
         os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if create:
+        create_sqlite_store(uri)
     return uri
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold, between processes, an exclusive lock on the SQLite store ``uri`` for the block (other stores: no-op).
+
+    The lock is an ``flock`` on the database's folder (created if missing), so nothing is written
+    beside ``mlflow.db`` and the kernel releases it however the holder dies. It serialises what
+    SQLite's own locking does not: MLflow's schema creation, and find-or-create sequences.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+_CREATED: set[str] = set()
+"""SQLite URIs this process has opened through :func:`create_sqlite_store`."""
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Open the SQLite store ``uri`` once per process, under :func:`store_lock`, creating its tables if it is new.
+
+    MLflow creates a new SQLite store's tables (an Alembic migration) in whichever process opens
+    it first; two processes opening a new store at the same moment (ablations trained in parallel:
+    a ``kfp.local`` ParallelFor, ``dvc queue start --jobs 2``) both migrate it and one of them
+    fails ("Online migration expected to match one row ..."). Under the lock the first creates the
+    tables and the others find them. Other stores are left alone; a store that cannot be opened
+    (its folder is a file, a full disk) is left to fail at the caller's first use, which names it.
+    """
+    if sqlite_path(uri) is None or uri in _CREATED:
+        return
+    try:
+        with store_lock(uri):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # the caller's own MLflow call fails next, with its context
+        logger.debug("could not open the SQLite store %s: %s", uri, err)
+        return
+    _CREATED.add(uri)
 
 
 UNKNOWN_SOURCE = "unknown"
@@ -167,7 +218,7 @@ def configure_for_reading(mlflow_config: MlflowConfig) -> str:
     Raises:
         UserError: the SQLite file does not exist.
     """
-    uri = configure(mlflow_config)
+    uri = configure(mlflow_config, create=False)
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
         raise UserError(f"{uri}: no MLflow tracking store at {path}; train a model first or point "
@@ -386,28 +437,34 @@ def study_parent(mlflow_config: MlflowConfig, dataset: str, data_digest: str, ba
     """
     study = study_name(dataset, data_digest, base)
     try:
-        client = mlflow.MlflowClient(configure(mlflow_config))
-        experiment = experiment_id(client, mlflow_config.experiment)
-        query = f"tags.study = '{study}' and tags.study_parent = 'true'"
-        found = client.search_runs([experiment], query, max_results=1)
-        if found:
-            return found[0].info.run_id
-        parent = client.create_run(
-            experiment,
-            run_name=f"{dataset} study {data_digest[:8]}/{params_hash(base)[:8]}",
-            tags={"study": study, "study_parent": "true", "dataset": dataset, "data_hash": data_digest, **kfp_tags()},
-        )
-        client.log_batch(parent.info.run_id, params=[Param(k, v[:6000]) for k, v in study_params(base).items()])
-        client.set_terminated(parent.info.run_id, "FINISHED")
-        # Variants of one study started at the same moment (a parallel ablation) may each have
-        # created a parent: all of them keep the oldest, and the others delete their own.
-        oldest = min(client.search_runs([experiment], query), key=lambda run: (run.info.start_time, run.info.run_id))
-        if oldest.info.run_id != parent.info.run_id:
-            client.delete_run(parent.info.run_id)
-        return oldest.info.run_id
+        uri = configure(mlflow_config)
+        with store_lock(uri):  # one find-or-create at a time on a SQLite store; a server: see below
+            return _find_or_create_parent(mlflow.MlflowClient(uri), mlflow_config, study, dataset, data_digest, base)
     except Exception as err:  # tracking must never stop training
         logger.warning("MLflow: could not find or create the parent run of study %s (%s)", study, redact(str(err)))
         return None
+
+
+def _find_or_create_parent(client: mlflow.MlflowClient, mlflow_config: MlflowConfig, study: str, dataset: str,
+                           data_digest: str, base: Config) -> str:
+    experiment = experiment_id(client, mlflow_config.experiment)
+    query = f"tags.study = '{study}' and tags.study_parent = 'true'"
+    found = client.search_runs([experiment], query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    parent = client.create_run(
+        experiment,
+        run_name=f"{dataset} study {data_digest[:8]}/{params_hash(base)[:8]}",
+        tags={"study": study, "study_parent": "true", "dataset": dataset, "data_hash": data_digest, **kfp_tags()},
+    )
+    client.log_batch(parent.info.run_id, params=[Param(k, v[:6000]) for k, v in study_params(base).items()])
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    # On a tracking server (no lock) variants of one study started at the same moment (a parallel
+    # ablation) may each have created a parent: all of them keep the oldest, the others delete their own.
+    oldest = min(client.search_runs([experiment], query), key=lambda run: (run.info.start_time, run.info.run_id))
+    if oldest.info.run_id != parent.info.run_id:
+        client.delete_run(parent.info.run_id)
+    return oldest.info.run_id
 
 
 def error_text(error: BaseException) -> str:
@@ -433,7 +490,7 @@ def runs_view_url(mlflow_config: MlflowConfig, server: str = "http://127.0.0.1:5
     model-training view. Without the experiment (nothing tracked yet) the experiments list.
     """
     try:
-        experiment = mlflow.MlflowClient(configure(mlflow_config)).get_experiment_by_name(mlflow_config.experiment)
+        experiment = mlflow.MlflowClient(configure(mlflow_config, create=False)).get_experiment_by_name(mlflow_config.experiment)
     except MlflowException:
         experiment = None
     page = f"#/experiments/{experiment.experiment_id}" if experiment else "#/experiments"

@@ -185,14 +185,19 @@ class SegmentationModel(nn.Module):
         if pad_bottom or pad_right:
             x = F.pad(x, (0, pad_right, 0, pad_bottom))
         features = self.encoder(x)
-        class_logits = self.cgm(features[-1]) if self.cgm is not None else None
         size = tuple(x.shape[-2:])
-        if self.decode_present_only and class_logits is not None and not self.training and x.device.type != "meta":
+        class_logits = None
+        if self.decode_present_only and self.cgm is not None and not self.training and x.device.type != "meta":
+            class_logits = self.cgm(features[-1])
             present = (class_logits.argmax(dim=1) == 1).nonzero().flatten()
             if len(present) < len(x):
                 return self._segment_present(features, present, size, (height, width), class_logits)
         maps = self.decoder(features)
         side_logits = tuple(head(m, size)[..., :height, :width] for head, m in zip(self.heads, maps))
+        # Training runs the CGM after the decoder: the order in which autograd sums the deepest features'
+        # gradients follows it, and with it the trained weights' last bits (runs stay bit-identical across versions).
+        if class_logits is None and self.cgm is not None:
+            class_logits = self.cgm(features[-1])
         return SegmentationOutput(side_logits[0], side_logits, class_logits)
 
     def _segment_present(

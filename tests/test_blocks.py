@@ -1,4 +1,4 @@
-"""The factored full-scale skip (``skip_impl``): the same function as the naive one, to float rounding.
+"""unet3plus.models.blocks: the factored full-scale skip (``skip_impl``) is the naive one, to float rounding.
 
 References are independent: the naive path is ``F.interpolate`` then ``F.conv2d`` as written, run
 in float64; the factored path reorders the linear algebra, so any mistake in taps, shifts or
@@ -119,60 +119,6 @@ def test_bad_skip_impl_is_refused_by_create_model_and_by_the_config():
     with pytest.raises(ConfigError, match="model.skip_impl = 'fast' is invalid"):
         load_config(None, ["model.skip_impl=fast"])
     assert load_config(None, ["model.skip_impl=factored"]).model.skip_impl == "factored"
-
-
-def _largest_upsample_batches(model: torch.nn.Module, images: torch.Tensor, limit: int) -> list[int]:
-    """Batch sizes the decoder saw in one eval forward with ``max_upsample_elements = limit``."""
-    seen = []
-    hook = model.decoder.register_forward_pre_hook(lambda _, args: seen.append(args[0][0].shape[0]))
-    model.max_upsample_elements = limit
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        hook.remove()
-    return seen
-
-
-@pytest.mark.parametrize("skip_impl", ["naive", "factored"])
-def test_eval_batches_are_split_below_the_upsample_limit_with_identical_results(skip_impl):
-    model = _model(skip_impl).eval()
-    images = torch.rand(5, 3, 40, 40, generator=torch.Generator().manual_seed(4))
-    per_image = model.upsample_elements_per_image(40, 40)
-    # naive: the 16x up-sampling of hd5 (64 channels at 48 x 48); factored: the 9 x 4 taps at 48 x 24
-    assert per_image == {"naive": 64 * 48 * 48, "factored": 36 * 48 * 24}[skip_impl]
-
-    with torch.no_grad():
-        whole = model(images)
-    assert _largest_upsample_batches(model, images, 2 * per_image + 1) == [2, 2, 1]
-    with torch.no_grad():
-        split = model(images)
-
-    assert split.side_logits[0] is split.logits
-    for got, want in zip(split.side_logits, whole.side_logits):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(split.class_logits, whole.class_logits, rtol=1e-5, atol=1e-6)
-    assert _largest_upsample_batches(model.train(), images, per_image) == [5]  # training batches stay whole
-
-
-@pytest.mark.parametrize("arch", ["unet", "unet2plus", "unet3plus"])
-@pytest.mark.parametrize("encoder", ["unet", "vgg16", "resnet101"])
-def test_the_free_upsample_bound_is_never_below_the_measured_largest_upsample(arch, encoder):
-    for skip_impl in ("naive", "factored"):
-        model = create_model(arch=arch, encoder=encoder, width=4, skip_impl=skip_impl).eval()
-        for height, width in ((40, 40), (33, 70), (16, 96)):
-            measured = model.upsample_elements_per_image(height, width)
-            assert measured <= model.upsample_elements_bound(height, width), (skip_impl, height, width)
-
-
-def test_batches_under_the_free_bound_are_not_measured():
-    model = _model("naive").eval()
-    images = torch.rand(3, 3, 40, 40)
-    bound = model.upsample_elements_bound(40, 40)
-    assert _largest_upsample_batches(model, images, 3 * bound) == [3]
-    assert model._upsample_elements == {}  # the meta-device run (about 2 s on first use) never happened
-    _largest_upsample_batches(model, images, 3 * bound - 1)
-    assert list(model._upsample_elements) == [(40, 40)]  # over the bound: measured
 
 
 def test_channels_last_bf16_autocast_inference_gives_the_fp32_masks_within_half_a_percent_dice():

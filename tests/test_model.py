@@ -1,4 +1,4 @@
-"""The executable spec of unet3plus.models: one shared tester over arch x encoder x options."""
+"""unet3plus.models.model (create_model, predict_proba): one shared tester over arch x encoder x options, from the registries."""
 
 from __future__ import annotations
 
@@ -7,13 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 
-from unet3plus.errors import CheckpointError
 from unet3plus.losses import Criterion
 from unet3plus.models import ENCODERS as ENCODER_REGISTRY
-from unet3plus.models import SegmentationOutput, create_encoder, create_model, predict_proba
-from unet3plus.models.blocks import FullScaleSkip
+from unet3plus.models import SegmentationOutput, create_model, predict_proba
 from unet3plus.models.model import ARCHITECTURES
 
 # The registries, so a new architecture or encoder is tested without editing this file.
@@ -179,29 +176,6 @@ def test_bad_input_shape_raises_value_error_naming_expected_channels(shape):
         model(torch.zeros(shape))
 
 
-@pytest.mark.parametrize(
-    ("name", "channels"),
-    [("unet", (8, 16, 32, 64, 128)), ("vgg16", (8, 16, 32, 64, 64)), ("resnet101", (8, 8, 32, 64, 256))],
-)
-def test_encoders_yield_five_maps_at_scales_1_to_1_16(name, channels):
-    encoder = create_encoder(name, in_channels=2, width=8)
-    features = encoder(torch.rand(1, 2, 64, 96))
-    assert encoder.out_channels == channels
-    assert [tuple(f.shape) for f in features] == [(1, c, 64 // 2**k, 96 // 2**k) for k, c in enumerate(channels)]
-
-
-def test_unet3plus_decoder_is_twenty_full_scale_skips_of_one_class():
-    decoder = create_model("unet3plus", width=WIDTH).decoder
-    expected = {f"hd{t}_{'h' if s <= t else 'hd'}{s}" for t in range(1, 5) for s in range(1, 6)}
-    assert set(decoder.skips) == expected
-    assert all(type(skip) is FullScaleSkip for skip in decoder.skips.values())
-    assert decoder.skips["hd4_h1"].pool_factor == 8 and decoder.skips["hd2_h1"].pool_factor == 2
-    assert decoder.skips["hd1_hd5"].pool_factor == 1
-    assert decoder.out_channels == (40, 40, 40, 40, 128)
-    nested = create_model("unet2plus", width=WIDTH).decoder
-    assert set(nested.blocks) == {f"x_{i}_{j}" for j in range(1, 5) for i in range(5 - j)}
-
-
 def _paper_layout_parameters(arch: str) -> int:
     """Parameter count of the paper's layouts (width 64, 3 inputs, 1 class, no DS, no CGM), by hand.
 
@@ -244,74 +218,6 @@ def test_parameter_counts_match_the_paper(arch, paper_millions):
         assert sum(p.numel() for p in full.parameters()) == count + side_heads + cgm
 
 
-def _torchvision_vgg16_bn_levels(model, x):
-    ends = [5, 12, 22, 32, 42]  # last ReLU of each stage in vgg16_bn.features
-    levels = []
-    for index, layer in enumerate(model.features[:43]):
-        x = layer(x)
-        if index in ends:
-            levels.append(x)
-    return levels
-
-
-def _torchvision_resnet101_levels(model, x):
-    half = model.relu(model.bn1(model.conv1(x)))
-    quarter = model.layer1(model.maxpool(half))
-    eighth = model.layer2(quarter)
-    return [half, quarter, eighth, model.layer4(model.layer3(eighth))]
-
-
-@pytest.mark.parametrize(
-    ("encoder", "build_reference", "reference_levels", "first_level"),
-    [
-        ("vgg16", lambda: torchvision.models.vgg16_bn(weights=None), _torchvision_vgg16_bn_levels, 0),
-        (
-            "resnet101",
-            lambda: torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, False, True]),
-            _torchvision_resnet101_levels,
-            1,
-        ),
-    ],
-)
-def test_torchvision_weights_load_and_reproduce_torchvision_features(
-    encoder, build_reference, reference_levels, first_level, tmp_path
-):
-    torch.manual_seed(0)
-    reference = build_reference().eval()
-    path = tmp_path / f"{encoder}.pth"
-    torch.save(reference.state_dict(), path)
-    model = create_model("unet3plus", encoder=encoder, encoder_weights=path, width=64).eval()
-    x = torch.rand(1, 3, 32, 32)
-    with torch.no_grad():
-        ours = model.encoder(x)[first_level:]
-        theirs = reference_levels(reference, x)
-        model(x)
-    assert len(ours) == len(theirs)
-    for got, want in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(got, want)
-
-
-def test_encoder_weights_errors_name_the_file_and_the_problem(tmp_path):
-    with pytest.raises(CheckpointError, match=r"absent\.pth: encoder weights file not found"):
-        create_model("unet", encoder="vgg16", encoder_weights=tmp_path / "absent.pth", width=WIDTH)
-
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match=r"garbage\.pth: cannot read encoder weights"):
-        create_model("unet", encoder="vgg16", encoder_weights=garbage, width=WIDTH)
-
-    wider = tmp_path / "vgg16_width16.pth"
-    torch.save(create_encoder("vgg16", in_channels=3, width=16).state_dict(), wider)
-    shape_problem = r"vgg16_width16\.pth.*features\.0\.weight has shape \(16, 3, 3, 3\), expected \(8, 3, 3, 3\)"
-    with pytest.raises(CheckpointError, match=shape_problem):
-        create_model("unet", encoder="vgg16", encoder_weights=wider, width=WIDTH)
-
-    resnet = tmp_path / "resnet.pth"
-    torch.save(create_encoder("resnet101", in_channels=3, width=WIDTH).state_dict(), resnet)
-    with pytest.raises(CheckpointError, match=r"resnet\.pth.*missing features\.0\.weight"):
-        create_model("unet", encoder="vgg16", encoder_weights=resnet, width=WIDTH)
-
-
 def test_bf16_autocast_channels_last_training_steps_give_finite_loss():
     torch.manual_seed(0)
     model = create_model("unet3plus", width=WIDTH).to(memory_format=torch.channels_last)
@@ -333,3 +239,78 @@ def test_bf16_autocast_channels_last_training_steps_give_finite_loss():
         loss.backward()
         optimizer.step()
     assert not torch.equal(model.heads[0].conv.weight, before)
+
+
+# ---- eval batches split below the up-sampling limit (max_upsample_elements) ----
+
+
+def _unet3plus(skip_impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("unet3plus", width=4, skip_impl=skip_impl)
+
+
+def _largest_upsample_batches(model: torch.nn.Module, images: torch.Tensor, limit: int) -> list[int]:
+    """Batch sizes the decoder saw in one eval forward with ``max_upsample_elements = limit``."""
+    seen = []
+    hook = model.decoder.register_forward_pre_hook(lambda _, args: seen.append(args[0][0].shape[0]))
+    model.max_upsample_elements = limit
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("skip_impl", ["naive", "factored"])
+def test_eval_batches_are_split_below_the_upsample_limit_with_identical_results(skip_impl):
+    model = _unet3plus(skip_impl).eval()
+    images = torch.rand(5, 3, 40, 40, generator=torch.Generator().manual_seed(4))
+    per_image = model.upsample_elements_per_image(40, 40)
+    # naive: the 16x up-sampling of hd5 (64 channels at 48 x 48); factored: the 9 x 4 taps at 48 x 24
+    assert per_image == {"naive": 64 * 48 * 48, "factored": 36 * 48 * 24}[skip_impl]
+
+    with torch.no_grad():
+        whole = model(images)
+    assert _largest_upsample_batches(model, images, 2 * per_image + 1) == [2, 2, 1]
+    with torch.no_grad():
+        split = model(images)
+
+    assert split.side_logits[0] is split.logits
+    for got, want in zip(split.side_logits, whole.side_logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split.class_logits, whole.class_logits, rtol=1e-5, atol=1e-6)
+    assert _largest_upsample_batches(model.train(), images, per_image) == [5]  # training batches stay whole
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_free_upsample_bound_is_never_below_the_measured_largest_upsample(arch, encoder):
+    for skip_impl in ("naive", "factored"):
+        model = create_model(arch=arch, encoder=encoder, width=4, skip_impl=skip_impl).eval()
+        for height, width in ((40, 40), (33, 70), (16, 96)):
+            measured = model.upsample_elements_per_image(height, width)
+            assert measured <= model.upsample_elements_bound(height, width), (skip_impl, height, width)
+
+
+def test_batches_under_the_free_bound_are_not_measured():
+    model = _unet3plus("naive").eval()
+    images = torch.rand(3, 3, 40, 40)
+    bound = model.upsample_elements_bound(40, 40)
+    assert _largest_upsample_batches(model, images, 3 * bound) == [3]
+    assert model._upsample_elements == {}  # the meta-device run (about 2 s on first use) never happened
+    _largest_upsample_batches(model, images, 3 * bound - 1)
+    assert list(model._upsample_elements) == [(40, 40)]  # over the bound: measured
+
+
+def test_training_forward_runs_the_cgm_after_the_decoder():
+    """The order of the forward pass decides the order in which autograd sums the deepest features'
+    gradients, and so the trained weights' last bits: a training run stays bit-identical across versions
+    only if the CGM keeps running after the decoder (the eval-only decode_present_only mode may run it first)."""
+    model = create_model("unet3plus", width=4, cgm=True).train()
+    calls: list[str] = []
+    model.decoder.register_forward_hook(lambda *args: calls.append("decoder"))
+    model.cgm.register_forward_hook(lambda *args: calls.append("cgm"))
+    model.decode_present_only = True  # ignored while training
+    model(torch.randn(2, 3, 32, 32))
+    assert calls == ["decoder", "cgm"]
