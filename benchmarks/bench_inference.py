@@ -87,7 +87,7 @@ def calibrate(model: torch.nn.Module, stacks: torch.Tensor, organ: torch.Tensor,
 
     - CGM (``cgm="fitted"``): its 1x1 convolution is fitted as a linear probe on the encoder's deepest
       maps of :data:`PROBE_SLICES` evenly spaced slices to the phantom's label (organ in the slice or not),
-      so it says "organ present" on about the slices that hold the liver (52% of the phantom's) as a
+      so it says "organ present" on about the slices that hold the liver (half of the phantom's) as a
       trained CGM does; ``cgm="always"``: it says "organ present" on every slice (the worst case for
       the new path, whose decoder then runs everywhere as today's).
     - Final head: its bias puts the median logit of organ slices at 0, so about half of their
