@@ -87,7 +87,7 @@ def calibrate(model: torch.nn.Module, stacks: torch.Tensor, organ: torch.Tensor,
 
     - CGM (``cgm="fitted"``): its 1x1 convolution is fitted as a linear probe on the encoder's deepest
       maps of :data:`PROBE_SLICES` evenly spaced slices to the phantom's label (organ in the slice or not),
-      so it says "organ present" on about the slices that hold the liver (52% of the phantom's) as a
+      so it says "organ present" on about the slices that hold the liver (half of the phantom's) as a
       trained CGM does; ``cgm="always"``: it says "organ present" on every slice (the worst case for
       the new path, whose decoder then runs everywhere as today's).
     - Final head: its bias puts the median logit of organ slices at 0, so about half of their
@@ -102,7 +102,8 @@ def calibrate(model: torch.nn.Module, stacks: torch.Tensor, organ: torch.Tensor,
         if cgm == "fitted":
             probe = torch.linspace(0, len(stacks) - 1, min(PROBE_SLICES, len(stacks))).round().long()
             report.update(fit_cgm_probe(model, stacks[probe], organ[probe]))
-        else:
+        else:  # no weights: a bias alone cannot outweigh the random encoder's huge deepest maps
+            model.cgm.conv.weight.zero_()
             model.cgm.conv.bias.copy_(torch.tensor([-100.0, 100.0]))
     saved, model.cgm = model.cgm, None  # the head's calibration must see the middle organ slices ungated
     model.heads[0].conv.bias -= model(stacks[middle]).logits.median()
@@ -116,22 +117,32 @@ PROBE_SLICES = 12
 
 @torch.enable_grad()
 def fit_cgm_probe(model: torch.nn.Module, stacks: torch.Tensor, organ: torch.Tensor, steps: int = 300) -> dict:
-    """Fit the CGM's 1x1 convolution (the encoder frozen) to say "organ present" (class 1) exactly where ``organ``."""
+    """Fit the CGM's 1x1 convolution (the encoder frozen) to say "organ present" (class 1) exactly where ``organ``.
+
+    The random encoder's deepest maps are huge (around 2e4 at width 64) and vary little between
+    slices, so the probe is fitted on per-channel standardised maps and the standardisation is then
+    folded into the convolution's weights and bias.
+    """
     with torch.no_grad():
         deepest = torch.cat([model.encoder(batch)[-1] for batch in stacks.split(4)])
-    conv = model.cgm.conv
-    torch.nn.init.zeros_(conv.weight)
-    torch.nn.init.zeros_(conv.bias)
-    optimizer = torch.optim.Adam(conv.parameters(), lr=0.01)
+        mean, std = deepest.mean(dim=(0, 2, 3)), deepest.std(dim=(0, 2, 3)).clamp(min=1e-6)
+        standardised = (deepest - mean[:, None, None]) / std[:, None, None]
+    probe = torch.nn.Conv2d(deepest.shape[1], 2, kernel_size=1)
+    torch.nn.init.zeros_(probe.weight)
+    torch.nn.init.zeros_(probe.bias)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.01)
     target = organ.long()
     weights = len(target) / (2 * torch.bincount(target, minlength=2).clamp(min=1)).float()  # balanced classes
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model.cgm.pool(conv(deepest)).flatten(1), target, weight=weights)
+        loss = torch.nn.functional.cross_entropy(model.cgm.pool(probe(standardised)).flatten(1), target, weight=weights)
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        accuracy = (model.cgm.pool(conv(deepest)).flatten(1).argmax(dim=1) == target).float().mean()
+        weight = probe.weight[:, :, 0, 0] / std
+        model.cgm.conv.weight.copy_(weight[:, :, None, None])
+        model.cgm.conv.bias.copy_(probe.bias - weight @ mean)
+        accuracy = (model.cgm(deepest).argmax(dim=1) == target).float().mean()
     return {"probe_slices": len(target), "probe_accuracy": float(accuracy)}
 
 

@@ -195,8 +195,8 @@ def check_volume_model(device: torch.device, model_uri: str | None, slices: int,
             config = load_config(None, ["data.size=32", "model.width=4", "model.encoder=resnet101"])
         network = create_model(**{**config.to_dict()["model"], "encoder_weights": None})
         if network.cgm is not None:  # "organ" on every slice: a random CGM would gate off any share of the decoder
-            torch.nn.init.constant_(network.cgm.conv.bias, 0.0)
-            network.cgm.conv.bias.data[1] = 100.0
+            torch.nn.init.zeros_(network.cgm.conv.weight)
+            network.cgm.conv.bias.data.copy_(torch.tensor([-100.0, 100.0]))
         payload = {"model": network.state_dict(), "config": config.to_dict(), "dataset": "liver", "epoch": 0}
         predictor = predictor_from_checkpoint(payload, "configs/paper.yaml", str(device), batch_size=16)
         volume = read_volume(scan)

@@ -9,7 +9,6 @@ import os
 import shutil
 from pathlib import Path
 
-import mlflow
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -93,14 +92,14 @@ def test_the_pipeline_mounts_the_volume_and_asks_for_a_gpu_only_when_told(tmp_pa
 # kfp.local's expected notes: it runs our image's code in this Python, and ignores the cluster settings.
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task that uses custom:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:Task .* have no effect in the current local runner:UserWarning")
-def test_the_pipeline_runs_with_kfp_local_and_segments_a_folder_with_the_registered_champion(tmp_path, monkeypatch):
+def test_the_pipeline_runs_with_kfp_local_and_segments_a_folder_with_the_registered_champion(
+        in_sqlite_store, tmp_path, monkeypatch):
     from kfp import local
 
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = in_sqlite_store
     config = config_from_dict({"data": {"size": 32}, "model": {"width": 4, "cgm": False},
                                "evaluate": {"device": "cpu", "batch_size": 4, "threshold": 0.5},
                                "mlflow": {"tracking_uri": tracking_uri, "system_metrics": False}})  # fmt: skip
-    mlflow.MlflowClient(tracking_uri).create_experiment(config.mlflow.experiment, artifact_location=(tmp_path / "art").as_uri())
     torch.manual_seed(0)
     model = randomize_batch_norms(create_model(**dataclasses.asdict(config.model)))
     checkpoint = {"model": model.state_dict(), "config": config.to_dict(), "dataset": "liver", "epoch": 1}
@@ -117,7 +116,6 @@ def test_the_pipeline_runs_with_kfp_local_and_segments_a_folder_with_the_registe
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(local.config.LocalExecutionConfig, "instance", None)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     build_batch_pipeline()(params=yaml.safe_dump(config.to_dict()), input_dir=str(volume / "scans"),

@@ -432,7 +432,10 @@ def test_a_second_training_into_a_busy_out_is_refused_and_ctrl_c_exits_130(works
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(Path(__file__).parents[1])}
     command = [sys.executable, "-m", "unet3plus", "train", "--data", "proc", "--out", str(tmp_path / "run"), *TINY,
                "--set", "train.epochs=500"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=workspace, env=env, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal, even when the suite itself runs with SIGINT ignored (`nohup ... &` starts
+    # background jobs so, and children inherit it: Python then never raises KeyboardInterrupt).
+    process = subprocess.Popen(command, cwd=workspace, env=env, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     lines = []
     while time.monotonic() < deadline:  # interrupt in the middle of training

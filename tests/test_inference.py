@@ -103,3 +103,14 @@ def test_batches_with_no_slice_or_every_slice_gated_on(organ):
     assert decoded.sizes == ([3] if organ else [])
     torch.testing.assert_close(got, predict_proba(model, images), rtol=0, atol=1e-5)
     assert (got.amax() > 0) == organ
+
+
+def test_randomized_batch_norms_are_seeded_and_not_the_identity():
+    first, second = (randomize_batch_norms(create_model("unet", width=4), seed=3) for _ in range(2))
+    norms = [m for m in first.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.running_mean.abs().min() > 0 and (m.running_var != 1).all() and (m.weight != 1).all()
+                         and (m.bias != 0).all() for m in norms)  # fmt: skip
+    others = [m for m in second.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm, other in zip(norms, others):
+        for key, value in norm.state_dict().items():
+            assert torch.equal(value, other.state_dict()[key]), key
