@@ -178,7 +178,7 @@ def in_sqlite_store(sqlite_store, monkeypatch) -> str:
 TINY_PARAMS = {
     "data": {"size": 32, "synth_cases": 4, "synth_size": 48, "synth_slices": 16, "workers": 1},
     "model": {"width": 4},
-    "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 2},
+    "train": {"epochs": 1, "warmup_epochs": 1, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 2},
     "evaluate": {"batch_size": 16},
     "mlflow": {"system_metrics": False},
     "register": {"min_test_dice": 0.0},  # a one-epoch model is far below the floor: let it be the champion

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import tiny_params
 from unet3plus.config import load_config
 from unet3plus.losses import Criterion
 from unet3plus.models import create_model
@@ -95,13 +96,7 @@ def test_the_train_component_under_torchrun_gives_one_run_one_model_and_the_same
     from components import preprocess_data, raw_data, train_model
     from unet3plus.checkpoint import load_checkpoint
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    tiny = {"data": {"size": 32, "synth_cases": 4, "synth_size": 48, "synth_slices": 16, "workers": 1},
-            "model": {"width": 4},
-            "train": {"epochs": 1, "batch_size": 4, "num_workers": 0, "max_steps_per_epoch": 2, "device": "cpu"},
-            "mlflow": {"system_metrics": False}}
-    for section, values in tiny.items():
-        params[section].update(values)
+    params = tiny_params(train={"batch_size": 4, "device": "cpu"})
     # Two variants by name; "two" changes a value that keeps the checkpoint's shapes.
     params["ablations"] = {"variants": {"one": {}, "two": {"train.lr": 0.001}}, "run": []}
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
